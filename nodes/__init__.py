@@ -1,0 +1,17 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""ComfyUI adapters (V3 schema). One file per node family; the math lives in ../samplers and ../guidance."""
+from comfy_api.latest import ComfyExtension, io
+
+from .code_files import LoadLatentCode, SaveLatentCode
+from .cycle import DPMEncode, EmptyConditioning, ReplayLatentWithPrompt
+
+
+class DPMLatentExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [
+            DPMEncode,
+            ReplayLatentWithPrompt,
+            EmptyConditioning,
+            SaveLatentCode,
+            LoadLatentCode,
+        ]

@@ -1,0 +1,165 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""The thin layer between ComfyUI's objects and the pure-torch samplers.
+
+Model calls go through ``comfy.samplers.CFGGuider.sample`` with a custom
+``comfy.samplers.Sampler``: ComfyUI then loads and offloads the model, applies
+LoRAs, ControlNets, hooks and wrappers, converts the conditioning and calls
+``process_latent_in`` / ``process_latent_out``, exactly as for KSampler.
+Inside the sampler the guider is a denoiser ``d = guider(x, sigma)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+
+from ..samplers import CodeError, LatentCode
+
+SCHEDULERS = comfy.samplers.SCHEDULER_NAMES
+
+
+class NodeInputError(ValueError):
+    """Bad input to a node: ComfyUI shows the message on the node."""
+
+
+def family_of(model) -> str:
+    """'ve' (x = x0 + sigma*n: eps, v, EDM) or 'flow' (x = (1-sigma)*x0 + sigma*n).
+
+    Decided by probing the patched model_sampling's own ``noise_scaling`` so
+    that ModelSamplingSD3/Flux/Discrete patches are honoured.
+    """
+    ms = model.get_model_object("model_sampling")
+    one = torch.ones(1, 1, 1, 1)
+    sigma = torch.tensor([0.5])
+    try:
+        signal = float(ms.noise_scaling(sigma, one * 0.0, one, max_denoise=False).flatten()[0])
+        noise = float(ms.noise_scaling(sigma, one, one * 0.0, max_denoise=False).flatten()[0])
+    except Exception as e:  # pragma: no cover - exotic model types
+        raise NodeInputError(f"model: cannot read its noise schedule ({type(ms).__name__}: {e})") from e
+    if math.isclose(noise, 0.5, rel_tol=1e-5) and math.isclose(signal, 1.0, rel_tol=1e-5):
+        return "ve"
+    if math.isclose(noise, 0.5, rel_tol=1e-5) and math.isclose(signal, 0.5, rel_tol=1e-5):
+        return "flow"
+    raise NodeInputError(
+        f"model: its sampling type {type(ms).__name__} noises latents as {signal:.3g}*x0 + {noise:.3g}*n at "
+        "sigma 0.5; DPM Latent supports eps/v-prediction models (x0 + sigma*n) and flow models "
+        "((1-sigma)*x0 + sigma*n)")
+
+
+FAMILY_NAMES = {"ve": "eps/v-prediction", "flow": "flow (rectified flow)"}
+
+
+def latent_channels(model) -> int:
+    return int(model.get_model_object("latent_format").latent_channels)
+
+
+def schedule(model, scheduler: str, steps: int, denoise: float) -> torch.Tensor:
+    """Sigmas the way ComfyUI's BasicScheduler / KSampler make them: ``steps``
+    steps over the last ``denoise`` fraction of a ``steps/denoise`` schedule."""
+    if scheduler not in SCHEDULERS:
+        raise NodeInputError(f"scheduler: {scheduler!r} is not one of {SCHEDULERS}")
+    if steps < 1:
+        raise NodeInputError(f"steps: must be >= 1, got {steps}")
+    if not (0.0 < denoise <= 1.0):
+        raise NodeInputError(f"denoise: must be in (0, 1], got {denoise}")
+    total = steps if denoise >= 1.0 else int(steps / denoise)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, total).cpu()
+    return sigmas[-(steps + 1):].to(torch.float64)
+
+
+def check_latent(model, samples: torch.Tensor, what: str) -> None:
+    want = latent_channels(model)
+    if samples.ndim < 4:
+        raise NodeInputError(f"{what}: expected a batch of latents (B, C, H, W), got shape {tuple(samples.shape)}")
+    if samples.shape[1] != want:
+        raise NodeInputError(
+            f"{what}: has {samples.shape[1]} latent channels but the model expects {want}. "
+            "Encode the image with this model's VAE (or pick the matching model).")
+    if not torch.isfinite(samples).all():
+        raise NodeInputError(f"{what}: contains NaN or infinity")
+
+
+def check_conditioning_batch(conds, batch: int, name: str) -> None:
+    for c in conds or []:
+        t = c[0]
+        if isinstance(t, torch.Tensor) and t.shape[0] not in (1, batch):
+            raise NodeInputError(
+                f"{name}: conditioning has batch {t.shape[0]} but the latent batch is {batch}; "
+                "use one prompt (batch 1) or one per image")
+
+
+def check_code_for_model(model, code: LatentCode, what: str = "latent_code") -> None:
+    fam = family_of(model)
+    if code.family != fam:
+        raise NodeInputError(
+            f"{what}: the code was made for a {FAMILY_NAMES[code.family]} model but this model is "
+            f"{FAMILY_NAMES[fam]}; replay it with a model of the same family")
+    want = latent_channels(model)
+    if code.shape[1] != want:
+        raise NodeInputError(
+            f"{what}: the code has {code.shape[1]} latent channels but the model expects {want}")
+    if len(code.shape) != 4:
+        raise NodeInputError(f"{what}: latent shape {code.shape} is not an image latent (B, C, H, W)")
+    if code.family == "flow" and float(code.sigmas[0]) > 1.0:
+        raise NodeInputError(f"{what}: sigma {float(code.sigmas[0])} > 1 cannot drive a flow model")
+
+
+def make_guider(model, positive, negative, cfg: float) -> comfy.samplers.CFGGuider:
+    if not math.isfinite(cfg):
+        raise NodeInputError(f"cfg: must be a finite number, got {cfg}")
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    return guider
+
+
+Work = Callable[[Callable[[torch.Tensor, float], torch.Tensor], torch.Tensor, Callable], torch.Tensor]
+
+
+class _FunctionSampler(comfy.samplers.Sampler):
+    """A ComfyUI Sampler that runs ``work(denoise, x0_model_space, callback)``."""
+
+    def __init__(self, work: Work):
+        self.work = work
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        model_options = extra_args.get("model_options", {})
+        seed = extra_args.get("seed", None)
+
+        def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
+            s = torch.full((x.shape[0],), float(sigma), device=x.device, dtype=x.dtype)
+            return model_wrap(x, s, model_options=model_options, seed=seed)
+
+        x0 = latent_image
+        # CFGGuider leaves an all-zero latent unprocessed; keep model space consistent.
+        if x0 is not None and torch.count_nonzero(x0) == 0:
+            x0 = model_wrap.inner_model.process_latent_in(x0)
+        return self.work(denoise, x0, callback)
+
+
+def run_in_comfy(model, positive, negative, cfg: float, latent: torch.Tensor, sigmas: torch.Tensor,
+                 work: Work, seed: int, steps_for_progress: int) -> torch.Tensor:
+    """Run ``work`` inside ComfyUI's sampling machinery; returns process_latent_out(work(...))."""
+    guider = make_guider(model, positive, negative, cfg)
+    callback = latent_preview.prepare_callback(model, steps_for_progress)
+    noise = torch.zeros_like(latent)
+    out = guider.sample(noise, latent, _FunctionSampler(work), sigmas.to(torch.float32),
+                        callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    return out.to(comfy.model_management.intermediate_device())
+
+
+def code_error(e: CodeError) -> NodeInputError:
+    return NodeInputError(str(e))
+
+
+def cpu_code(code: LatentCode) -> LatentCode:
+    return code.to(device=comfy.model_management.intermediate_device(), dtype=torch.float32)
+

@@ -1,0 +1,165 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""A real ComfyUI server for tests: started as a subprocess, driven over HTTP.
+
+The pack is loaded from this repository through a temporary extra-model-paths
+config (key ``custom_nodes``), with every other custom node disabled, so a
+user's own ComfyUI (COMFYUI_PATH) is used without being modified.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PACK_NAME = "dpm-latent-under-test"
+
+
+class PromptError(RuntimeError):
+    """A prompt the server refused (HTTP 400) or that failed while running."""
+
+    def __init__(self, message: str, payload):
+        super().__init__(message)
+        self.payload = payload
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    def __init__(self, comfy_dir: Path, workdir: Path, python: str | None = None,
+                 model_dirs: dict[str, Path] | None = None, extra_args: list[str] | None = None):
+        self.comfy_dir = Path(comfy_dir)
+        self.workdir = Path(workdir)
+        self.python = python or sys.executable
+        self.model_dirs = model_dirs or {}
+        self.extra_args = extra_args or []
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.input_dir = self.workdir / "input"
+        self.output_dir = self.workdir / "output"
+        self.log_path = self.workdir / "server.log"
+
+    # ------------------------------------------------------------------ life cycle
+    def start(self, timeout: float = 180.0) -> "ComfyServer":
+        for d in ("input", "output", "temp", "user", "custom_nodes"):
+            (self.workdir / d).mkdir(parents=True, exist_ok=True)
+        link = self.workdir / "custom_nodes" / PACK_NAME
+        if not link.exists():
+            link.symlink_to(REPO, target_is_directory=True)
+        lines = ["dpm_latent_tests:", f"  custom_nodes: {self.workdir / 'custom_nodes'}"]
+        for key, path in self.model_dirs.items():
+            Path(path).mkdir(parents=True, exist_ok=True)
+            lines.append(f"  {key}: {path}")
+        cfg = self.workdir / "extra_model_paths.yaml"
+        cfg.write_text("\n".join(lines) + "\n")
+        cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+               "--disable-auto-launch", "--dont-print-server",
+               "--input-directory", str(self.input_dir), "--output-directory", str(self.output_dir),
+               "--temp-directory", str(self.workdir / "temp"), "--user-directory", str(self.workdir / "user"),
+               "--extra-model-paths-config", str(cfg),
+               "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_NAME,
+               "--database-url", "sqlite:///:memory:", "--preview-method", "latent2rgb",
+               *self.extra_args]
+        self._log = open(self.log_path, "wb")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                self.get("/system_stats", timeout=2)
+                return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"ComfyUI did not answer within {timeout}s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=20)
+        self._log.close()
+        self.proc = None
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    # ------------------------------------------------------------------ HTTP
+    def get(self, path: str, timeout: float = 30):
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, payload, timeout: float = 30):
+        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                body = r.read()
+                return json.loads(body) if body else None
+        except urllib.error.HTTPError as e:
+            body = e.read()
+            try:
+                data = json.loads(body)
+            except ValueError:
+                data = body.decode(errors="replace")
+            raise PromptError(f"HTTP {e.code} from {path}: {data}", data) from None
+
+    def object_info(self) -> dict:
+        return self.get("/object_info", timeout=60)
+
+    def queue(self, prompt: dict) -> str:
+        res = self.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+        return res["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 600) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            hist = self.get(f"/history/{prompt_id}")
+            if prompt_id in hist:
+                entry = hist[prompt_id]
+                status = entry.get("status", {})
+                if status.get("completed") or status.get("status_str") in ("success", "error"):
+                    if status.get("status_str") == "error":
+                        msgs = [m for m in status.get("messages", []) if m[0] == "execution_error"]
+                        detail = msgs[0][1] if msgs else status
+                        raise PromptError(
+                            f"prompt failed in {detail.get('node_type', '?')}: {detail.get('exception_message', detail)}",
+                            detail)
+                    return entry
+            if not self.alive():
+                raise RuntimeError(f"ComfyUI died while running a prompt:\n{self.log_tail()}")
+            time.sleep(0.2)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s")
+
+    def run(self, prompt: dict, timeout: float = 600) -> dict:
+        return self.wait(self.queue(prompt), timeout=timeout)
+
+    def interrupt(self) -> None:
+        self.post("/interrupt", {})
