@@ -64,3 +64,39 @@ _setup_comfy_imports()
 @pytest.fixture(scope="session")
 def pack():
     return import_pack()
+
+
+# ---------------------------------------------------------------------------- tiny models + server
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    """Tiny checkpoints built with ComfyUI's own classes, in folders the server is pointed at."""
+    import tiny_models
+
+    root = tmp_path_factory.mktemp("models")
+    dirs = {k: root / k for k in ("checkpoints", "text_encoders", "clip_energy", "vae")}
+    for d in dirs.values():
+        d.mkdir()
+    tiny_models.make_sd15_checkpoint(dirs["checkpoints"] / "tiny_sd15.safetensors", seed=0)
+    tiny_models.make_sd15_checkpoint(dirs["checkpoints"] / "tiny_sd15_b.safetensors", seed=1)
+    tiny_models.make_sd3_checkpoint(dirs["checkpoints"] / "tiny_sd3.safetensors", seed=0)
+    tiny_models.make_sd3_checkpoint(dirs["checkpoints"] / "tiny_sd3_b.safetensors", seed=1)
+    tiny_models.make_sdxl_checkpoint(dirs["checkpoints"] / "tiny_sdxl.safetensors", seed=0)
+    tiny_models.make_clip_l_text_encoder(dirs["text_encoders"] / "tiny_clip_l.safetensors", seed=0)
+    try:
+        import tiny_clip
+
+        tiny_clip.make_tiny_clip_folder(dirs["clip_energy"] / "tiny_clip", seed=0)
+    except ImportError:  # pragma: no cover
+        pass
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def server(model_dirs, tmp_path_factory):
+    from comfy_server import ComfyServer
+
+    srv = ComfyServer(comfy_dir(), tmp_path_factory.mktemp("comfy"), python=sys.executable,
+                      model_dirs=model_dirs)
+    srv.start()
+    yield srv
+    srv.stop()

@@ -1,0 +1,58 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Small helpers to write API-format prompts and to move latents in and out of a server."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+class Graph:
+    """Builds an API-format prompt: ``g.node("KSampler", seed=1, model=ckpt.out(0))``."""
+
+    def __init__(self):
+        self.nodes: dict[str, dict] = {}
+
+    def node(self, class_type: str, node_id: str | None = None, **inputs) -> "Ref":
+        nid = node_id or str(len(self.nodes) + 1)
+        self.nodes[nid] = {"class_type": class_type,
+                           "inputs": {k: (v.link if isinstance(v, Out) else v) for k, v in inputs.items()}}
+        return Ref(nid)
+
+    def prompt(self) -> dict:
+        return self.nodes
+
+
+class Out:
+    def __init__(self, nid: str, slot: int):
+        self.link = [nid, slot]
+
+
+class Ref:
+    def __init__(self, nid: str):
+        self.id = nid
+
+    def out(self, slot: int = 0) -> Out:
+        return Out(self.id, slot)
+
+
+def write_latent(input_dir: Path, name: str, samples: torch.Tensor) -> str:
+    """A .latent file as ComfyUI's SaveLatent writes it (LoadLatent reads it back unscaled)."""
+    fname = f"{name}.latent"
+    save_file({"latent_tensor": samples.float().contiguous(), "latent_format_version_0": torch.tensor([])},
+              str(Path(input_dir) / fname))
+    return fname
+
+
+def saved_latents(server, entry: dict, node_id: str) -> torch.Tensor:
+    files = entry["outputs"][node_id]["latents"]
+    out = []
+    for f in files:
+        path = Path(server.output_dir) / f.get("subfolder", "") / f["filename"]
+        out.append(load_file(str(path))["latent_tensor"])
+    return torch.cat(out)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
