@@ -1,0 +1,235 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Tiny, randomly initialised checkpoints that ComfyUI's own loaders accept.
+
+Every builder instantiates ComfyUI's real network classes on the ``meta`` device
+(no memory, no init cost) only to learn the parameter names and shapes, then fills
+them from a seeded ``torch.Generator`` and writes a ``.safetensors`` file.  The same
+seed always yields the same file contents.  Nothing is downloaded.
+
+Weights are random but well scaled: every matrix is drawn with std ``gain/sqrt(fan_in)``
+(the zero-initialised output layers of the real models are random too), biases are
+small, norm scales are one.  The outputs are therefore finite, not constant, and they
+depend on the latent, on sigma and on the conditioning.
+
+Models, and the CONDITIONING each one expects (ComfyUI's list of ``[cond, extras]``):
+
+``make_sd15_checkpoint``  (``comfy.supported_models.SD15``, model_sampling EPS)
+    One-level UNet, 320 channels, 8 heads (18.7 M params) + TAESD VAE, 4 latent
+    channels (2.4 M); fp32, 85 MB.
+    CONDITIONING ``[[tensor(B, T, 768), {}]]`` -- T is any token count (77 from CLIP-L;
+    a ``pooled_output`` extra, as CLIPTextEncode adds, is ignored).
+    Latent ``(B, 4, h, w)`` with any h, w; the VAE maps h x w to 8h x 8w pixels.
+
+``make_sd3_checkpoint``  (``comfy.supported_models.SD3``, model_sampling CONST / flow)
+    One-block MMDiT, width 64, one head, patch 2 (0.2 M params) + TAESD, 16 latent
+    channels (2.5 M); fp32, 11 MB.
+    CONDITIONING ``[[tensor(B, T, 32), {"pooled_output": tensor(B, 32)}]]``.
+    Latent ``(B, 16, h, w)`` with h, w <= 64 (a 32 x 32 grid of 2 x 2 patches).
+    It cannot be driven by CLIPTextEncode (its context width is 32, not 4096).
+
+``make_sdxl_checkpoint``  (detected as ``KOALA_700M``, a subclass of ``SDXL``;
+    the model is ``comfy.model_base.SDXL``, model_sampling EPS)
+    One-level UNet, 320 channels, transformer depths [0, 2, 5] (50.1 M params) + TAESD,
+    4 latent channels (2.4 M); fp32, 210 MB.
+    CONDITIONING ``[[tensor(B, T, 2048), {"pooled_output": tensor(B, 1280)}]]``; the
+    optional ``width``/``height``/``crop_w``/``crop_h``/``target_width``/
+    ``target_height`` extras default as in ComfyUI (the ADM vector is 2816 wide).
+
+``make_clip_l_text_encoder``  (a full-size random CLIP-L, ~123.7 M params, fp16)
+    Load it with ``comfy.sd.load_clip(..., clip_type=CLIPType.STABLE_DIFFUSION)`` (the
+    CLIPLoader node with type ``stable_diffusion``); ``CLIPTextEncode`` then yields
+    ``[[tensor(B, 77, 768), {"pooled_output": tensor(B, 768)}]]``, which suits the SD1.5
+    checkpoint.  ComfyUI accepts no smaller text encoder: a reduced CLIP would be loaded
+    into a full-size one with most weights missing.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "make_sd15_checkpoint",
+    "make_sd3_checkpoint",
+    "make_sdxl_checkpoint",
+    "make_clip_l_text_encoder",
+    "SD15_UNET_CONFIG",
+    "SDXL_UNET_CONFIG",
+    "SD3_MMDIT_CONFIG",
+]
+
+# The UNet configurations exactly as ComfyUI's detector reads them back from the
+# saved keys (comfy.model_detection.detect_unet_config), before the model class adds
+# its head settings.
+_UNET_COMMON = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 320,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+}
+
+SD15_UNET_CONFIG = dict(
+    _UNET_COMMON,
+    adm_in_channels=None,
+    num_res_blocks=[1],
+    channel_mult=[1],
+    transformer_depth=[1],
+    transformer_depth_output=[1, 1],
+    transformer_depth_middle=-2,  # no middle block at all
+    use_linear_in_transformer=False,
+    context_dim=768,
+)
+_SD15_HEADS = {"num_heads": 8, "num_head_channels": -1}
+
+# SDXL proper pins transformer_depth [0, 0, 2, 2, 10, 10]; KOALA-700M (an SDXL
+# subclass with the same conditioning) pins [0, 2, 5] and leaves channel_mult free, so
+# one level of three res blocks is the smallest UNet that is still an SDXL model.
+SDXL_UNET_CONFIG = dict(
+    _UNET_COMMON,
+    num_classes="sequential",
+    adm_in_channels=2816,
+    num_res_blocks=[3],
+    channel_mult=[1],
+    transformer_depth=[0, 2, 5],
+    transformer_depth_output=[0, 0, 0, 0],
+    transformer_depth_middle=-2,
+    use_linear_in_transformer=True,
+    context_dim=2048,
+)
+_SDXL_HEADS = {"num_heads": -1, "num_head_channels": 64}
+
+SD3_MMDIT_CONFIG = {
+    "in_channels": 16,
+    "patch_size": 2,
+    "out_channels": 16,
+    "depth": 1,  # width 64 * depth, depth heads of 64
+    "input_size": None,
+    "adm_in_channels": 32,
+    "context_embedder_config": {
+        "target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 64}},
+    "pos_embed_max_size": 32,
+    "num_patches": 32 * 32,
+    "pos_embed_scaling_factor": None,
+    "x_block_self_attn_layers": [],
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _meta_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return dict(module.state_dict())
+
+
+def _fill(shapes: dict[str, torch.Tensor], seed: int, *, gain: float = 1.0,
+          gains: dict[str, float] | None = None, special: dict[str, float] | None = None,
+          dtype: torch.dtype = torch.float32, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Random, well-scaled values for every entry of a (meta) state dict.
+
+    ``gains`` maps a key prefix to the gain of the matrices under it (default
+    ``gain``); ``special`` maps a key to a constant.
+    """
+    special = special or {}
+    gains = gains or {}
+    gen = torch.Generator().manual_seed(int(seed))
+    out: dict[str, torch.Tensor] = {}
+    for key in sorted(shapes):
+        shape = tuple(shapes[key].shape)
+        if key in special:
+            t = torch.full(shape, float(special[key]), dtype=torch.float32)
+        elif key.endswith("bias"):
+            t = torch.empty(shape).normal_(0.0, 0.02, generator=gen)
+        elif len(shape) <= 1:
+            t = torch.ones(shape)  # norm scales
+        elif key.endswith("pos_embed"):
+            t = torch.empty(shape).normal_(0.0, 0.5, generator=gen)
+        else:
+            fan_in = math.prod(shape[1:])
+            g = next((v for k, v in gains.items() if key.startswith(k)), gain)
+            t = torch.empty(shape).normal_(0.0, g / math.sqrt(fan_in), generator=gen)
+        out[prefix + key] = t.to(dtype).contiguous()
+    return out
+
+
+def _taesd_state_dict(latent_channels: int, seed: int) -> dict[str, torch.Tensor]:
+    import comfy.taesd.taesd
+
+    with torch.device("meta"):
+        vae = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
+    # These gains keep the ReLU stacks in a useful range: decoded images spread over
+    # [0, 1] around mid-grey (the last decoder conv is biased to 0.5, TAESD's centre)
+    # without saturating, and encoded latents have a std of roughly 0.5.
+    last = f"taesd_decoder.{len(vae.taesd_decoder) - 1}.bias"
+    return _fill(_meta_state_dict(vae), seed + 1,
+                 gains={"taesd_decoder.": 0.95, "taesd_encoder.": 1.1},
+                 special={"vae_scale": 1.0, "vae_shift": 0.0, last: 0.5},
+                 prefix="first_stage_model.")
+
+
+def _unet_state_dict(config: dict, heads: dict, seed: int) -> dict[str, torch.Tensor]:
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    unet = UNetModel(**config, **heads, device="meta", operations=comfy.ops.disable_weight_init)
+    return _fill(_meta_state_dict(unet), seed, prefix="model.diffusion_model.")
+
+
+def _save(sd: dict[str, torch.Tensor], path) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path
+
+
+# -------------------------------------------------------------------------- builders
+
+def make_sd15_checkpoint(path, seed: int = 0, *, with_clip_l: bool = False) -> Path:
+    """Tiny SD1.5 (EPS) UNet + 4-channel TAESD VAE, fp32, as one checkpoint file.
+
+    ``with_clip_l=True`` also embeds the random fp16 CLIP-L of
+    :func:`make_clip_l_text_encoder` (same seed), so that CheckpointLoaderSimple
+    returns a working CLIP too; the file then grows from 85 MB to 332 MB.
+    """
+    sd = _unet_state_dict(SD15_UNET_CONFIG, _SD15_HEADS, seed)
+    sd.update(_taesd_state_dict(4, seed))
+    if with_clip_l:
+        sd.update(_clip_l_state_dict(seed, prefix="cond_stage_model.transformer."))
+    return _save(sd, path)
+
+
+def make_sdxl_checkpoint(path, seed: int = 0) -> Path:
+    """Tiny SDXL-family (KOALA-700M layout, EPS) UNet + 4-channel TAESD VAE, fp32."""
+    sd = _unet_state_dict(SDXL_UNET_CONFIG, _SDXL_HEADS, seed)
+    sd.update(_taesd_state_dict(4, seed))
+    return _save(sd, path)
+
+
+def make_sd3_checkpoint(path, seed: int = 0) -> Path:
+    """Tiny SD3 (flow, CONST) one-block MMDiT + 16-channel TAESD VAE, fp32."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
+
+    mmdit = OpenAISignatureMMDITWrapper(**SD3_MMDIT_CONFIG, device="meta",
+                                        operations=comfy.ops.disable_weight_init)
+    sd = _fill(_meta_state_dict(mmdit), seed, prefix="model.diffusion_model.")
+    sd.update(_taesd_state_dict(16, seed))
+    return _save(sd, path)
+
+
+def make_clip_l_text_encoder(path, seed: int = 0) -> Path:
+    """A random full-size CLIP-L text encoder (fp16, ~247 MB) for CLIPLoader."""
+    return _save(_clip_l_state_dict(seed), path)
+
+
+def _clip_l_state_dict(seed: int, prefix: str = "") -> dict[str, torch.Tensor]:
+    import comfy.sd1_clip
+
+    clip = comfy.sd1_clip.SDClipModel(device="meta", dtype=torch.float16)
+    return _fill(_meta_state_dict(clip.transformer), seed + 2, dtype=torch.float16, prefix=prefix)
