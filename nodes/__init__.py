@@ -4,6 +4,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .code_files import LoadLatentCode, SaveLatentCode
 from .cycle import DPMEncode, EmptyConditioning, ReplayLatentWithPrompt
+from .guidance_nodes import CLIPEnergy, CombineEnergies, LangevinLatentSampler, RandomLatentCode
 
 
 class DPMLatentExtension(ComfyExtension):
@@ -14,4 +15,8 @@ class DPMLatentExtension(ComfyExtension):
             EmptyConditioning,
             SaveLatentCode,
             LoadLatentCode,
+            RandomLatentCode,
+            CLIPEnergy,
+            CombineEnergies,
+            LangevinLatentSampler,
         ]

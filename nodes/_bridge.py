@@ -120,11 +120,12 @@ def make_guider(model, positive, negative, cfg: float) -> comfy.samplers.CFGGuid
     return guider
 
 
-Work = Callable[[Callable[[torch.Tensor, float], torch.Tensor], torch.Tensor, Callable], torch.Tensor]
+# work(denoise, x0_model_space, callback, guider) -> latent in model space
+Work = Callable[..., torch.Tensor]
 
 
 class _FunctionSampler(comfy.samplers.Sampler):
-    """A ComfyUI Sampler that runs ``work(denoise, x0_model_space, callback)``."""
+    """A ComfyUI Sampler that runs ``work(denoise, x0_model_space, callback, guider)``."""
 
     def __init__(self, work: Work):
         self.work = work
@@ -142,14 +143,16 @@ class _FunctionSampler(comfy.samplers.Sampler):
         # CFGGuider leaves an all-zero latent unprocessed; keep model space consistent.
         if x0 is not None and torch.count_nonzero(x0) == 0:
             x0 = model_wrap.inner_model.process_latent_in(x0)
-        return self.work(denoise, x0, callback)
+        return self.work(denoise, x0, callback, model_wrap)
 
 
 def run_in_comfy(model, positive, negative, cfg: float, latent: torch.Tensor, sigmas: torch.Tensor,
-                 work: Work, seed: int, steps_for_progress: int) -> torch.Tensor:
-    """Run ``work`` inside ComfyUI's sampling machinery; returns process_latent_out(work(...))."""
+                 work: Work, seed: int, steps_for_progress: Optional[int]) -> torch.Tensor:
+    """Run ``work`` inside ComfyUI's sampling machinery; returns process_latent_out(work(...)).
+
+    ``steps_for_progress`` None: no per-step progress bar (the work reports its own)."""
     guider = make_guider(model, positive, negative, cfg)
-    callback = latent_preview.prepare_callback(model, steps_for_progress)
+    callback = None if steps_for_progress is None else latent_preview.prepare_callback(model, steps_for_progress)
     noise = torch.zeros_like(latent)
     out = guider.sample(noise, latent, _FunctionSampler(work), sigmas.to(torch.float32),
                         callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)

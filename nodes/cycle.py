@@ -69,7 +69,7 @@ class DPMEncode(io.ComfyNode):
 
         result = {}
 
-        def work(denoise_fn, x0, callback):
+        def work(denoise_fn, x0, callback, _guider):
             result["code"] = encode(denoise_fn, x0.float(), sigmas, eta, family, seed, callback=callback)
             return x0
 
@@ -107,7 +107,7 @@ class ReplayLatentWithPrompt(io.ComfyNode):
         B.check_conditioning_batch(negative, code.batch_size, "negative")
         placeholder = torch.zeros(code.shape)
 
-        def work(denoise_fn, _x0, callback):
+        def work(denoise_fn, _x0, callback, _guider):
             dev_code = code.to(device=_x0.device, dtype=torch.float32)
             return replay(denoise_fn, dev_code, callback=callback)
 

@@ -1,0 +1,74 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Autograd through models that ComfyUI loaded under ``torch.inference_mode()``.
+
+ComfyUI runs every node under inference mode, so the weights its loaders
+create and the CONDITIONING tensors are *inference tensors*: autograd may not
+save them for backward.  Cloning them would double the model in memory.
+
+Instead, for the duration of a gradient computation, every inference-tensor
+parameter and buffer of a module is replaced by an *alias*: an ordinary tensor
+made outside inference mode on the same storage (``Tensor.set_``), so no byte
+is copied.  Weights keep ``requires_grad=False``; only the input gets a
+gradient.  On exit the original Parameter objects are put back, so ComfyUI's
+model management (offloading, LoRA patch/unpatch by key, weight backups) sees
+exactly the objects it created.  Conditioning is handled the same way on the
+guider's per-run copies.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def alias(t: torch.Tensor) -> torch.Tensor:
+    """A non-inference tensor sharing ``t``'s storage (no copy). Call outside inference mode."""
+    if not (isinstance(t, torch.Tensor) and t.is_inference()):
+        return t
+    out = torch.empty(0, dtype=t.dtype, device=t.device)
+    out.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+    return out
+
+
+@contextlib.contextmanager
+def gradients_through(*modules: torch.nn.Module):
+    """Within: grad enabled, inference mode off, inference params/buffers aliased."""
+    swapped = []
+    with torch.inference_mode(False), torch.enable_grad():
+        try:
+            for root in modules:
+                if root is None:
+                    continue
+                for mod in root.modules():
+                    for name, p in list(mod._parameters.items()):
+                        if p is not None and p.is_inference():
+                            mod._parameters[name] = torch.nn.Parameter(alias(p), requires_grad=False)
+                            swapped.append((mod._parameters, name, p))
+                    for name, b in list(mod._buffers.items()):
+                        if b is not None and b.is_inference():
+                            mod._buffers[name] = alias(b)
+                            swapped.append((mod._buffers, name, b))
+            yield
+        finally:
+            for store, name, original in reversed(swapped):
+                store[name] = original
+
+
+def alias_conds(conds: dict) -> None:
+    """Replace inference tensors in a guider's processed conds (its own per-run copies)."""
+    for key, entries in list(conds.items()):
+        if entries is None:
+            continue
+        for entry in entries:
+            for k, v in list(entry.items()):
+                if isinstance(v, torch.Tensor):
+                    entry[k] = alias(v)
+            mc = entry.get("model_conds")
+            if isinstance(mc, dict):
+                new = {}
+                for name, c in mc.items():
+                    t = getattr(c, "cond", None)
+                    if isinstance(t, torch.Tensor) and t.is_inference() and hasattr(c, "_copy_with"):
+                        c = c._copy_with(alias(t))
+                    new[name] = c
+                entry["model_conds"] = new

@@ -1,0 +1,308 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Plug-and-play guidance nodes: CLIP Energy, Combine Energies, Random Latent Code, Langevin Latent Sampler."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from comfy_api.latest import io
+from PIL import Image, ImageDraw
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+
+from ..guidance import POLICIES, ClipEnergy, ClipFolderError, load_clip_folder
+from ..guidance.langevin import ScaledEnergy, SumEnergy, langevin
+from ..samplers import CodeError, prior_code, replay
+from . import _bridge as B
+from ._autograd import alias_conds, gradients_through
+from ._types import CATEGORY, EnergyIO, LatentCodeIO
+
+CLIP_FOLDER = "clip_energy"
+
+
+def _register_clip_folder() -> None:
+    default = os.path.join(folder_paths.models_dir, CLIP_FOLDER)
+    if CLIP_FOLDER in folder_paths.folder_names_and_paths:
+        paths, _ext = folder_paths.folder_names_and_paths[CLIP_FOLDER]
+        if default not in paths:
+            paths.append(default)
+    else:
+        folder_paths.folder_names_and_paths[CLIP_FOLDER] = ([default], set())
+
+
+_register_clip_folder()
+
+
+def clip_folders() -> dict[str, str]:
+    """name -> path of every sub-folder with a config.json under models/clip_energy/."""
+    found = {}
+    for root in folder_paths.get_folder_paths(CLIP_FOLDER):
+        if not os.path.isdir(root):
+            continue
+        for dirpath, dirs, files in os.walk(root, followlinks=True):
+            if "config.json" in files:
+                name = os.path.relpath(dirpath, root).replace(os.sep, "/")
+                found.setdefault(name, dirpath)
+                dirs[:] = []
+    return dict(sorted(found.items()))
+
+
+class CLIPEnergy(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CLIPEnergy",
+            display_name="CLIP Energy",
+            category=CATEGORY,
+            description=(
+                "E = weight * mean over augmented copies of (1 - cos(CLIP image embedding, target)), the paper's "
+                "CLIP energy for Langevin guidance. CLIP models are folders in models/clip_energy/ "
+                "(transformers layout: config.json, model.safetensors, tokenizer files)."),
+            inputs=[
+                io.Combo.Input("clip_name", options=list(clip_folders()),
+                               tooltip="A CLIP folder in models/clip_energy/ (e.g. a saved openai/clip-vit-base-patch32)."),
+                io.String.Input("text", multiline=True, default="a photo of a red square",
+                                tooltip="Target text. Ignored when an image target is connected."),
+                io.Float.Input("weight", default=500.0, min=0.0, max=100000.0, step=1.0,
+                               tooltip="lambda, the energy's weight (paper: 500)."),
+                io.Int.Input("augmentations", default=8, min=1, max=256,
+                             tooltip="L, augmented copies averaged per image (paper: 50; more is smoother and slower)."),
+                io.Boolean.Input("color", default=True, tooltip="DiffAugment: random brightness, saturation, contrast."),
+                io.Boolean.Input("translation", default=True, tooltip="DiffAugment: random shifts up to 1/8 of the side."),
+                io.Boolean.Input("resize", default=True, tooltip="DiffAugment: random zoom 0.8-1.2."),
+                io.Boolean.Input("cutout", default=True, tooltip="DiffAugment: a random half-size square set to 0."),
+                io.Image.Input("image", optional=True,
+                               tooltip="Optional target image: the energy then pulls towards its CLIP embedding."),
+            ],
+            outputs=[EnergyIO.Output(display_name="energy")],
+        )
+
+    @classmethod
+    def execute(cls, clip_name, text, weight, augmentations, color, translation, resize, cutout,
+                image=None) -> io.NodeOutput:
+        folders = clip_folders()
+        if clip_name not in folders:
+            roots = folder_paths.get_folder_paths(CLIP_FOLDER)
+            raise B.NodeInputError(
+                f"clip_name: no CLIP folder named {clip_name!r} in {roots}. Put one sub-folder per model there, "
+                "each with config.json, model.safetensors and the tokenizer files (save_pretrained layout).")
+        policies = tuple(p for p, on in zip(POLICIES, (color, translation, resize, cutout)) if on)
+        if image is None and not text.strip():
+            raise B.NodeInputError("text: give a target text or connect a target image")
+        # Loaded outside inference mode so that its tensors can take part in autograd later.
+        with torch.inference_mode(False):
+            try:
+                bundle = load_clip_folder(folders[clip_name], device=comfy.model_management.get_torch_device())
+            except ClipFolderError as e:
+                raise B.NodeInputError(f"clip_name: {e}") from None
+            target = None
+            if image is not None:
+                target = image.clone().movedim(-1, 1)[:, :3].to(bundle.device)
+            energy = ClipEnergy(bundle, text=None if target is not None else text, image=target,
+                                augmentations=augmentations, policies=policies, weight=weight)
+        return io.NodeOutput(energy)
+
+
+class CombineEnergies(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CombineEnergies",
+            display_name="Combine Energies",
+            category=CATEGORY,
+            description="Weighted sum of energies: E = w1*E1 + w2*E2 (+ w3*E3 + w4*E4).",
+            inputs=[
+                EnergyIO.Input("energy_1", tooltip="First energy."),
+                io.Float.Input("weight_1", default=1.0, min=-10000.0, max=10000.0, step=0.01,
+                               tooltip="Multiplies energy_1 (on top of its own weight)."),
+                EnergyIO.Input("energy_2", tooltip="Second energy."),
+                io.Float.Input("weight_2", default=1.0, min=-10000.0, max=10000.0, step=0.01,
+                               tooltip="Multiplies energy_2."),
+                EnergyIO.Input("energy_3", optional=True, tooltip="Optional third energy."),
+                io.Float.Input("weight_3", default=1.0, min=-10000.0, max=10000.0, step=0.01, optional=True,
+                               tooltip="Multiplies energy_3."),
+                EnergyIO.Input("energy_4", optional=True, tooltip="Optional fourth energy."),
+                io.Float.Input("weight_4", default=1.0, min=-10000.0, max=10000.0, step=0.01, optional=True,
+                               tooltip="Multiplies energy_4."),
+            ],
+            outputs=[EnergyIO.Output(display_name="energy")],
+        )
+
+    @classmethod
+    def execute(cls, energy_1, weight_1, energy_2, weight_2, energy_3=None, weight_3=1.0, energy_4=None,
+                weight_4=1.0) -> io.NodeOutput:
+        pairs = [(energy_1, weight_1), (energy_2, weight_2), (energy_3, weight_3), (energy_4, weight_4)]
+        return io.NodeOutput(SumEnergy([ScaledEnergy(e, w) for e, w in pairs if e is not None]))
+
+
+class RandomLatentCode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="RandomLatentCode",
+            display_name="Random Latent Code",
+            category=CATEGORY,
+            description="A latent code drawn from its Gaussian prior: generation from scratch with the stochastic "
+                        "sampler (replay it, or sample it with Langevin Latent Sampler).",
+            inputs=[
+                io.Model.Input("model", tooltip="Decides the latent channels, the family and the schedule."),
+                io.Int.Input("width", default=512, min=16, max=16384, step=8, tooltip="Image width in pixels."),
+                io.Int.Input("height", default=512, min=16, max=16384, step=8, tooltip="Image height in pixels."),
+                io.Int.Input("batch_size", default=1, min=1, max=4096, tooltip="Number of codes."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the code."),
+                io.Int.Input("steps", default=50, min=1, max=10000, tooltip="Sampler steps of the chain."),
+                io.Combo.Input("scheduler", options=B.SCHEDULERS, default="normal", tooltip="Sigma schedule."),
+                io.Float.Input("eta", default=0.1, min=0.001, max=1.0, step=0.01,
+                               tooltip="DDIM eta of the stochastic sampler (> 0)."),
+            ],
+            outputs=[LatentCodeIO.Output(display_name="latent_code")],
+        )
+
+    @classmethod
+    def execute(cls, model, width, height, batch_size, seed, steps, scheduler, eta) -> io.NodeOutput:
+        fmt = model.get_model_object("latent_format")
+        if getattr(fmt, "latent_dimensions", 2) != 2:
+            raise B.NodeInputError("model: Random Latent Code makes image latents; this model's latents are not 2-D")
+        ratio = int(getattr(fmt, "spacial_downscale_ratio", 8) or 8)
+        if width < ratio or height < ratio:
+            raise B.NodeInputError(f"width/height: at least {ratio} pixels")
+        shape = (batch_size, B.latent_channels(model), height // ratio, width // ratio)
+        sigmas = B.schedule(model, scheduler, steps, 1.0)
+        try:
+            code = prior_code(shape, sigmas, eta, B.family_of(model), seed)
+        except CodeError as e:
+            raise B.code_error(e) from None
+        return io.NodeOutput(code)
+
+
+def _vae_decoder(vae, model_wrap):
+    """model-space latent -> images (B, 3, H, W) in [0, 1], differentiable."""
+    def decode(x: torch.Tensor) -> torch.Tensor:
+        lat = model_wrap.inner_model.process_latent_out(x)
+        img = vae.first_stage_model.decode(lat.to(device=vae.device, dtype=vae.vae_dtype))
+        img = vae.process_output(img.float())
+        return img[:, :3].to(x.device)
+    return decode
+
+
+def _plot(energy: list[list[float]], prior: list[list[float]], size=(512, 320)) -> torch.Tensor:
+    """Energy (top) and prior ||z||^2/dim (bottom) per Langevin step, batch mean, as an IMAGE."""
+    w, h = size
+    img = Image.new("RGB", (w, h), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    panels = [("energy (weighted)", [float(np.mean(v)) for v in energy], (200, 40, 40)),
+              ("prior |z|^2/dim", [float(np.mean(v)) for v in prior], (40, 80, 200))]
+    ph = (h - 20) // 2
+    for k, (label, ys, color) in enumerate(panels):
+        top = 10 + k * (ph + 10)
+        left, right, bottom = 60, w - 10, top + ph - 14
+        d.rectangle([left, top, right, bottom], outline=(0, 0, 0))
+        d.text((left + 4, top + 2), label, fill=color)
+        if not ys:
+            continue
+        lo, hi = min(ys), max(ys)
+        if hi - lo < 1e-12:
+            lo, hi = lo - 0.5, hi + 0.5
+        d.text((2, top), f"{hi:.4g}", fill=(0, 0, 0))
+        d.text((2, bottom - 10), f"{lo:.4g}", fill=(0, 0, 0))
+        n = max(len(ys) - 1, 1)
+        pts = [(left + (right - left) * i / n, bottom - (bottom - top - 14) * (y - lo) / (hi - lo)) for i, y in
+               enumerate(ys)]
+        if len(pts) > 1:
+            d.line(pts, fill=color, width=2)
+        else:
+            d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=color)
+        d.text((left + 4, bottom + 1), f"step 1 .. {len(ys)}", fill=(0, 0, 0))
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+
+
+def run_langevin(model, positive, negative, cfg, vae, energy, latent_code, steps, step_size, seed, update):
+    """The Langevin Latent Sampler's work; returns (code, latent dict, plot image, trace)."""
+    code = latent_code
+    B.check_code_for_model(model, code)
+    B.check_conditioning_batch(positive, code.batch_size, "positive")
+    B.check_conditioning_batch(negative, code.batch_size, "negative")
+    if vae is None or getattr(vae, "first_stage_model", None) is None:
+        raise B.NodeInputError("vae: connect the VAE that decodes this model's latents")
+    vae_ch = getattr(vae, "latent_channels", None)
+    if vae_ch is not None and vae_ch != code.shape[1]:
+        raise B.NodeInputError(f"vae: it decodes {vae_ch}-channel latents but the code has {code.shape[1]} channels")
+    if update not in ("all components", "start only"):
+        raise B.NodeInputError(f"update: {update!r} is not 'all components' or 'start only'")
+    mode = "all" if update == "all components" else "start"
+    result = {}
+    pbar = comfy.utils.ProgressBar(max(steps, 1))
+
+    def work(denoise_fn, x0, _callback, guider):
+        comfy.model_management.load_models_gpu([vae.patcher])
+        with gradients_through(guider.inner_model, vae.first_stage_model):
+            alias_conds(guider.conds)
+            device = x0.device
+            dev_code = code.to(device=device, dtype=torch.float32).clone()
+            if hasattr(energy, "to"):
+                energy.to(device)
+            decode = _vae_decoder(vae, guider)
+
+            def progress(k, images, _e):
+                preview = Image.fromarray((images[0].movedim(0, -1).clamp(0, 1).cpu().numpy() * 255).astype(np.uint8))
+                pbar.update_absolute(k + 1, max(steps, 1), ("JPEG", preview, 512))
+
+            new_code, trace = langevin(denoise_fn, decode, energy, dev_code, steps, step_size, seed, update=mode,
+                                       callback=progress)
+            with torch.no_grad():
+                final = replay(denoise_fn, new_code)
+        result["code"], result["trace"] = new_code, trace
+        return final.detach()
+
+    placeholder = torch.zeros(code.shape)
+    samples = B.run_in_comfy(model, positive, negative, cfg, placeholder, code.sigmas, work, seed, None)
+    trace = result["trace"]
+    return B.cpu_code(result["code"]), {"samples": samples}, _plot(trace.energy, trace.prior), trace
+
+
+class LangevinLatentSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LangevinLatentSampler",
+            display_name="Langevin Latent Sampler",
+            category=CATEGORY,
+            description=(
+                "Plug-and-play guidance: samples the latent code from N(z; prior) * exp(-E(G(z))) with Langevin "
+                "dynamics, G = replay chain + VAE decode, gradients through every step (checkpointed)."),
+            inputs=[
+                io.Model.Input("model", tooltip="The frozen diffusion model (the generator G)."),
+                io.Conditioning.Input("positive", tooltip="Prompt of the replay chain."),
+                io.Conditioning.Input("negative", tooltip="Negative prompt; used when cfg > 1."),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="CFG of the replay chain."),
+                io.Vae.Input("vae", tooltip="Decodes G(z) to pixels for the energy."),
+                EnergyIO.Input("energy", tooltip="From CLIP Energy or Combine Energies (carries its weight)."),
+                LatentCodeIO.Input("latent_code", tooltip="Start code: Random Latent Code or DPM Encode."),
+                io.Int.Input("steps", default=50, min=0, max=10000,
+                             tooltip="Langevin steps (paper: 200). Each costs one chain forward and backward."),
+                io.Float.Input("step_size", default=0.05, min=0.00001, max=1.0, step=0.001, round=0.00001,
+                               tooltip="Langevin step size sigma (paper: 0.05)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the Langevin noise and of the augmentations."),
+                io.Combo.Input("update", options=["all components", "start only"], default="all components",
+                               tooltip="Sample every noise of the code, or only its start latent (the stored "
+                                       "per-step noises stay fixed)."),
+            ],
+            outputs=[
+                LatentCodeIO.Output(display_name="latent_code", tooltip="The sampled code."),
+                io.Latent.Output(display_name="LATENT", tooltip="The sampled code replayed."),
+                io.Image.Output(display_name="energy_plot", tooltip="Energy and prior term per Langevin step."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, cfg, vae, energy, latent_code, steps, step_size, seed,
+                update) -> io.NodeOutput:
+        code, latent, plot, _trace = run_langevin(model, positive, negative, cfg, vae, energy, latent_code, steps,
+                                                  step_size, seed, update)
+        return io.NodeOutput(code, latent, plot)
