@@ -136,6 +136,10 @@ class ComfyServer:
 
     def queue(self, prompt: dict) -> str:
         res = self.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+        if res.get("node_errors"):
+            # ComfyUI runs the valid outputs of a partly invalid prompt; a test wants all of it.
+            self.wait(res["prompt_id"])
+            raise PromptError(f"prompt partly refused: {res['node_errors']}", res["node_errors"])
         return res["prompt_id"]
 
     def wait(self, prompt_id: str, timeout: float = 600) -> dict:

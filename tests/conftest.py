@@ -73,7 +73,7 @@ def model_dirs(tmp_path_factory):
     import tiny_models
 
     root = tmp_path_factory.mktemp("models")
-    dirs = {k: root / k for k in ("checkpoints", "text_encoders", "clip_energy", "vae")}
+    dirs = {k: root / k for k in ("checkpoints", "text_encoders", "clip_energy", "vae", "loras")}
     for d in dirs.values():
         d.mkdir()
     tiny_models.make_sd15_checkpoint(dirs["checkpoints"] / "tiny_sd15.safetensors", seed=0)

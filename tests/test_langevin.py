@@ -1,0 +1,154 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Langevin sampling of the latent code: pure-torch checks, then through ComfyUI's real models in-process."""
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def L(pack):
+    return importlib.import_module("dpm_latent.guidance.langevin")
+
+
+class TinyDenoiser(torch.nn.Module):
+    """A small conv net used as an x0 predictor (sigma enters as a scale)."""
+
+    def __init__(self, ch=4):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.c1 = torch.nn.Conv2d(ch, 16, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(16, ch, 3, padding=1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+
+    def forward(self, x, sigma):
+        h = torch.tanh(self.c1(x / math.sqrt(1 + sigma ** 2)))
+        return x / (1 + sigma ** 2) + self.c2(h)
+
+
+def _code(pack, family="ve", steps=6, batch=2, ch=4, hw=6, seed=0):
+    S = pack.samplers
+    sig = torch.linspace(3.0, 0.1, steps, dtype=torch.float64) if family == "ve" else \
+        torch.linspace(0.95, 0.05, steps, dtype=torch.float64)
+    sigmas = torch.cat([sig, torch.zeros(1, dtype=torch.float64)])
+    return S.prior_code((batch, ch, hw, hw), sigmas, 0.3, family, seed)
+
+
+@pytest.mark.parametrize("family", ["ve", "flow"])
+def test_checkpointed_gradient_equals_plain_gradient(pack, L, family):
+    net = TinyDenoiser()
+    code = _code(pack, family).to(dtype=torch.float64)
+    net = net.double()
+    den = lambda x, s: net(x, s)  # noqa: E731
+    grads = []
+    for ckpt in (False, True):
+        zs = code.start_noise.clone().requires_grad_(True)
+        zn = code.noises.clone().requires_grad_(True)
+        x = L.replay_differentiable(den, code, zs, zn, use_checkpoint=ckpt)
+        (x.pow(2).sum() + x.sin().sum()).backward()
+        grads.append((zs.grad, zn.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-12, atol=1e-12)
+    assert grads[0][1].abs().sum() > 0
+    # and replay_differentiable is the sampler of samplers.replay
+    torch.testing.assert_close(x.detach(), pack.samplers.replay(den, code), rtol=1e-12, atol=1e-12)
+
+
+def test_langevin_lowers_the_energy_and_keeps_the_prior_typical(pack, L):
+    net = TinyDenoiser()
+    target = torch.full((2, 4, 6, 6), 0.7)
+
+    def energy_fn(weight):
+        return lambda images, gen: weight * (images - target).pow(2).flatten(1).mean(1)
+
+    finals = {}
+    for weight in (0.0, 50.0):
+        vals = []
+        for seed in range(3):
+            code = _code(pack, "ve", seed=seed)
+            new, trace = L.langevin(lambda x, s: net(x, s), lambda x: x, energy_fn(weight), code, steps=30,
+                                    step_size=0.05, seed=seed)
+            with torch.no_grad():
+                out = pack.samplers.replay(lambda x, s: net(x, s), new)
+            vals.append(float((out - target).pow(2).mean()))
+            assert len(trace.energy) == 30 and len(trace.prior) == 30
+            # ||z||^2 / dim stays in the typical set of N(0, I): 1 +- a few sqrt(2/dim)
+            dim = trace.dim
+            for p in trace.prior[-1]:
+                assert abs(p - 1) < 6 * math.sqrt(2 / dim), (p, dim)
+            # the update touched every component
+            assert not torch.equal(new.noises, code.noises) and not torch.equal(new.start_noise, code.start_noise)
+            torch.testing.assert_close(new.residual, code.residual)
+        finals[weight] = vals
+    for guided, free in zip(finals[50.0], finals[0.0]):
+        assert guided < 0.7 * free, finals
+
+
+def test_start_only_keeps_the_noises(pack, L):
+    net = TinyDenoiser()
+    code = _code(pack)
+    new, _ = L.langevin(lambda x, s: net(x, s), lambda x: x, lambda im, g: im.flatten(1).sum(1), code, steps=3,
+                        step_size=0.05, seed=0, update="start")
+    assert torch.equal(new.noises, code.noises)
+    assert not torch.equal(new.start_noise, code.start_noise)
+    with pytest.raises(ValueError, match="update"):
+        L.langevin(lambda x, s: x, lambda x: x, lambda im, g: im.sum(), code, 1, 0.05, 0, update="some")
+    with pytest.raises(ValueError, match="step_size"):
+        L.langevin(lambda x, s: x, lambda x: x, lambda im, g: im.sum(), code, 1, 0.0, 0)
+
+
+# ------------------------------------------------------------------ through ComfyUI's real models
+@pytest.fixture(scope="module")
+def comfy_models(model_dirs):
+    import comfy.sd
+
+    with torch.inference_mode():  # exactly how ComfyUI's executor runs the loader nodes
+        model, _clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+            str(model_dirs["checkpoints"] / "tiny_sd3.safetensors"), output_vae=True, output_clip=False)
+    return model, vae
+
+
+@pytest.fixture(scope="module")
+def gn(pack, model_dirs):
+    mod = importlib.import_module("dpm_latent.nodes.guidance_nodes")
+    import folder_paths
+
+    paths = folder_paths.folder_names_and_paths["clip_energy"][0]
+    if str(model_dirs["clip_energy"]) not in paths:
+        paths.append(str(model_dirs["clip_energy"]))
+    return mod
+
+
+def test_langevin_node_under_inference_mode_lowers_clip_energy(comfy_models, gn):
+    """The hard part: autograd through models loaded under inference mode, run under inference mode."""
+    model, vae = comfy_models
+    cond = [[torch.zeros(1, 8, 32), {"pooled_output": torch.zeros(1, 32)}]]
+    before = {n: (id(p), p.detach().clone()) for n, p in model.model.named_parameters()}
+    drops = []
+    for seed in range(3):
+        with torch.inference_mode():
+            code = gn.RandomLatentCode.execute(model, 32, 32, 2, seed, 4, "simple", 0.3).result[0]
+            ends = {}
+            for weight in (0.0, 2000.0):
+                energy = gn.CLIPEnergy.execute("tiny_clip", "a red square", weight, 2, False, False, False,
+                                               False).result[0]
+                probe = gn.CLIPEnergy.execute("tiny_clip", "a red square", 1.0, 2, False, False, False,
+                                              False).result[0]
+                _c, lat, plot, trace = gn.run_langevin(model, cond, cond, 1.0, vae, energy, code, 12, 0.05, seed,
+                                                       "all components")
+                img = vae.decode(lat["samples"]).movedim(-1, 1)
+                with torch.inference_mode(False):
+                    ends[weight] = float(probe(img.clone()).mean())
+                assert plot.shape == (1, 320, 512, 3)
+            drops.append(ends[0.0] - ends[2000.0])
+    assert all(d > 0 for d in drops), drops
+    # ComfyUI's model is untouched: same Parameter objects, same values, still inference tensors
+    for n, p in model.model.named_parameters():
+        assert id(p) == before[n][0], n
+        assert p.is_inference()
+        assert torch.equal(p, before[n][1])
