@@ -220,8 +220,11 @@ def _plot(energy: list[list[float]], prior: list[list[float]], size=(512, 320)) 
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
 
 
-def run_langevin(model, positive, negative, cfg, vae, energy, latent_code, steps, step_size, seed, update):
-    """The Langevin Latent Sampler's work; returns (code, latent dict, plot image, trace)."""
+def run_langevin(model, positive, negative, cfg, vae, energy, latent_code, steps, step_size, seed, update,
+                 use_checkpoint: bool = True):
+    """The Langevin Latent Sampler's work; returns (code, latent dict, plot image, trace).
+
+    ``use_checkpoint=False`` keeps every activation of the chain (for the memory benchmark)."""
     code = latent_code
     B.check_code_for_model(model, code)
     B.check_conditioning_batch(positive, code.batch_size, "positive")
@@ -252,7 +255,7 @@ def run_langevin(model, positive, negative, cfg, vae, energy, latent_code, steps
                 pbar.update_absolute(k + 1, max(steps, 1), ("JPEG", preview, 512))
 
             new_code, trace = langevin(denoise_fn, decode, energy, dev_code, steps, step_size, seed, update=mode,
-                                       callback=progress)
+                                       use_checkpoint=use_checkpoint, callback=progress)
             with torch.no_grad():
                 final = replay(denoise_fn, new_code)
         result["code"], result["trace"] = new_code, trace

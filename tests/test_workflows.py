@@ -1,0 +1,353 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""The shipped workflows (workflows/*.json, UI format) run on a real ComfyUI server with tiny models.
+
+Every file in workflows/ is picked up automatically.  Each one is converted to an API prompt
+with tests/ui_workflow.py, then adapted to the tiny test models:
+
+* checkpoint names are mapped to tiny checkpoints (``CHECKPOINTS`` below, plus the workflow's own
+  ``extra.dpm_latent_test.checkpoints``);
+* Load Image reads a generated 64 x 64 PNG, and resize nodes (``RESIZE``) are bypassed so the
+  image keeps that size;
+* ``steps`` inputs are cut to ``STEPS``;
+* CLIP Text Encode is fed by the tiny CLIP-L (SD1.x family), or, for tiny checkpoints without a
+  usable text encoder (SD3, SDXL), replaced by the pack's Empty Conditioning.  A zero context does
+  not reach these tiny models' outputs the way a text prompt does (SDXL's cross-attention has no
+  bias, so zero text is no text), so a *target* prompt (one that feeds a replay's positive input
+  but not an encoder's) becomes Empty Conditioning limited to the left half of the image by
+  ConditioningSetAreaPercentage: still a conditioning that differs from the source one.
+
+A workflow may add to its ``extra`` dict a key ``"dpm_latent_test"`` with::
+
+    {"checkpoints": {"<ckpt_name in the workflow>": "<tiny checkpoint file>"},
+     "mode":        {"<node id>": 0 | 2 | 4},             # applied to the UI graph before conversion
+     "widgets":     {"<node id>": {"<input>": value}}}    # applied to the API prompt after conversion
+
+Then, for every DPM Encode -> Replay Latent with Prompt pair, the test adds two branches to the
+same prompt: the replay with the encoder's own model, prompts and cfg (which must give back the
+encoded latent, so its decoded PNG must match the VAE round trip of the input within 2/255), and
+that VAE round trip itself.  The workflow's own output must differ from the reconstruction.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ui_workflow import FRONTEND_ONLY, ui_to_api
+
+REPO = Path(__file__).resolve().parent.parent
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+STEPS = 6
+SIZE = 64
+RESIZE = {"ImageScaleToTotalPixels", "ImageScale", "ImageScaleBy", "ImageScaleToMaxDimension"}
+CHECKPOINTS = {
+    "v1-5-pruned-emaonly.safetensors": "tiny_sd15.safetensors",
+    "v1-5-pruned-emaonly-fp16.safetensors": "tiny_sd15.safetensors",
+    "sd_xl_base_1.0.safetensors": "tiny_sdxl.safetensors",
+    "sd3_medium_incl_clips.safetensors": "tiny_sd3.safetensors",
+}
+# tiny checkpoint -> how CLIP Text Encode is handled: "clip_l" (tiny CLIP-L) or "empty" (Empty Conditioning)
+TEXT = {
+    "tiny_sd15.safetensors": "clip_l",
+    "tiny_sd15_b.safetensors": "clip_l",
+    "tiny_sd3.safetensors": "empty",
+    "tiny_sd3_b.safetensors": "empty",
+    "tiny_sdxl.safetensors": "empty",
+}
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.object_info()
+
+
+# ---------------------------------------------------------------------------- static checks
+def test_there_are_workflows():
+    assert len(WORKFLOWS) >= 4, [p.name for p in WORKFLOWS]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_is_well_formed_ui_json(path):
+    wf = _load(path)
+    for key in ("last_node_id", "last_link_id", "nodes", "links", "groups", "config", "extra", "version"):
+        assert key in wf, key
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    assert len(nodes) == len(wf["nodes"]), "duplicate node ids"
+    assert wf["last_node_id"] >= max(nodes)
+    assert not wf["links"] or wf["last_link_id"] >= max(link[0] for link in wf["links"])
+    notes = [n for n in wf["nodes"] if n["type"] in ("Note", "MarkdownNote")]
+    assert any(n["type"] == "Note" for n in notes), "every workflow explains itself in a Note node"
+    assert all(len(n["widgets_values"][0]) > 200 for n in notes if n["type"] == "Note")
+    for link in wf["links"]:
+        lid, src, sslot, dst, dslot, typ = link
+        out = nodes[src]["outputs"][sslot]
+        assert lid in (out["links"] or []) and out["type"] == typ, link
+        inp = nodes[dst]["inputs"][dslot]
+        assert inp["link"] == lid and inp["type"] == typ, link
+    for n in wf["nodes"]:
+        for k in ("id", "type", "pos", "size", "flags", "order", "mode", "properties", "widgets_values"):
+            assert k in n, (n["id"], k)
+        for inp in n.get("inputs", []):
+            assert inp["link"] is None or any(link[0] == inp["link"] for link in wf["links"]), (n["id"], inp)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_nodes_exist_on_the_server(path, object_info):
+    wf = _load(path)
+    for n in wf["nodes"]:
+        if n["type"] in FRONTEND_ONLY:
+            continue
+        assert n["type"] in object_info, f"{path.name}: node {n['id']} type {n['type']} unknown to the server"
+        assert n.get("properties", {}).get("Node name for S&R") == n["type"]
+    # converts without error; every required input of every node is set
+    api = ui_to_api(wf, object_info)
+    for nid, node in api.items():
+        required = object_info[node["class_type"]]["input"].get("required", {})
+        missing = set(required) - set(node["inputs"])
+        assert not missing, (path.name, nid, node["class_type"], missing)
+
+
+# ---------------------------------------------------------------------------- running them
+def _test_image(path: Path) -> None:
+    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / (SIZE - 1)
+    disc = ((x - 0.4) ** 2 + (y - 0.55) ** 2 < 0.08).astype(np.float32)
+    rgb = np.stack([0.2 + 0.6 * x, 0.3 + 0.5 * y * (1 - disc) + 0.4 * disc, 0.8 - 0.5 * x * y], axis=-1)
+    Image.fromarray((rgb.clip(0, 1) * 255).round().astype(np.uint8)).save(path)
+
+
+def _adapt(ui: dict, object_info: dict, image_name: str, stem: str):
+    """API prompt of a workflow, adapted to the tiny models; plus the branches the checks need."""
+    cfg = (ui.get("extra") or {}).get("dpm_latent_test") or {}
+    ui = copy.deepcopy(ui)
+    modes = {str(k): v for k, v in (cfg.get("mode") or {}).items()}
+    for node in ui["nodes"]:
+        if node["type"] in RESIZE:
+            node["mode"] = 4
+        if str(node["id"]) in modes:
+            node["mode"] = modes[str(node["id"])]
+    api = ui_to_api(ui, object_info)
+    for nid, values in (cfg.get("widgets") or {}).items():
+        api[str(nid)]["inputs"].update(values)
+
+    ckpt_map = {**CHECKPOINTS, **(cfg.get("checkpoints") or {})}
+    next_id = [max(int(k) for k in api) + 1]
+
+    def add(class_type, **inputs) -> str:
+        nid = str(next_id[0])
+        next_id[0] += 1
+        api[nid] = {"class_type": class_type, "inputs": inputs}
+        return nid
+
+    tiny = {}
+    for nid, node in api.items():
+        inp = node["inputs"]
+        if node["class_type"] == "CheckpointLoaderSimple":
+            name = inp["ckpt_name"]
+            assert name in ckpt_map, (
+                f"{stem}: no tiny model for checkpoint {name!r}: add it to CHECKPOINTS in this test or to "
+                "extra.dpm_latent_test.checkpoints in the workflow")
+            inp["ckpt_name"] = tiny[nid] = ckpt_map[name]
+        elif node["class_type"] == "LoadImage":
+            inp["image"] = image_name
+        if isinstance(inp.get("steps"), int):
+            inp["steps"] = min(inp["steps"], STEPS)
+
+    def linked_from(class_type, input_name):
+        return {tuple(n["inputs"][input_name]) for n in api.values()
+                if n["class_type"] == class_type and isinstance(n["inputs"].get(input_name), list)}
+
+    encoder_positives = linked_from("DPMEncode", "positive")
+    replay_positives = linked_from("ReplayLatentWithPrompt", "positive")
+    clip_loader = None
+    for nid in [k for k, n in api.items() if n["class_type"] == "CLIPTextEncode"]:
+        src = api[nid]["inputs"]["clip"]
+        assert isinstance(src, list) and src[0] in tiny and src[1] == 1, (
+            f"{stem}: CLIP Text Encode {nid} is not fed by a checkpoint's CLIP output; extend this test")
+        kind = TEXT[tiny[src[0]]]
+        if kind == "clip_l":
+            if clip_loader is None:
+                clip_loader = add("CLIPLoader", clip_name="tiny_clip_l.safetensors", type="stable_diffusion")
+            api[nid]["inputs"]["clip"] = [clip_loader, 0]
+            continue
+        model = [src[0], 0]
+        is_target = (nid, 0) in replay_positives and (nid, 0) not in encoder_positives
+        if is_target:
+            empty = add("EmptyConditioning", model=model, tokens=77)
+            api[nid] = {"class_type": "ConditioningSetAreaPercentage",
+                        "inputs": {"conditioning": [empty, 0], "width": 0.5, "height": 1.0, "x": 0.0, "y": 0.0,
+                                   "strength": 1.0}}
+        else:
+            api[nid] = {"class_type": "EmptyConditioning", "inputs": {"model": model, "tokens": 77}}
+
+    # the checks' branches: replay with the encoder's own settings, and the VAE round trip
+    checks = []
+    for rid in [k for k, n in api.items() if n["class_type"] == "ReplayLatentWithPrompt"]:
+        rep = api[rid]["inputs"]
+        eid = rep["latent_code"][0]
+        if api[eid]["class_type"] != "DPMEncode":
+            continue
+        enc = api[eid]["inputs"]
+        for did in [k for k, n in api.items()
+                    if n["class_type"] == "VAEDecode" and n["inputs"]["samples"] == [rid, 0]]:
+            outs = [k for k, n in api.items() if n["class_type"] == "SaveImage" and n["inputs"]["images"] == [did, 0]]
+            assert outs, f"{stem}: the decoded replay {did} is not saved"
+            vae = api[did]["inputs"]["vae"]
+            same = add("ReplayLatentWithPrompt", model=enc["model"], positive=enc["positive"],
+                       negative=enc["negative"], latent_code=[eid, 0], cfg=enc["cfg"])
+            rec = add("SaveImage", images=[add("VAEDecode", samples=[same, 0], vae=vae), 0],
+                      filename_prefix=f"wf_test/{stem}_reconstruction")
+            rt = add("SaveImage", images=[add("VAEDecode", samples=enc["latent_image"], vae=vae), 0],
+                     filename_prefix=f"wf_test/{stem}_vae_round_trip")
+            checks.append({"output": outs[0], "reconstruction": rec, "round_trip": rt})
+    return api, checks
+
+
+def _png(server, entry: dict, nid: str) -> np.ndarray:
+    images = entry["outputs"][nid]["images"]
+    assert len(images) == 1, images
+    f = images[0]
+    path = Path(server.output_dir) / f.get("subfolder", "") / f["filename"]
+    assert path.is_file(), path
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB")).astype(np.int16)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_runs_and_reconstructs(path, server, object_info):
+    image_name = f"wf_{path.stem}.png"
+    _test_image(Path(server.input_dir) / image_name)
+    api, checks = _adapt(_load(path), object_info, image_name, path.stem)
+    assert checks, f"{path.name}: no DPM Encode -> Replay -> VAE Decode -> Save Image chain"
+    entry = server.run(api, timeout=300)
+
+    for nid, node in api.items():
+        if node["class_type"] == "SaveImage":
+            img = _png(server, entry, nid)
+            assert img.shape == (SIZE, SIZE, 3), (nid, img.shape)
+            assert img.std() > 1.0, f"{path.name}: Save Image {nid} is (nearly) constant"
+        if node["class_type"] == "SaveLatentCode":
+            rel = entry["outputs"][nid]["text"][0].split("saved ", 1)[1]
+            saved = Path(server.output_dir) / rel
+            assert saved.is_file() and saved.name.endswith(".dpmcode.safetensors"), saved
+
+    for c in checks:
+        out, rec, rt = (_png(server, entry, c[k]) for k in ("output", "reconstruction", "round_trip"))
+        err = int(np.abs(rec - rt).max())
+        assert err <= 2, f"{path.name}: replay with the source settings is off the VAE round trip by {err}/255"
+        change = float(np.abs(out - rec).mean())
+        assert change > 2.0, f"{path.name}: the workflow's output barely differs from the input ({change:.2f}/255)"
+
+
+# ---------------------------------------------------------------------------- the converter itself
+OBJECT_INFO = {
+    "Loader": {"input": {"required": {"name": [["a.ckpt", "b.ckpt"], {}]}}, "input_order": {"required": ["name"]},
+               "output": ["MODEL", "IMAGE"]},
+    "Sampler": {"input": {"required": {"model": ["MODEL", {}],
+                                       "seed": ["INT", {"default": 0, "control_after_generate": True}],
+                                       "steps": ["INT", {"default": 20}],
+                                       "mode": ["COMBO", {"options": ["x", "y"]}]},
+                          "optional": {"strength": ["FLOAT", {"default": 1.0}],
+                                       "extra": ["IMAGE", {}]}},
+                "input_order": {"required": ["model", "seed", "steps", "mode"], "optional": ["strength", "extra"]},
+                "output": ["IMAGE"]},
+    "OldSeed": {"input": {"required": {"noise_seed": ["INT", {}], "value": ["INT", {"forceInput": True}],
+                                       "pick": [["p", "q"], {"control_after_generate": True}]}},
+                "output": ["INT"]},
+    "Upload": {"input": {"required": {"image": [["i.png"], {"image_upload": True}],
+                                      "flag": ["BOOLEAN", {"default": False}]}},
+               "input_order": {"required": ["image", "flag"]}, "output": ["IMAGE"]},
+    "Filter": {"input": {"required": {"image": ["IMAGE", {}], "amount": ["FLOAT", {}]}},
+               "input_order": {"required": ["image", "amount"]}, "output": ["IMAGE"]},
+    "Save": {"input": {"required": {"images": ["IMAGE", {}], "prefix": ["STRING", {}]}}, "output": []},
+}
+
+
+def _ui(nodes, links):
+    """A minimal UI workflow: nodes as (id, type, widgets_values, {input: link}, mode)."""
+    out = []
+    for nid, typ, values, inputs, mode in nodes:
+        out.append({"id": nid, "type": typ, "mode": mode, "widgets_values": values,
+                    "inputs": [{"name": k, "type": "*", "link": v} for k, v in inputs.items()],
+                    "outputs": [{"name": t, "type": t, "links": []}
+                                for t in OBJECT_INFO.get(typ, {}).get("output", ["*"])]})
+    return {"nodes": out, "links": links}
+
+
+def test_ui_to_api_widgets_links_and_control_values():
+    from ui_workflow import ui_to_api
+
+    wf = _ui([(1, "Loader", ["b.ckpt"], {}, 0),
+              (2, "Sampler", [7, "fixed", 12, "y", 0.5], {"model": 1}, 0),
+              (3, "Save", ["out"], {"images": 2}, 0),
+              (4, "Note", ["hello"], {}, 0)],
+             [[1, 1, 0, 2, 0, "MODEL"], [2, 2, 0, 3, 0, "IMAGE"]])
+    api = ui_to_api(wf, OBJECT_INFO)
+    assert set(api) == {"1", "2", "3"}
+    assert api["1"]["inputs"] == {"name": "b.ckpt"}
+    assert api["2"]["inputs"] == {"model": ["1", 0], "seed": 7, "steps": 12, "mode": "y", "strength": 0.5}
+    assert api["3"] == {"class_type": "Save", "inputs": {"images": ["2", 0], "prefix": "out"},
+                        "_meta": {"title": "Save"}}
+    # saved by an old frontend without the control value
+    wf["nodes"][1]["widgets_values"] = [7, 12, "y", 0.5]
+    assert ui_to_api(wf, OBJECT_INFO)["2"]["inputs"]["steps"] == 12
+    # a count that fits neither layout
+    wf["nodes"][1]["widgets_values"] = [7, "fixed", 12]
+    with pytest.raises(ValueError, match="widget values"):
+        ui_to_api(wf, OBJECT_INFO)
+    # dict-style widgets_values
+    wf["nodes"][1]["widgets_values"] = {"seed": 3, "steps": 4, "mode": "x", "strength": 1.0}
+    assert ui_to_api(wf, OBJECT_INFO)["2"]["inputs"]["seed"] == 3
+
+
+def test_ui_to_api_seed_names_combo_control_force_input_and_upload():
+    from ui_workflow import ui_to_api
+
+    wf = _ui([(1, "OldSeed", [5, "randomize", "q", "fixed"], {}, 0),
+              (2, "Upload", ["i.png", "image", True], {}, 0)], [])
+    api = ui_to_api(wf, OBJECT_INFO)
+    assert api["1"]["inputs"] == {"noise_seed": 5, "pick": "q"}  # forceInput "value" is a socket
+    assert api["2"]["inputs"] == {"image": "i.png", "flag": True}
+    # an explicit control_after_generate: False on a seed-named input means no control value
+    info = copy.deepcopy(OBJECT_INFO)
+    info["OldSeed"]["input"]["required"]["noise_seed"] = ["INT", {"control_after_generate": False}]
+    wf = _ui([(1, "OldSeed", [5, "q", "fixed"], {}, 0)], [])
+    assert ui_to_api(wf, info)["1"]["inputs"] == {"noise_seed": 5, "pick": "q"}
+
+
+def test_ui_to_api_bypass_mute_reroute_primitive_and_widget_links():
+    from ui_workflow import WorkflowError, ui_to_api
+
+    nodes = [(1, "Upload", ["i.png", "image", False], {}, 0),
+             (2, "Reroute", [], {"": 1}, 0),
+             (3, "Filter", [0.3], {"image": 2}, 4),           # bypassed: passes its image through
+             (4, "Filter", [0.7], {"image": 3}, 0),
+             (5, "Save", ["a"], {"images": 4}, 0),
+             (6, "Filter", [0.1], {"image": 1}, 2),           # muted: left out, like its consumer's link
+             (7, "Sampler", [1, "fixed", 2, "x", 1.0], {"model": None, "extra": 6, "steps": 8}, 0),
+             (8, "PrimitiveNode", [2], {}, 0),
+             (9, "OldSeed", [4, "fixed", "p", "fixed"], {}, 0)]
+    links = [[1, 1, 0, 2, 0, "IMAGE"], [2, 2, 0, 3, 0, "IMAGE"], [3, 3, 0, 4, 0, "IMAGE"],
+             [4, 4, 0, 5, 0, "IMAGE"], [5, 1, 0, 6, 0, "IMAGE"], [6, 6, 0, 7, 5, "IMAGE"],
+             [8, 8, 0, 7, 2, "INT"]]
+    wf = _ui(nodes, links)
+    api = ui_to_api(wf, OBJECT_INFO)
+    assert set(api) == {"1", "4", "5", "7", "9"}
+    assert api["4"]["inputs"] == {"image": ["1", 0], "amount": 0.7}
+    assert api["5"]["inputs"]["images"] == ["4", 0]
+    assert "extra" not in api["7"]["inputs"] and api["7"]["inputs"]["steps"] == 2  # primitive: widget value
+    # a widget shown as a socket and linked to a real node takes the link
+    wf["nodes"][6]["inputs"].append({"name": "seed", "type": "INT", "link": 9, "widget": {"name": "seed"}})
+    wf["links"].append([9, 9, 0, 7, 6, "INT"])
+    assert ui_to_api(wf, OBJECT_INFO)["7"]["inputs"]["seed"] == ["9", 0]
+    # unknown node types are an error that names the type
+    wf["nodes"].append({"id": 10, "type": "SomePackNode", "mode": 0, "inputs": [], "outputs": []})
+    with pytest.raises(WorkflowError, match="SomePackNode"):
+        ui_to_api(wf, OBJECT_INFO)
