@@ -143,7 +143,12 @@ def check_schedule(sigmas: torch.Tensor, eta: float, family: str) -> list[float]
             f"eta must be > 0 for a stochastic sampler (got {eta}); eta = 0 is deterministic DDIM and "
             "leaves no noise to encode. The paper uses eta = 0.1.")
     for i in range(len(s) - 1):
-        step_coefficients(s[i], s[i + 1], eta, family)  # raises on a bad step
+        try:
+            step_coefficients(s[i], s[i + 1], eta, family)
+        except CodeError as e:
+            hint = (" The scheduler repeated a sigma: use fewer steps or another scheduler."
+                    if s[i + 1] == s[i] else "")
+            raise CodeError(f"step {i + 1} of {len(s) - 1}: {e}.{hint}") from None
     return s
 
 

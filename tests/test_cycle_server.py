@@ -215,3 +215,38 @@ def test_bad_inputs_give_clear_errors_and_the_server_keeps_serving(server):
     out = g.node("SaveLatent", samples=rep.out(0), filename_prefix="after_errors")
     entry = server.run(g.prompt())
     assert saved_latents(server, entry, out.id).shape == (1, 16, 8, 8)
+
+
+def test_cancel_stops_a_long_encode(server):
+    """POST /interrupt (the UI's Cancel) ends DPM Encode at its next step: the prompt is
+    interrupted and produces nothing, and the server takes the next prompt."""
+    import time
+
+    name = write_latent(server.input_dir, "long", torch.randn(1, 4, 8, 8))
+    g = Graph()
+    ckpt = g.node("CheckpointLoaderSimple", ckpt_name="tiny_sd15.safetensors")
+    empty = g.node("EmptyConditioning", model=ckpt.out(0), tokens=8)
+    lat = g.node("LoadLatent", latent=name)
+    enc = g.node("DPMEncode", model=ckpt.out(0), positive=empty.out(0), negative=empty.out(0),
+                 latent_image=lat.out(0), seed=11, steps=900, scheduler="normal", denoise=1.0, eta=0.1, cfg=1.0)
+    save = g.node("SaveLatentCode", latent_code=enc.out(0), filename_prefix="cancelled")
+    pid = server.queue(g.prompt())
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until it is running
+        if server.get("/queue")["queue_running"]:
+            break
+        time.sleep(0.05)
+    time.sleep(1.0)
+    server.interrupt()
+    hist = None
+    while time.time() < deadline:
+        h = server.get(f"/history/{pid}")
+        if pid in h and h[pid].get("status", {}).get("completed") is not None:
+            hist = h[pid]
+            break
+        time.sleep(0.1)
+    assert hist is not None, "the interrupted prompt never finished"
+    kinds = [m[0] for m in hist["status"]["messages"]]
+    assert "execution_interrupted" in kinds, kinds
+    assert save.id not in hist.get("outputs", {})
+    assert server.alive()
