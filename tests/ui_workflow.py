@@ -205,3 +205,87 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
         entry["_meta"] = {"title": title or object_info[typ].get("display_name") or typ}
         prompt[str(nid)] = entry
     return prompt
+
+
+def api_to_ui(prompt: dict, object_info: dict, note: str | None = None, titles: dict | None = None,
+              extra: dict | None = None) -> dict:
+    """A UI-format workflow for an API-format prompt (the inverse of ``ui_to_api``).
+
+    Node ids are kept (they must be integers); nodes are laid out left to right by their
+    depth in the graph; ``note`` adds a Note node at the left; ``titles`` maps node ids to
+    titles shown on the nodes.
+    """
+    titles = titles or {}
+    ids = sorted(prompt, key=int)
+    depth: dict[str, int] = {}
+
+    def node_depth(nid: str) -> int:
+        if nid not in depth:
+            depth[nid] = 0
+            ups = [v[0] for v in prompt[nid]["inputs"].values() if isinstance(v, list)]
+            depth[nid] = 1 + max((node_depth(str(u)) for u in ups), default=-1)
+        return depth[nid]
+
+    for nid in ids:
+        node_depth(nid)
+    rows: dict[int, int] = {}
+    nodes, links = [], []
+    out_links: dict[tuple[str, int], list[int]] = {}
+    pending = []
+    for nid in sorted(ids, key=lambda n: (depth[n], int(n))):
+        node = prompt[nid]
+        cls = node["class_type"]
+        if cls not in object_info:
+            raise WorkflowError(f"node {nid}: type {cls!r} is not known to this server")
+        info = object_info[cls]
+        inputs, widgets = [], []
+        for name, spec in ordered_inputs(info):
+            value = node["inputs"].get(name)
+            if is_widget(spec):
+                if isinstance(value, list):
+                    raise WorkflowError(f"node {nid}: widget {name!r} fed by a link is not supported here")
+                if value is None:
+                    value = _spec_options(spec).get("default")
+                widgets.append(value)
+                extras = extra_widget_values(name, spec)
+                if extras:
+                    opts = _spec_options(spec)
+                    if _spec_type(spec) == "INT" or opts.get("control_after_generate"):
+                        widgets.append("fixed")
+                        extras -= 1
+                    widgets.extend(["image"] * extras)
+            else:
+                typ = _spec_type(spec)
+                entry = {"name": name, "type": typ if isinstance(typ, str) else "COMBO", "link": None}
+                if isinstance(value, list):
+                    pending.append((str(value[0]), int(value[1]), nid, len(inputs), entry))
+                inputs.append(entry)
+        outs = [{"name": (info.get("output_name") or info["output"])[k], "type": t, "links": [], "slot_index": k}
+                for k, t in enumerate(info.get("output", []))]
+        col = depth[nid]
+        row = rows.get(col, 0)
+        rows[col] = row + 1
+        ui = {"id": int(nid), "type": cls, "pos": [col * 380, row * 260], "size": [340, 220], "flags": {},
+              "order": len(nodes), "mode": 0, "inputs": inputs, "outputs": outs,
+              "properties": {"Node name for S&R": cls}, "widgets_values": widgets}
+        if nid in titles:
+            ui["title"] = titles[nid]
+        nodes.append(ui)
+    by_id = {str(n["id"]): n for n in nodes}
+    for k, (src, slot, dst, dslot, entry) in enumerate(pending, start=1):
+        typ = by_id[src]["outputs"][slot]["type"]
+        entry["link"] = k
+        by_id[src]["outputs"][slot]["links"].append(k)
+        links.append([k, int(src), slot, int(dst), dslot, typ])
+    for n in nodes:
+        for o in n["outputs"]:
+            if not o["links"]:
+                o["links"] = None
+    last = max(int(i) for i in ids)
+    if note:
+        last += 1
+        nodes.insert(0, {"id": last, "type": "Note", "pos": [-520, 0], "size": [480, 640], "flags": {},
+                         "order": 0, "mode": 0, "inputs": [], "outputs": [], "properties": {},
+                         "widgets_values": [note], "title": "Read me", "color": "#432", "bgcolor": "#653"})
+    return {"last_node_id": last, "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
+            "config": {}, "extra": dict(extra or {}, ds={"scale": 0.8, "offset": [560, 80]}), "version": 0.4}

@@ -1,0 +1,79 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Node behaviour in-process with models loaded by ComfyUI's own loader (no server round trip)."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def nodes(pack):
+    return importlib.import_module("dpm_latent.nodes.cycle"), importlib.import_module("dpm_latent.nodes._bridge")
+
+
+@pytest.fixture(scope="module")
+def models(model_dirs):
+    import comfy.sd
+
+    out = {}
+    with torch.inference_mode():
+        for name in ("tiny_sd15", "tiny_sd3", "tiny_sdxl"):
+            m, _c, vae, _ = comfy.sd.load_checkpoint_guess_config(
+                str(model_dirs["checkpoints"] / f"{name}.safetensors"), output_vae=True, output_clip=False)
+            out[name] = m
+    return out
+
+
+def test_family_detection_follows_model_patches(nodes, models):
+    _cyc, B = nodes
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete, ModelSamplingSD3
+
+    assert B.family_of(models["tiny_sd15"]) == "ve"
+    assert B.family_of(models["tiny_sd3"]) == "flow"
+    v = ModelSamplingDiscrete().patch(models["tiny_sd15"], "v_prediction", False)[0]
+    assert B.family_of(v) == "ve"
+    shifted = ModelSamplingSD3().patch(models["tiny_sd3"], 6.0)[0]
+    assert B.family_of(shifted) == "flow"
+
+
+def test_empty_conditioning_shapes(nodes, models):
+    cyc, _B = nodes
+    shapes = {}
+    for name, m in models.items():
+        c = cyc.EmptyConditioning.execute(m, 5).result[0]
+        shapes[name] = (tuple(c[0][0].shape), tuple(c[0][1]["pooled_output"].shape) if c[0][1] else None)
+        assert torch.count_nonzero(c[0][0]) == 0
+    assert shapes == {"tiny_sd15": ((1, 5, 768), None), "tiny_sd3": ((1, 5, 32), (1, 32)),
+                      "tiny_sdxl": ((1, 5, 2048), (1, 1280))}
+
+
+def test_same_seed_same_bits_other_seed_other_code(nodes, models):
+    cyc, _B = nodes
+    m = models["tiny_sdxl"]
+    cond = cyc.EmptyConditioning.execute(m, 4).result[0]
+    lat = {"samples": torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
+    with torch.inference_mode():
+        a = cyc.DPMEncode.execute(m, cond, cond, lat, 5, 4, "karras", 0.8, 0.2, 1.0).result[0]
+        b = cyc.DPMEncode.execute(m, cond, cond, lat, 5, 4, "karras", 0.8, 0.2, 1.0).result[0]
+        c = cyc.DPMEncode.execute(m, cond, cond, lat, 6, 4, "karras", 0.8, 0.2, 1.0).result[0]
+        rec = cyc.ReplayLatentWithPrompt.execute(m, cond, cond, a, 1.0).result[0]["samples"]
+    for k in ("start_noise", "noises", "residual", "start_mean"):
+        assert torch.equal(getattr(a, k), getattr(b, k)), k
+    assert not torch.equal(a.noises, c.noises)
+    assert float((rec - lat["samples"]).norm() / lat["samples"].norm()) < 1e-5
+
+
+def test_sigmas_input_overrides_the_schedule(nodes, models):
+    cyc, B = nodes
+    m = models["tiny_sd3"]
+    cond = cyc.EmptyConditioning.execute(m, 4).result[0]
+    lat = {"samples": torch.randn(1, 16, 8, 8)}
+    sig = torch.tensor([0.9, 0.6, 0.3, 0.0])
+    with torch.inference_mode():
+        code = cyc.DPMEncode.execute(m, cond, cond, lat, 0, 50, "simple", 0.7, 0.1, 1.0, sigmas=sig).result[0]
+    assert code.steps == 3 and torch.allclose(code.sigmas.float(), sig)
+    with pytest.raises(B.NodeInputError, match="end at 0"):
+        with torch.inference_mode():
+            cyc.DPMEncode.execute(m, cond, cond, lat, 0, 50, "simple", 0.7, 0.1, 1.0, sigmas=sig[:-1])
