@@ -8,7 +8,12 @@ with tests/ui_workflow.py, then adapted to the tiny test models:
   ``extra.dpm_latent_test.checkpoints``);
 * Load Image reads a generated 64 x 64 PNG, and resize nodes (``RESIZE``) are bypassed so the
   image keeps that size;
-* ``steps`` inputs are cut to ``STEPS``;
+* ``steps`` inputs are cut to ``STEPS`` (``LANGEVIN_CHAIN`` in a workflow with a Langevin Latent Sampler,
+  whose every iteration runs the chain forward and backward); the sampler's own ``steps`` (Langevin
+  iterations) to ``LANGEVIN_STEPS``;
+* CLIP Energy reads the tiny CLIP folder (``CLIP_ENERGY`` below, plus the workflow's own
+  ``extra.dpm_latent_test.clip_energy``) with at most ``AUGMENTATIONS`` copies; Random Latent Code
+  makes ``SIZE`` x ``SIZE`` images;
 * CLIP Text Encode is fed by the tiny CLIP-L (SD1.x family), or, for tiny checkpoints without a
   usable text encoder (SD3, SDXL), replaced by the pack's Empty Conditioning.  A zero context does
   not reach these tiny models' outputs the way a text prompt does (SDXL's cross-attention has no
@@ -19,6 +24,7 @@ with tests/ui_workflow.py, then adapted to the tiny test models:
 A workflow may add to its ``extra`` dict a key ``"dpm_latent_test"`` with::
 
     {"checkpoints": {"<ckpt_name in the workflow>": "<tiny checkpoint file>"},
+     "clip_energy": {"<clip_name in the workflow>": "<folder in the test's clip_energy dir>"},
      "mode":        {"<node id>": 0 | 2 | 4},             # applied to the UI graph before conversion
      "widgets":     {"<node id>": {"<input>": value}}}    # applied to the API prompt after conversion
 
@@ -26,23 +32,42 @@ Then, for every DPM Encode -> Replay Latent with Prompt pair, the test adds two 
 same prompt: the replay with the encoder's own model, prompts and cfg (which must give back the
 encoded latent, so its decoded PNG must match the VAE round trip of the input within 2/255), and
 that VAE round trip itself.  The workflow's own output must differ from the reconstruction.
+
+For every Langevin Latent Sampler whose LATENT is decoded and saved, the test adds the *unguided*
+baseline: for a code from DPM Encode, the reconstruction and the VAE round trip as above; for any
+other code (Random Latent Code), the replay of the same code with the sampler's own model, prompts
+and cfg.  The guided image must differ from that baseline, the sampled latent must be finite and the
+energy plot (shown by Save Image or Preview Image) must be a 512 x 320 image.
 """
 from __future__ import annotations
 
 import copy
+import io
 import json
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from ui_workflow import FRONTEND_ONLY, ui_to_api
+from graphs import saved_latents
+from ui_workflow import FRONTEND_ONLY, extra_widget_values, is_combo, is_widget, ordered_inputs, ui_to_api
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 STEPS = 6
 SIZE = 64
+LANGEVIN_STEPS = 2     # Langevin iterations in the tests
+LANGEVIN_CHAIN = 4     # chain steps where a Langevin sampler runs the chain forward and backward each iteration
+AUGMENTATIONS = 2      # CLIP Energy copies per image in the tests
+PLOT_SHAPE = (320, 512, 3)  # the Langevin energy plot, as a PNG array
+# CLIP Energy clip_name -> folder that the model_dirs fixture builds in the clip_energy model dir
+CLIP_ENERGY = {
+    "clip-vit-base-patch32": "tiny_clip",
+    "clip-vit-b-32": "tiny_clip",
+}
 RESIZE = {"ImageScaleToTotalPixels", "ImageScale", "ImageScaleBy", "ImageScaleToMaxDimension"}
 CHECKPOINTS = {
     "v1-5-pruned-emaonly.safetensors": "tiny_sd15.safetensors",
@@ -71,7 +96,8 @@ def object_info(server):
 
 # ---------------------------------------------------------------------------- static checks
 def test_there_are_workflows():
-    assert len(WORKFLOWS) >= 4, [p.name for p in WORKFLOWS]
+    assert len(WORKFLOWS) >= 6, [p.name for p in WORKFLOWS]
+    assert {"langevin_clip_guided_generation", "langevin_clip_guided_editing"} <= {p.stem for p in WORKFLOWS}
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -115,6 +141,102 @@ def test_workflow_nodes_exist_on_the_server(path, object_info):
         assert not missing, (path.name, nid, node["class_type"], missing)
 
 
+LANGEVIN_WORKFLOWS = [p for p in WORKFLOWS if p.stem.startswith("langevin_")]
+CONTROL_MODES = ("fixed", "increment", "decrement", "randomize")
+
+
+def _widget_names(object_info: dict, class_type: str) -> list[str]:
+    return [n for n, s in ordered_inputs(object_info[class_type]) if is_widget(s)]
+
+
+def test_langevin_node_widgets_are_what_the_workflows_store(object_info):
+    """The specs the Langevin workflows' widgets_values are laid out for: a multiline STRING, BOOLEAN
+    toggles and an optional IMAGE socket on CLIP Energy; a seed with control_after_generate and a combo
+    on Langevin Latent Sampler and Random Latent Code."""
+    ce = dict(ordered_inputs(object_info["CLIPEnergy"]))
+    assert _widget_names(object_info, "CLIPEnergy") == [
+        "clip_name", "text", "weight", "augmentations", "color", "translation", "resize", "cutout"]
+    assert is_combo(ce["clip_name"]) and ce["text"][0] == "STRING" and ce["text"][1].get("multiline") is True
+    assert all(ce[k][0] == "BOOLEAN" for k in ("color", "translation", "resize", "cutout"))
+    assert not is_widget(ce["image"]) and "image" in object_info["CLIPEnergy"]["input"]["optional"]
+    assert sum(extra_widget_values(n, ce[n]) for n in ce if is_widget(ce[n])) == 0
+    lv = dict(ordered_inputs(object_info["LangevinLatentSampler"]))
+    assert _widget_names(object_info, "LangevinLatentSampler") == ["cfg", "steps", "step_size", "seed", "update"]
+    assert extra_widget_values("seed", lv["seed"]) == 1 and is_combo(lv["update"])
+    assert extra_widget_values("update", lv["update"]) == 0
+    rc = dict(ordered_inputs(object_info["RandomLatentCode"]))
+    assert _widget_names(object_info, "RandomLatentCode") == [
+        "width", "height", "batch_size", "seed", "steps", "scheduler", "eta"]
+    assert extra_widget_values("seed", rc["seed"]) == 1 and extra_widget_values("steps", rc["steps"]) == 0
+
+
+@pytest.mark.parametrize("path", LANGEVIN_WORKFLOWS, ids=lambda p: p.stem)
+def test_langevin_workflow_widgets_convert(path, object_info):
+    """Every widget of CLIP Energy, Langevin Latent Sampler and Random Latent Code lands on the right input,
+    with the paper's settings (defaults 50 Langevin steps, 8 copies) and a short chain."""
+    wf = _load(path)
+    api = ui_to_api(wf, object_info)
+    by_type: dict[str, list[dict]] = {}
+    for n in wf["nodes"]:
+        by_type.setdefault(n["type"], []).append(n)
+    assert len(by_type.get("CLIPEnergy", [])) == 1 and len(by_type.get("LangevinLatentSampler", [])) == 1
+
+    ce_ui = by_type["CLIPEnergy"][0]
+    ce = api[str(ce_ui["id"])]["inputs"]
+    v = ce_ui["widgets_values"]
+    assert len(v) == 8
+    assert ce == {"clip_name": v[0], "text": v[1], "weight": v[2], "augmentations": v[3],
+                  "color": v[4], "translation": v[5], "resize": v[6], "cutout": v[7]}
+    assert isinstance(ce["text"], str) and ce["text"].strip() and ce["clip_name"] in CLIP_ENERGY
+    assert all(ce[k] is True for k in ("color", "translation", "resize", "cutout"))
+    assert ce["weight"] == 500.0 and ce["augmentations"] == 8
+
+    lv_ui = by_type["LangevinLatentSampler"][0]
+    lv = api[str(lv_ui["id"])]["inputs"]
+    v = lv_ui["widgets_values"]
+    assert len(v) == 6 and v[4] in CONTROL_MODES
+    assert {k: lv[k] for k in ("cfg", "steps", "step_size", "seed", "update")} == {
+        "cfg": v[0], "steps": v[1], "step_size": v[2], "seed": v[3], "update": v[5]}
+    assert lv["steps"] == 50 and lv["step_size"] == 0.05 and lv["update"] == "all components"
+    assert isinstance(lv["seed"], int) and not isinstance(lv["seed"], bool)
+    for sock in ("model", "positive", "negative", "vae", "energy", "latent_code"):
+        assert isinstance(lv[sock], list), sock
+    assert lv["energy"] == [str(ce_ui["id"]), 0]
+
+    code = api[lv["latent_code"][0]]
+    assert code["class_type"] in ("RandomLatentCode", "DPMEncode")
+    assert 10 <= code["inputs"]["steps"] <= 20, "keep the replayed chain short: 10-20 steps"
+    assert code["inputs"]["eta"] == 0.1
+    if code["class_type"] == "RandomLatentCode":
+        rc_ui = next(n for n in by_type["RandomLatentCode"] if str(n["id"]) == lv["latent_code"][0])
+        v = rc_ui["widgets_values"]
+        assert len(v) == 8 and v[4] in CONTROL_MODES
+        assert code["inputs"] == {"model": code["inputs"]["model"], "width": v[0], "height": v[1], "batch_size": v[2],
+                                  "seed": v[3], "steps": v[5], "scheduler": v[6], "eta": v[7]}
+        # the unguided comparison replays the same code with the same model, prompts and cfg
+        plain = [n["inputs"] for n in api.values()
+                 if n["class_type"] == "ReplayLatentWithPrompt" and n["inputs"]["latent_code"] == lv["latent_code"]]
+        assert plain, f"{path.name}: no unguided replay of the random code to compare with"
+        assert all(p[k] == lv[k] for p in plain for k in ("model", "positive", "negative", "cfg"))
+    else:
+        assert code["inputs"]["denoise"] == 0.5
+        assert (lv["positive"], lv["cfg"]) == (code["inputs"]["positive"], code["inputs"]["cfg"]), (
+            "the Langevin chain replays the code with the encoder's prompt and cfg")
+
+    # the optional image socket takes a link when one is connected
+    wf2 = copy.deepcopy(wf)
+    nid, lid = wf2["last_node_id"] + 1, wf2["last_link_id"] + 1
+    wf2["nodes"].append({"id": nid, "type": "LoadImage", "pos": [0, 0], "size": [1, 1], "flags": {}, "order": 0,
+                         "mode": 0, "inputs": [], "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [lid]},
+                                                              {"name": "MASK", "type": "MASK", "links": None}],
+                         "properties": {}, "widgets_values": ["target.png", "image"]})
+    ce2 = next(n for n in wf2["nodes"] if n["id"] == ce_ui["id"])
+    slot = next(i for i, inp in enumerate(ce2["inputs"]) if inp["name"] == "image")
+    ce2["inputs"][slot]["link"] = lid
+    wf2["links"].append([lid, nid, 0, ce_ui["id"], slot, "IMAGE"])
+    assert ui_to_api(wf2, object_info)[str(ce_ui["id"])]["inputs"]["image"] == [str(nid), 0]
+
+
 # ---------------------------------------------------------------------------- running them
 def _test_image(path: Path) -> None:
     y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / (SIZE - 1)
@@ -138,6 +260,10 @@ def _adapt(ui: dict, object_info: dict, image_name: str, stem: str):
         api[str(nid)]["inputs"].update(values)
 
     ckpt_map = {**CHECKPOINTS, **(cfg.get("checkpoints") or {})}
+    clip_map = {**CLIP_ENERGY, **(cfg.get("clip_energy") or {})}
+    chain_steps = STEPS
+    if any(n["class_type"] == "LangevinLatentSampler" for n in api.values()):
+        chain_steps = LANGEVIN_CHAIN
     next_id = [max(int(k) for k in api) + 1]
 
     def add(class_type, **inputs) -> str:
@@ -157,8 +283,19 @@ def _adapt(ui: dict, object_info: dict, image_name: str, stem: str):
             inp["ckpt_name"] = tiny[nid] = ckpt_map[name]
         elif node["class_type"] == "LoadImage":
             inp["image"] = image_name
-        if isinstance(inp.get("steps"), int):
-            inp["steps"] = min(inp["steps"], STEPS)
+        elif node["class_type"] == "CLIPEnergy":
+            name = inp["clip_name"]
+            assert name in clip_map, (
+                f"{stem}: no tiny CLIP for clip_name {name!r}: add it to CLIP_ENERGY in this test or to "
+                "extra.dpm_latent_test.clip_energy in the workflow")
+            inp["clip_name"] = clip_map[name]
+            inp["augmentations"] = min(inp["augmentations"], AUGMENTATIONS)
+        elif node["class_type"] == "RandomLatentCode":
+            inp["width"] = inp["height"] = SIZE
+        if node["class_type"] == "LangevinLatentSampler":
+            inp["steps"] = min(inp["steps"], LANGEVIN_STEPS)
+        elif isinstance(inp.get("steps"), int):
+            inp["steps"] = min(inp["steps"], chain_steps)
 
     def linked_from(class_type, input_name):
         return {tuple(n["inputs"][input_name]) for n in api.values()
@@ -187,6 +324,17 @@ def _adapt(ui: dict, object_info: dict, image_name: str, stem: str):
         else:
             api[nid] = {"class_type": "EmptyConditioning", "inputs": {"model": model, "tokens": 77}}
 
+    def reconstruction(eid, vae):
+        """Save Image ids of the replay with the encoder's own settings and of the VAE round trip."""
+        enc = api[eid]["inputs"]
+        same = add("ReplayLatentWithPrompt", model=enc["model"], positive=enc["positive"],
+                   negative=enc["negative"], latent_code=[eid, 0], cfg=enc["cfg"])
+        rec = add("SaveImage", images=[add("VAEDecode", samples=[same, 0], vae=vae), 0],
+                  filename_prefix=f"wf_test/{stem}_reconstruction")
+        rt = add("SaveImage", images=[add("VAEDecode", samples=enc["latent_image"], vae=vae), 0],
+                 filename_prefix=f"wf_test/{stem}_vae_round_trip")
+        return rec, rt
+
     # the checks' branches: replay with the encoder's own settings, and the VAE round trip
     checks = []
     for rid in [k for k, n in api.items() if n["class_type"] == "ReplayLatentWithPrompt"]:
@@ -194,19 +342,36 @@ def _adapt(ui: dict, object_info: dict, image_name: str, stem: str):
         eid = rep["latent_code"][0]
         if api[eid]["class_type"] != "DPMEncode":
             continue
-        enc = api[eid]["inputs"]
         for did in [k for k, n in api.items()
                     if n["class_type"] == "VAEDecode" and n["inputs"]["samples"] == [rid, 0]]:
             outs = [k for k, n in api.items() if n["class_type"] == "SaveImage" and n["inputs"]["images"] == [did, 0]]
             assert outs, f"{stem}: the decoded replay {did} is not saved"
             vae = api[did]["inputs"]["vae"]
-            same = add("ReplayLatentWithPrompt", model=enc["model"], positive=enc["positive"],
-                       negative=enc["negative"], latent_code=[eid, 0], cfg=enc["cfg"])
-            rec = add("SaveImage", images=[add("VAEDecode", samples=[same, 0], vae=vae), 0],
-                      filename_prefix=f"wf_test/{stem}_reconstruction")
-            rt = add("SaveImage", images=[add("VAEDecode", samples=enc["latent_image"], vae=vae), 0],
-                     filename_prefix=f"wf_test/{stem}_vae_round_trip")
+            rec, rt = reconstruction(eid, vae)
             checks.append({"output": outs[0], "reconstruction": rec, "round_trip": rt})
+
+    # Langevin: the guided image against the same code without guidance
+    for lid in [k for k, n in api.items() if n["class_type"] == "LangevinLatentSampler"]:
+        lv = api[lid]["inputs"]
+        plots = [k for k, n in api.items()
+                 if n["class_type"] in ("SaveImage", "PreviewImage") and n["inputs"]["images"] == [lid, 2]]
+        assert plots, f"{stem}: the energy plot of Langevin Latent Sampler {lid} is not shown"
+        for did in [k for k, n in api.items()
+                    if n["class_type"] == "VAEDecode" and n["inputs"]["samples"] == [lid, 1]]:
+            outs = [k for k, n in api.items() if n["class_type"] == "SaveImage" and n["inputs"]["images"] == [did, 0]]
+            assert outs, f"{stem}: the decoded Langevin sample {did} is not saved"
+            vae = api[did]["inputs"]["vae"]
+            src = lv["latent_code"][0]
+            check = {"output": outs[0], "plots": plots,
+                     "latent": add("SaveLatent", samples=[lid, 1], filename_prefix=f"wf_test/{stem}_langevin")}
+            if api[src]["class_type"] == "DPMEncode":
+                check["reconstruction"], check["round_trip"] = reconstruction(src, vae)
+            else:
+                plain = add("ReplayLatentWithPrompt", model=lv["model"], positive=lv["positive"],
+                            negative=lv["negative"], latent_code=lv["latent_code"], cfg=lv["cfg"])
+                check["reconstruction"] = add("SaveImage", images=[add("VAEDecode", samples=[plain, 0], vae=vae), 0],
+                                              filename_prefix=f"wf_test/{stem}_unguided")
+            checks.append(check)
     return api, checks
 
 
@@ -214,6 +379,12 @@ def _png(server, entry: dict, nid: str) -> np.ndarray:
     images = entry["outputs"][nid]["images"]
     assert len(images) == 1, images
     f = images[0]
+    if f.get("type", "output") != "output":  # Preview Image: a temp file, fetched as the frontend does
+        query = urllib.parse.urlencode({"filename": f["filename"], "subfolder": f.get("subfolder", ""),
+                                        "type": f["type"]})
+        with urllib.request.urlopen(f"{server.url}/view?{query}", timeout=30) as r:
+            with Image.open(io.BytesIO(r.read())) as im:
+                return np.asarray(im.convert("RGB")).astype(np.int16)
     path = Path(server.output_dir) / f.get("subfolder", "") / f["filename"]
     assert path.is_file(), path
     with Image.open(path) as im:
@@ -225,25 +396,35 @@ def test_workflow_runs_and_reconstructs(path, server, object_info):
     image_name = f"wf_{path.stem}.png"
     _test_image(Path(server.input_dir) / image_name)
     api, checks = _adapt(_load(path), object_info, image_name, path.stem)
-    assert checks, f"{path.name}: no DPM Encode -> Replay -> VAE Decode -> Save Image chain"
+    assert checks, (f"{path.name}: no DPM Encode -> Replay -> VAE Decode -> Save Image chain "
+                    "and no Langevin Latent Sampler -> VAE Decode -> Save Image chain")
     entry = server.run(api, timeout=300)
 
+    plots = {p for c in checks for p in c.get("plots", ())}
     for nid, node in api.items():
-        if node["class_type"] == "SaveImage":
+        if node["class_type"] in ("SaveImage", "PreviewImage"):
             img = _png(server, entry, nid)
-            assert img.shape == (SIZE, SIZE, 3), (nid, img.shape)
-            assert img.std() > 1.0, f"{path.name}: Save Image {nid} is (nearly) constant"
+            if nid in plots:
+                assert img.shape == PLOT_SHAPE, (nid, img.shape)
+            else:
+                assert img.shape == (SIZE, SIZE, 3), (nid, img.shape)
+            assert img.std() > 1.0, f"{path.name}: {node['class_type']} {nid} is (nearly) constant"
         if node["class_type"] == "SaveLatentCode":
             rel = entry["outputs"][nid]["text"][0].split("saved ", 1)[1]
             saved = Path(server.output_dir) / rel
             assert saved.is_file() and saved.name.endswith(".dpmcode.safetensors"), saved
 
     for c in checks:
-        out, rec, rt = (_png(server, entry, c[k]) for k in ("output", "reconstruction", "round_trip"))
-        err = int(np.abs(rec - rt).max())
-        assert err <= 2, f"{path.name}: replay with the source settings is off the VAE round trip by {err}/255"
+        out, rec = _png(server, entry, c["output"]), _png(server, entry, c["reconstruction"])
+        if "round_trip" in c:
+            err = int(np.abs(rec - _png(server, entry, c["round_trip"])).max())
+            assert err <= 2, f"{path.name}: replay with the source settings is off the VAE round trip by {err}/255"
+        if "latent" in c:
+            lat = saved_latents(server, entry, c["latent"])
+            assert lat.shape[-2:] == (SIZE // 8, SIZE // 8) and bool(lat.isfinite().all()), lat.shape
         change = float(np.abs(out - rec).mean())
-        assert change > 2.0, f"{path.name}: the workflow's output barely differs from the input ({change:.2f}/255)"
+        assert change > 2.0, (f"{path.name}: the workflow's output barely differs from the "
+                              f"{'input' if 'round_trip' in c else 'unguided replay'} ({change:.2f}/255)")
 
 
 # ---------------------------------------------------------------------------- the converter itself
