@@ -54,6 +54,22 @@ def gradients_through(*modules: torch.nn.Module):
                 store[name] = original
 
 
+def control_modules(conds: dict) -> list[torch.nn.Module]:
+    """The networks of ControlNets / T2I adapters attached to a guider's conds."""
+    found, seen = [], set()
+    for entries in conds.values():
+        for entry in entries or []:
+            ctrl = entry.get("control")
+            while ctrl is not None and id(ctrl) not in seen:
+                seen.add(id(ctrl))
+                for attr in ("control_model", "t2i_model"):
+                    mod = getattr(ctrl, attr, None)
+                    if isinstance(mod, torch.nn.Module):
+                        found.append(mod)
+                ctrl = getattr(ctrl, "previous_controlnet", None)
+    return found
+
+
 def alias_conds(conds: dict) -> None:
     """Replace inference tensors in a guider's processed conds (its own per-run copies)."""
     for key, entries in list(conds.items()):

@@ -2,6 +2,8 @@
 """CycleDiffusion nodes: DPM Encode, Replay Latent with Prompt, Empty Conditioning."""
 from __future__ import annotations
 
+import logging
+
 import torch
 from comfy_api.latest import io
 
@@ -53,6 +55,8 @@ class DPMEncode(io.ComfyNode):
                 sigmas=None) -> io.NodeOutput:
         samples = latent_image["samples"]
         B.check_latent(model, samples, "latent_image")
+        if "noise_mask" in latent_image:
+            logging.warning("DPM Encode: the latent's noise mask is not used; the whole image is encoded")
         family = B.family_of(model)
         if sigmas is None:
             sigmas = B.schedule(model, scheduler, steps, denoise)

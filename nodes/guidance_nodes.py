@@ -17,7 +17,7 @@ from ..guidance import POLICIES, ClipEnergy, ClipFolderError, load_clip_folder
 from ..guidance.langevin import ScaledEnergy, SumEnergy, langevin
 from ..samplers import CodeError, prior_code, replay
 from . import _bridge as B
-from ._autograd import alias_conds, gradients_through
+from ._autograd import alias_conds, control_modules, gradients_through
 from ._types import CATEGORY, EnergyIO, LatentCodeIO
 
 CLIP_FOLDER = "clip_energy"
@@ -241,8 +241,8 @@ def run_langevin(model, positive, negative, cfg, vae, energy, latent_code, steps
     pbar = comfy.utils.ProgressBar(max(steps, 1))
 
     def work(denoise_fn, x0, _callback, guider):
-        comfy.model_management.load_models_gpu([vae.patcher])
-        with gradients_through(guider.inner_model, vae.first_stage_model):
+        comfy.model_management.load_models_gpu([guider.model_patcher, vae.patcher])
+        with gradients_through(guider.inner_model, vae.first_stage_model, *control_modules(guider.conds)):
             alias_conds(guider.conds)
             device = x0.device
             dev_code = code.to(device=device, dtype=torch.float32).clone()
