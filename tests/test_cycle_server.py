@@ -159,7 +159,7 @@ def _expect_error(server, prompt, *needles):
     return msg
 
 
-def test_bad_inputs_give_clear_errors_and_the_server_keeps_serving(server):
+def test_bad_inputs_give_clear_errors_and_the_server_keeps_serving(server, pack):
     # wrong channels: a 4-channel latent into a 16-channel flow model
     name = write_latent(server.input_dir, "four", torch.randn(1, 4, 8, 8))
     g = Graph()
@@ -201,6 +201,25 @@ def test_bad_inputs_give_clear_errors_and_the_server_keeps_serving(server):
                  latent_code=load.out(0), cfg=1.0)
     g.node("SaveLatent", samples=rep.out(0), filename_prefix="never")
     _expect_error(server, g.prompt(), "code_file", "broken.dpmcode.safetensors")
+
+    # a code file whose tensors disagree in size (e.g. edited by another tool)
+    fmt = pack.samplers.code_format
+    from safetensors.torch import save_file
+
+    sig = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
+    good = {"sigmas": sig, "start_mean": torch.zeros(1, 16, 8, 8), "start_noise": torch.zeros(1, 16, 8, 8),
+            "noises": torch.zeros(1, 1, 16, 8, 8), "residual": torch.zeros(1, 16, 6, 6)}
+    meta = {"format": fmt.FORMAT_NAME, "format_version": "1", "family": "flow", "eta": "0.1", "start_scale": "1.0",
+            "shape": "[1, 16, 8, 8]", "steps": "2", "sigmas": "[1.0, 0.5, 0.0]"}
+    save_file(good, str(server.input_dir / "sizes.dpmcode.safetensors"), metadata=meta)
+    g = Graph()
+    ckpt = g.node("CheckpointLoaderSimple", ckpt_name="tiny_sd3.safetensors")
+    e = g.node("EmptyConditioning", model=ckpt.out(0), tokens=8)
+    load = g.node("LoadLatentCode", code_file="sizes.dpmcode.safetensors")
+    rep = g.node("ReplayLatentWithPrompt", model=ckpt.out(0), positive=e.out(0), negative=e.out(0),
+                 latent_code=load.out(0), cfg=1.0)
+    g.node("SaveLatent", samples=rep.out(0), filename_prefix="never")
+    _expect_error(server, g.prompt(), "code_file", "residual has shape (1, 16, 6, 6)", "expected (1, 16, 8, 8)")
 
     # a conditioning batch that fits neither the code nor 1
     assert server.alive()
