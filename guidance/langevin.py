@@ -17,10 +17,15 @@ Encode, around 0 for a code from the prior) and, unless only the start is
 updated, every per-step noise.  The final residual of an encoded code is not
 Gaussian and stays fixed.
 
-Memory: every denoiser call of the chain runs under non-reentrant activation
-checkpointing, so the backward pass keeps one latent per step (not the
-network's activations) and recomputes each call once; peak memory is one
-network call plus ``steps`` latents.
+Memory: the chain runs forward without a graph, keeping only the latent of
+every step; the backward pass then walks the steps in reverse, recomputing one
+step at a time with autograd and pulling the gradient through it
+(per-step checkpointing done by hand).  Peak memory is one network call plus
+``steps`` latents, and the recomputation may batch its model calls differently
+from the forward pass (ComfyUI decides that from free memory) without harm,
+which ``torch.utils.checkpoint`` would refuse.  The energy's own gradient comes
+from its ``value_and_grad`` when it has one (the CLIP energy back-propagates its
+augmented copies in chunks).
 """
 from __future__ import annotations
 
@@ -29,7 +34,6 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Sequence
 
 import torch
-from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ..samplers.dpm_encoder import LatentCode, step_coefficients
 
@@ -49,6 +53,10 @@ class ScaledEnergy:
 
     def __call__(self, images, generator=None):
         return self.weight * self.energy(images, generator)
+
+    def value_and_grad(self, images, generator=None):
+        e, g = energy_value_and_grad(self.energy, images, generator)
+        return self.weight * e, self.weight * g
 
     def components(self, images, generator=None):
         parts = getattr(self.energy, "components", None)
@@ -73,6 +81,14 @@ class SumEnergy:
     def __call__(self, images, generator=None):
         return sum(e(images, generator) for e in self.energies)
 
+    def value_and_grad(self, images, generator=None):
+        total_e, total_g = None, None
+        for member in self.energies:
+            e, g = energy_value_and_grad(member, images, generator)
+            total_e = e if total_e is None else total_e + e
+            total_g = g if total_g is None else total_g + g
+        return total_e, total_g
+
     def to(self, device=None, dtype=None):
         for e in self.energies:
             if hasattr(e, "to"):
@@ -80,21 +96,80 @@ class SumEnergy:
         return self
 
 
-def replay_differentiable(denoise: Denoiser, code: LatentCode, start_noise: torch.Tensor,
-                          noises: torch.Tensor, use_checkpoint: bool = True) -> torch.Tensor:
-    """The sampler of ``samplers.replay`` with autograd through every step.
+def energy_value_and_grad(energy, images: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(E (B,), dE.sum()/d images)``, detached; uses the energy's own method when it has one."""
+    vg = getattr(energy, "value_and_grad", None)
+    if vg is not None:
+        e, g = vg(images, generator)
+        return e.detach(), g.detach()
+    with torch.enable_grad():
+        x = images.detach().requires_grad_(True)
+        e = energy(x, generator)
+        (g,) = torch.autograd.grad(e.sum(), x)
+    return e.detach(), g.detach()
 
-    ``start_noise`` and ``noises`` replace the code's own (they may require grad).
+
+def chain_value_and_grad(denoise: Denoiser, decode: Decoder, energy: Energy, code: LatentCode,
+                         start_noise: torch.Tensor, noises: torch.Tensor, generator=None,
+                         noise_grad: bool = True, checkpoint: bool = True):
+    """Energy of ``decode(replay(code with these noises))`` and its gradient w.r.t. the noises.
+
+    Returns ``(energy (B,), images, grad_start_noise, grad_noises or None)``, all detached.
+    Per-step checkpointing by hand (see module doc); ``checkpoint=False`` keeps the whole graph.
     """
+    if not checkpoint:
+        with torch.enable_grad():
+            zs = start_noise.detach().requires_grad_(True)
+            zn = noises.detach().requires_grad_(noise_grad)
+            images = decode(replay_differentiable(denoise, code, zs, zn))
+        e, g_img = energy_value_and_grad(energy, images, generator)
+        wrt = [zs, zn] if noise_grad else [zs]
+        grads = torch.autograd.grad(images, wrt, g_img, allow_unused=True)
+        grads = [torch.zeros_like(w) if gr is None else gr for gr, w in zip(grads, wrt)]
+        return e, images.detach(), grads[0], (grads[1] if noise_grad else None)
+    s = [float(v) for v in code.sigmas]
+    steps = len(s) - 1
+    coeffs = [step_coefficients(s[i], s[i + 1], code.eta, code.family) for i in range(steps)]
+    xs = []
+    with torch.no_grad():
+        x = code.start_mean + code.start_scale * start_noise
+        for i in range(steps):
+            xs.append(x)
+            a, b, c = coeffs[i]
+            d = denoise(x, s[i])
+            x = d + code.residual if c == 0.0 else a * x + b * d + c * noises[i]
+    with torch.enable_grad():
+        x_last = x.detach().requires_grad_(True)
+        images = decode(x_last)
+    e, g_img = energy_value_and_grad(energy, images, generator)
+    if not torch.isfinite(e).all() or not torch.isfinite(g_img).all():
+        raise FloatingPointError("the energy or its gradient is NaN/infinite")
+    (g,) = torch.autograd.grad(images, x_last, g_img)
+    g_noises = torch.zeros_like(noises) if noise_grad else None
+    for i in reversed(range(steps)):
+        a, b, c = coeffs[i]
+        with torch.enable_grad():
+            xi = xs[i].detach().requires_grad_(True)
+            d = denoise(xi, s[i])
+            # x_{i+1} = a x_i + b d(x_i) + c eps_i  (or d + residual on the last step)
+            (gd,) = torch.autograd.grad(d, xi, g * (1.0 if c == 0.0 else b))
+        if noise_grad and c != 0.0:
+            g_noises[i] = c * g
+        g = gd if c == 0.0 else a * g + gd
+        if not torch.isfinite(g).all():
+            raise FloatingPointError(f"the gradient became NaN/infinite at chain step {i + 1} of {steps}")
+    return e, images.detach(), code.start_scale * g, g_noises
+
+
+def replay_differentiable(denoise: Denoiser, code: LatentCode, start_noise: torch.Tensor,
+                          noises: torch.Tensor) -> torch.Tensor:
+    """The sampler of ``samplers.replay`` with plain autograd through every step (keeps every
+    activation: the reference that ``chain_value_and_grad`` is tested against)."""
     x = code.start_mean + code.start_scale * start_noise
     s = [float(v) for v in code.sigmas]
     for i in range(len(s) - 1):
         a, b, c = step_coefficients(s[i], s[i + 1], code.eta, code.family)
-        sigma = s[i]
-        if use_checkpoint and torch.is_grad_enabled() and x.requires_grad:
-            d = _checkpoint(lambda t, _s=sigma: denoise(t, _s), x, use_reentrant=False)
-        else:
-            d = denoise(x, sigma)
+        d = denoise(x, s[i])
         x = d + code.residual if c == 0.0 else a * x + b * d + c * noises[i]
     return x
 
@@ -109,7 +184,7 @@ class LangevinTrace:
 
 
 def langevin(denoise: Denoiser, decode: Decoder, energy: Energy, code: LatentCode, steps: int,
-             step_size: float, seed: int, update: str = "all", use_checkpoint: bool = True,
+             step_size: float, seed: int, update: str = "all", checkpoint: bool = True,
              callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None
              ) -> tuple[LatentCode, LangevinTrace]:
     """Sample ``z`` from ``N(0, I) exp(-E(G(z)))``; returns the new code and a trace.
@@ -135,28 +210,26 @@ def langevin(denoise: Denoiser, decode: Decoder, energy: Energy, code: LatentCod
         return torch.randn(t.shape, generator=gen, dtype=torch.float32).to(device=t.device, dtype=t.dtype)
 
     for k in range(steps):
-        with torch.enable_grad():
-            zs = z_start.requires_grad_(True)
-            zn = z_noise.requires_grad_(update == "all")
-            images = decode(replay_differentiable(denoise, code, zs, zn, use_checkpoint))
-            e = energy(images, aug_gen)
-            if e.shape != (batch,):
-                raise ValueError(f"the energy must return one value per image, got shape {tuple(e.shape)}")
-            wrt = [zs, zn] if update == "all" else [zs]
-            grads = torch.autograd.grad(e.sum(), wrt, allow_unused=True)
-        grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
+        try:
+            e, images, g_start, g_noise = chain_value_and_grad(
+                denoise, decode, energy, code, z_start, z_noise, aug_gen, noise_grad=(update == "all"),
+                checkpoint=checkpoint)
+        except FloatingPointError as err:
+            raise FloatingPointError(
+                f"Langevin step {k + 1}: {err}. The model or VAE probably overflowed in half precision; "
+                "run them in float32/bfloat16 or lower the energy's weight or the step size.") from None
+        if e.shape != (batch,):
+            raise ValueError(f"the energy must return one value per image, got shape {tuple(e.shape)}")
         with torch.no_grad():
-            prior = zs.detach().flatten(1).pow(2).sum(1)
+            prior = z_start.flatten(1).pow(2).sum(1)
             if update == "all":
-                prior = prior + zn.detach().transpose(0, 1).flatten(1).pow(2).sum(1)
-            trace.energy.append([float(v) for v in e.detach()])
+                prior = prior + z_noise.transpose(0, 1).flatten(1).pow(2).sum(1)
+            trace.energy.append([float(v) for v in e])
             trace.prior.append([float(v) / dim for v in prior])
             if callback is not None:
-                callback(k, images.detach(), e.detach())
-            z_start = zs.detach() - 0.5 * step_size * (zs.detach() + grads[0]) + root * randn_like(zs)
+                callback(k, images, e)
+            z_start = z_start - 0.5 * step_size * (z_start + g_start) + root * randn_like(z_start)
             if update == "all":
-                z_noise = zn.detach() - 0.5 * step_size * (zn.detach() + grads[1]) + root * randn_like(zn)
-            else:
-                z_noise = zn.detach()
+                z_noise = z_noise - 0.5 * step_size * (z_noise + g_noise) + root * randn_like(z_noise)
     new = replace(code, start_noise=z_start.detach(), noises=z_noise.detach())
     return new, trace

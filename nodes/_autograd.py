@@ -21,10 +21,19 @@ import contextlib
 import torch
 
 
+class UnsupportedWeights(ValueError):
+    """Weights that cannot be aliased (quantized or wrapped tensor subclasses)."""
+
+
 def alias(t: torch.Tensor) -> torch.Tensor:
     """A non-inference tensor sharing ``t``'s storage (no copy). Call outside inference mode."""
     if not (isinstance(t, torch.Tensor) and t.is_inference()):
         return t
+    plain = t.data if isinstance(t, torch.nn.Parameter) else t
+    if type(plain) is not torch.Tensor:
+        raise UnsupportedWeights(
+            f"weights of type {type(plain).__name__} (quantized or wrapped) cannot be differentiated through; "
+            "load the model in fp16/bf16/fp32 for the Langevin node")
     out = torch.empty(0, dtype=t.dtype, device=t.device)
     out.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
     return out

@@ -76,8 +76,9 @@ def schedule(model, scheduler: str, steps: int, denoise: float) -> torch.Tensor:
 
 def check_latent(model, samples: torch.Tensor, what: str) -> None:
     want = latent_channels(model)
-    if samples.ndim < 4:
-        raise NodeInputError(f"{what}: expected a batch of latents (B, C, H, W), got shape {tuple(samples.shape)}")
+    if samples.ndim != 4:
+        raise NodeInputError(f"{what}: expected a batch of image latents (B, C, H, W), got shape "
+                             f"{tuple(samples.shape)}; video/audio latents are not supported")
     if samples.shape[1] != want:
         raise NodeInputError(
             f"{what}: has {samples.shape[1]} latent channels but the model expects {want}. "

@@ -20,7 +20,7 @@ SUFFIX = ".dpmcode.safetensors"
 def _input_code_files() -> list[str]:
     root = folder_paths.get_input_directory()
     found = []
-    for dirpath, _dirs, files in os.walk(root, followlinks=True):
+    for dirpath, _dirs, files in os.walk(root):
         for f in files:
             if f.endswith(SUFFIX):
                 found.append(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))

@@ -17,7 +17,7 @@ from ..guidance import POLICIES, ClipEnergy, ClipFolderError, load_clip_folder
 from ..guidance.langevin import ScaledEnergy, SumEnergy, langevin
 from ..samplers import CodeError, prior_code, replay
 from . import _bridge as B
-from ._autograd import alias_conds, control_modules, gradients_through
+from ._autograd import UnsupportedWeights, alias_conds, control_modules, gradients_through
 from ._types import CATEGORY, EnergyIO, LatentCodeIO
 
 CLIP_FOLDER = "clip_energy"
@@ -42,7 +42,7 @@ def clip_folders() -> dict[str, str]:
     for root in folder_paths.get_folder_paths(CLIP_FOLDER):
         if not os.path.isdir(root):
             continue
-        for dirpath, dirs, files in os.walk(root, followlinks=True):
+        for dirpath, dirs, files in os.walk(root):
             if "config.json" in files:
                 name = os.path.relpath(dirpath, root).replace(os.sep, "/")
                 found.setdefault(name, dirpath)
@@ -180,11 +180,14 @@ class RandomLatentCode(io.ComfyNode):
 
 
 def _vae_decoder(vae, model_wrap):
-    """model-space latent -> images (B, 3, H, W) in [0, 1], differentiable."""
+    """model-space latent -> images (B, 3, H, W), differentiable.
+
+    (x + 1) / 2 without VAE Decode's final clamp, so that saturated pixels still pass a
+    gradient to the energy (the CLIP energy clamps nothing either)."""
     def decode(x: torch.Tensor) -> torch.Tensor:
         lat = model_wrap.inner_model.process_latent_out(x)
         img = vae.first_stage_model.decode(lat.to(device=vae.device, dtype=vae.vae_dtype))
-        img = vae.process_output(img.float())
+        img = (img.float() + 1.0) / 2.0
         return img[:, :3].to(x.device)
     return decode
 
@@ -241,23 +244,44 @@ def run_langevin(model, positive, negative, cfg, vae, energy, latent_code, steps
     pbar = comfy.utils.ProgressBar(max(steps, 1))
 
     def work(denoise_fn, x0, _callback, guider):
-        comfy.model_management.load_models_gpu([guider.model_patcher, vae.patcher])
-        with gradients_through(guider.inner_model, vae.first_stage_model, *control_modules(guider.conds)):
-            alias_conds(guider.conds)
-            device = x0.device
-            dev_code = code.to(device=device, dtype=torch.float32).clone()
-            if hasattr(energy, "to"):
-                energy.to(device)
-            decode = _vae_decoder(vae, guider)
+        # Keep what sampling loaded (model, ControlNets, patches) and add the VAE; the backward pass
+        # needs about twice the forward memory of both.
+        shape = tuple(code.shape)
+        try:
+            need = 2 * (guider.model_patcher.model.memory_required([shape[0] * 2, *shape[1:]]) +
+                        vae.memory_used_decode(shape, vae.vae_dtype))
+        except Exception:  # an estimate only; some model types estimate from other inputs
+            need = 0
+        comfy.model_management.load_models_gpu([guider.model_patcher, *getattr(guider, "loaded_models", []),
+                                                vae.patcher], memory_required=need)
+        try:
+            with gradients_through(guider.inner_model, vae.first_stage_model, *control_modules(guider.conds)):
+                alias_conds(guider.conds)
+                device = x0.device
+                dev_code = code.to(device=device, dtype=torch.float32).clone()
+                if hasattr(energy, "to"):
+                    energy.to(device)
+                decode = _vae_decoder(vae, guider)
 
-            def progress(k, images, _e):
-                preview = Image.fromarray((images[0].movedim(0, -1).clamp(0, 1).cpu().numpy() * 255).astype(np.uint8))
-                pbar.update_absolute(k + 1, max(steps, 1), ("JPEG", preview, 512))
+                def progress(k, images, _e):
+                    preview = Image.fromarray((images[0].movedim(0, -1).clamp(0, 1).cpu().numpy() * 255).astype(np.uint8))
+                    pbar.update_absolute(k + 1, max(steps, 1), ("JPEG", preview, 512))
 
-            new_code, trace = langevin(denoise_fn, decode, energy, dev_code, steps, step_size, seed, update=mode,
-                                       use_checkpoint=use_checkpoint, callback=progress)
-            with torch.no_grad():
-                final = replay(denoise_fn, new_code)
+                try:
+                    new_code, trace = langevin(denoise_fn, decode, energy, dev_code, steps, step_size, seed,
+                                               update=mode, checkpoint=use_checkpoint, callback=progress)
+                except FloatingPointError as e:
+                    raise B.NodeInputError(f"energy: {e}") from None
+                except RuntimeError as e:
+                    if "Inference tensors" not in str(e):
+                        raise
+                    raise B.NodeInputError(
+                        "model: a model patch attached to this MODEL was loaded in a way autograd cannot go through "
+                        f"({e}). Remove patches other than LoRAs/ControlNets for the Langevin node.") from None
+                with torch.no_grad():
+                    final = replay(denoise_fn, new_code)
+        except UnsupportedWeights as e:
+            raise B.NodeInputError(f"model: {e}") from None
         result["code"], result["trace"] = new_code, trace
         return final.detach()
 
@@ -289,12 +313,14 @@ class LangevinLatentSampler(io.ComfyNode):
                 io.Int.Input("steps", default=50, min=0, max=10000,
                              tooltip="Langevin steps (paper: 200). Each costs one chain forward and backward."),
                 io.Float.Input("step_size", default=0.05, min=0.00001, max=1.0, step=0.001, round=0.00001,
-                               tooltip="Langevin step size sigma (paper: 0.05)."),
+                               tooltip="Langevin step size h (paper: 0.05); the injected noise has std sqrt(h)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the Langevin noise and of the augmentations."),
                 io.Combo.Input("update", options=["all components", "start only"], default="all components",
                                tooltip="Sample every noise of the code, or only its start latent (the stored "
-                                       "per-step noises stay fixed)."),
+                                       "per-step noises stay fixed). Use 'start only' for a code from DPM "
+                                       "Encode: at small eta its stored noises are wider than the N(0, I) prior, "
+                                       "and pulling them to the prior loses the image."),
             ],
             outputs=[
                 LatentCodeIO.Output(display_name="latent_code", tooltip="The sampled code."),

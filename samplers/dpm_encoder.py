@@ -144,7 +144,10 @@ def check_schedule(sigmas: torch.Tensor, eta: float, family: str) -> list[float]
             "leaves no noise to encode. The paper uses eta = 0.1.")
     for i in range(len(s) - 1):
         try:
-            step_coefficients(s[i], s[i + 1], eta, family)
+            _a, _b, c = step_coefficients(s[i], s[i + 1], eta, family)
+            if s[i + 1] > 0.0 and not c > 0.0:
+                raise CodeError(f"no noise is injected from sigma {s[i]} to {s[i + 1]} (the sigmas are too "
+                                "close or eta too small)")
         except CodeError as e:
             hint = (" The scheduler repeated a sigma: use fewer steps or another scheduler."
                     if s[i + 1] == s[i] else "")

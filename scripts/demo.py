@@ -109,7 +109,7 @@ def graph_clip_editing(input_image="dpm_world_squares.png", seed=0, colour=EDIT_
                     color=False, translation=True, resize=True, cutout=True)
     lv = g.node("LangevinLatentSampler", model=ck.out(0), positive=e.out(0), negative=e.out(0), cfg=1.0,
                 vae=ck.out(2), energy=energy.out(0), latent_code=enc.out(0), steps=langevin_steps, step_size=0.05,
-                seed=seed, update="all components")
+                seed=seed, update="start only")
     dec = g.node("VAEDecode", samples=lv.out(1), vae=ck.out(2))
     saves = {"clip_edit": g.node("SaveImage", images=dec.out(0), filename_prefix="dpm_demo/clip_edit").id,
              "clip_edit_plot": g.node("SaveImage", images=lv.out(2), filename_prefix="dpm_demo/clip_edit_plot").id}

@@ -77,3 +77,24 @@ def test_sigmas_input_overrides_the_schedule(nodes, models):
     with pytest.raises(B.NodeInputError, match="end at 0"):
         with torch.inference_mode():
             cyc.DPMEncode.execute(m, cond, cond, lat, 0, 50, "simple", 0.7, 0.1, 1.0, sigmas=sig[:-1])
+
+
+def test_node_errors_name_the_input(nodes, models):
+    cyc, B = nodes
+    m = models["tiny_sd15"]
+    cond = cyc.EmptyConditioning.execute(m, 4).result[0]
+    lat = {"samples": torch.randn(2, 4, 8, 8)}
+    three = [[torch.zeros(3, 4, 768), {}]]
+    with torch.inference_mode():
+        with pytest.raises(B.NodeInputError, match="positive: conditioning has batch 3 but the latent batch is 2"):
+            cyc.DPMEncode.execute(m, three, cond, lat, 0, 4, "normal", 1.0, 0.1, 1.0)
+        with pytest.raises(B.NodeInputError, match="eta must be > 0"):
+            cyc.DPMEncode.execute(m, cond, cond, lat, 0, 4, "normal", 1.0, 0.0, 1.0)
+        with pytest.raises(B.NodeInputError, match="video/audio latents"):
+            cyc.DPMEncode.execute(m, cond, cond, {"samples": torch.randn(1, 4, 2, 8, 8)}, 0, 4, "normal", 1.0,
+                                  0.1, 1.0)
+        code = cyc.DPMEncode.execute(m, cond, cond, lat, 0, 4, "normal", 1.0, 0.1, 1.0).result[0]
+        with pytest.raises(B.NodeInputError, match="negative: conditioning has batch 3 but the latent batch is 2"):
+            cyc.ReplayLatentWithPrompt.execute(m, cond, three, code, 1.0)
+        with pytest.raises(B.NodeInputError, match="steps: must be >= 1|denoise"):
+            B.schedule(m, "normal", 4, 0.0)

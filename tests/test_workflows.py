@@ -197,7 +197,10 @@ def test_langevin_workflow_widgets_convert(path, object_info):
     assert len(v) == 6 and v[4] in CONTROL_MODES
     assert {k: lv[k] for k in ("cfg", "steps", "step_size", "seed", "update")} == {
         "cfg": v[0], "steps": v[1], "step_size": v[2], "seed": v[3], "update": v[5]}
-    assert lv["steps"] == 50 and lv["step_size"] == 0.05 and lv["update"] == "all components"
+    assert lv["steps"] == 50 and lv["step_size"] == 0.05
+    # an encoded code keeps its wide per-step noises; a prior code samples every component
+    want_update = "start only" if api[lv["latent_code"][0]]["class_type"] == "DPMEncode" else "all components"
+    assert lv["update"] == want_update
     assert isinstance(lv["seed"], int) and not isinstance(lv["seed"], bool)
     for sock in ("model", "positive", "negative", "vae", "energy", "latent_code"):
         assert isinstance(lv[sock], list), sock
