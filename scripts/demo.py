@@ -70,7 +70,7 @@ def graph_translate(input_image="dpm_world_circles.png"):
     return g, saves, titles
 
 
-def graph_clip_generation(batch=8, seed=0, colour=TARGET_COLOUR, langevin_steps=LANGEVIN_STEPS):
+def graph_clip_generation(batch=1, seed=0, colour=TARGET_COLOUR, langevin_steps=LANGEVIN_STEPS):
     from graphs import Graph
 
     g = Graph()

@@ -345,6 +345,9 @@ def _adapt(ui: dict, object_info: dict, image_name: str, stem: str):
         eid = rep["latent_code"][0]
         if api[eid]["class_type"] != "DPMEncode":
             continue
+        enc_in = api[eid]["inputs"]
+        if all(rep[k] == enc_in[k] for k in ("model", "positive", "negative", "cfg")):
+            continue  # the workflow's own reconstruction branch: checked as such below, not as an edit
         for did in [k for k, n in api.items()
                     if n["class_type"] == "VAEDecode" and n["inputs"]["samples"] == [rid, 0]]:
             outs = [k for k, n in api.items() if n["class_type"] == "SaveImage" and n["inputs"]["images"] == [did, 0]]
