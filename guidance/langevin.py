@@ -96,6 +96,16 @@ class SumEnergy:
         return self
 
 
+def stream_seed(seed: int, stream: int) -> int:
+    """A 63-bit seed for random stream ``stream`` of ``seed`` (splitmix64 of both), so that
+    Langevin's noise is independent of codes drawn with ``torch.Generator().manual_seed(seed)``."""
+    mask = 0xFFFF_FFFF_FFFF_FFFF
+    z = (int(seed) * 0x9E3779B97F4A7C15 + (stream + 1) * 0xD1B54A32D192ED03) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return (z ^ (z >> 31)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
 def energy_value_and_grad(energy, images: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(E (B,), dE.sum()/d images)``, detached; uses the energy's own method when it has one."""
     vg = getattr(energy, "value_and_grad", None)
@@ -197,8 +207,10 @@ def langevin(denoise: Denoiser, decode: Decoder, energy: Energy, code: LatentCod
         raise ValueError(f"steps must be >= 0, got {steps}")
     if not (step_size > 0 and math.isfinite(step_size)):
         raise ValueError(f"step_size must be a positive number, got {step_size}")
-    gen = torch.Generator().manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
-    aug_gen = torch.Generator().manual_seed((int(seed) + 0x9E3779B9) & 0xFFFF_FFFF_FFFF_FFFF)
+    # Streams of their own: a code drawn or encoded with the same seed must not share its
+    # noise with the Langevin noise (the first step would then add the code to itself).
+    gen = torch.Generator().manual_seed(stream_seed(seed, 1))
+    aug_gen = torch.Generator().manual_seed(stream_seed(seed, 2))
     z_start = code.start_noise.detach().clone()
     z_noise = code.noises.detach().clone()
     batch = z_start.shape[0]

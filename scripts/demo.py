@@ -192,8 +192,9 @@ def write_sample_inputs(input_dir: Path) -> None:
             input_dir / f"dpm_world_{name}.png")
 
 
-def write_inputs(input_dir: Path, n: int, seed: int) -> dict:
-    """World images as multi-frame TIFFs (ComfyUI's LoadImage loads every frame as a batch)."""
+def write_inputs(input_dir: Path, n: int, seed: int, n_edit: int) -> dict:
+    """World images as multi-frame TIFFs (ComfyUI's LoadImage loads every frame as a batch):
+    ``n`` circles for translation, ``n_edit`` squares for CLIP editing."""
     import numpy as np
     from PIL import Image
 
@@ -201,7 +202,7 @@ def write_inputs(input_dir: Path, n: int, seed: int) -> dict:
 
     files = {}
     for domain, name in (("A", "circles"), ("B", "squares")):
-        imgs, attrs = sample_domain(n, seed + (0 if domain == "A" else 1000), domain)
+        imgs, attrs = sample_domain(n if domain == "A" else n_edit, seed + (0 if domain == "A" else 1000), domain)
         frames = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for im in imgs]
         tiff = f"dpm_world_{name}_batch.tiff"
         frames[0].save(input_dir / tiff, save_all=True, append_images=frames[1:], compression="raw")
@@ -247,13 +248,14 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
-def measure(server, n: int = 64, seed: int = 0, langevin_steps: int = LANGEVIN_STEPS, gen_batch: int = 16) -> tuple[dict, dict]:
+def measure(server, n: int = 64, seed: int = 0, langevin_steps: int = LANGEVIN_STEPS, gen_batch: int = 16,
+            edit_batch: int = 16) -> tuple[dict, dict]:
     import numpy as np
     import torch
 
     from demo.world import read_attributes
 
-    files = write_inputs(Path(server.input_dir), n, seed)
+    files = write_inputs(Path(server.input_dir), n, seed, edit_batch)
     metrics: dict = {"n_images": n}
     images: dict = {}
 

@@ -42,7 +42,7 @@ def demo_server(demo, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def measured(demo, demo_server):
-    metrics, images = demo.measure(demo_server, n=24, seed=3, gen_batch=12)
+    metrics, images = demo.measure(demo_server, n=24, seed=3, gen_batch=12, edit_batch=12)
     print(demo.metrics_markdown(metrics))
     return metrics, images
 
