@@ -34,8 +34,13 @@ WORKFLOWS = REPO / "workflows"
 STEPS = 20
 DENOISE = 0.7
 ETA = 0.1
-LANGEVIN_STEPS = 30
+LANGEVIN_STEPS = 60
 CHAIN_STEPS = 10
+# The tiny world generator is far rougher in z than a large model: the paper's step 0.05 with
+# lambda 500 jumps out of the region where the gradient holds (measured: the energy goes *up*).
+# lambda 100 with step 0.001 moves about 0.05 in |z| per step, where it does hold.
+CLIP_WEIGHT = 100.0
+STEP_SIZE = 0.001
 TARGET_COLOUR = "red"
 EDIT_COLOUR = "blue"
 
@@ -78,10 +83,10 @@ def graph_clip_generation(batch=1, seed=0, colour=TARGET_COLOUR, langevin_steps=
     e = g.node("EmptyConditioning", model=ck.out(0), tokens=1)
     code = g.node("RandomLatentCode", model=ck.out(0), width=64, height=64, batch_size=batch, seed=seed,
                   steps=CHAIN_STEPS, scheduler="simple", eta=ETA)
-    energy = g.node("CLIPEnergy", clip_name=CLIP_NAME, text=f"a {colour} square", weight=500.0, augmentations=8,
-                    color=False, translation=True, resize=True, cutout=True)
+    energy = g.node("CLIPEnergy", clip_name=CLIP_NAME, text=f"a {colour} square", weight=CLIP_WEIGHT,
+                    augmentations=8, color=False, translation=True, resize=True, cutout=False)
     lv = g.node("LangevinLatentSampler", model=ck.out(0), positive=e.out(0), negative=e.out(0), cfg=1.0,
-                vae=ck.out(2), energy=energy.out(0), latent_code=code.out(0), steps=langevin_steps, step_size=0.05,
+                vae=ck.out(2), energy=energy.out(0), latent_code=code.out(0), steps=langevin_steps, step_size=STEP_SIZE,
                 seed=seed, update="all components")
     free = g.node("ReplayLatentWithPrompt", model=ck.out(0), positive=e.out(0), negative=e.out(0),
                   latent_code=code.out(0), cfg=1.0)
@@ -105,10 +110,10 @@ def graph_clip_editing(input_image="dpm_world_squares.png", seed=0, colour=EDIT_
     lat = g.node("VAEEncode", pixels=img.out(0), vae=ck.out(2))
     enc = g.node("DPMEncode", model=ck.out(0), positive=e.out(0), negative=e.out(0), latent_image=lat.out(0),
                  seed=seed, steps=CHAIN_STEPS, scheduler="simple", denoise=0.6, eta=ETA, cfg=1.0)
-    energy = g.node("CLIPEnergy", clip_name=CLIP_NAME, text=f"a {colour} square", weight=500.0, augmentations=8,
-                    color=False, translation=True, resize=True, cutout=True)
+    energy = g.node("CLIPEnergy", clip_name=CLIP_NAME, text=f"a {colour} square", weight=CLIP_WEIGHT,
+                    augmentations=8, color=False, translation=True, resize=True, cutout=False)
     lv = g.node("LangevinLatentSampler", model=ck.out(0), positive=e.out(0), negative=e.out(0), cfg=1.0,
-                vae=ck.out(2), energy=energy.out(0), latent_code=enc.out(0), steps=langevin_steps, step_size=0.05,
+                vae=ck.out(2), energy=energy.out(0), latent_code=enc.out(0), steps=langevin_steps, step_size=STEP_SIZE,
                 seed=seed, update="start only")
     dec = g.node("VAEDecode", samples=lv.out(1), vae=ck.out(2))
     saves = {"clip_edit": g.node("SaveImage", images=dec.out(0), filename_prefix="dpm_demo/clip_edit").id,
@@ -133,7 +138,10 @@ NOTES = {
         "p(z) * exp(-E_CLIP(G(z))), G = replay chain of the squares model + VAE decode, E_CLIP = 500 * "
         "mean over augmented copies of (1 - cos(CLIP image, CLIP text)). The tiny CLIP was trained on the world "
         "(models/clip_energy/dpm_world_clip). The unguided replay of the same code is shown for comparison.\n\n"
-        "Change: the text (e.g. 'a green square'), weight, Langevin steps (paper: 200) and step size (0.05)."),
+        "Change: the text (e.g. 'a green square'), weight, Langevin steps (paper: 200) and step size. The paper's "
+        "step 0.05 with weight 500 suits large models; this tiny world's generator is much rougher in z, so the "
+        "demo takes weight 100 and step 0.001 (bigger steps leave the region where the gradient holds and the "
+        "energy goes up). Colour and cutout augmentations are off: the tiny CLIP was not trained with them."),
     "clip_editing": (
         "DPM Latent demo: CLIP-guided editing of an encoded image\n\n"
         "DPM Encode (denoise 0.6) keeps the image's structure in the code's start prior N(encoded mean, sigma^2); "
