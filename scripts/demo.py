@@ -41,6 +41,11 @@ CHAIN_STEPS = 10
 # lambda 100 with step 0.001 moves about 0.05 in |z| per step, where it does hold.
 CLIP_WEIGHT = 100.0
 STEP_SIZE = 0.001
+# Editing an encoded image: only the start latent is sampled (its prior is centred on the image;
+# the stored step noises keep pulling the chain to it), so it needs a stronger pull.
+EDIT_DENOISE = 0.8
+EDIT_WEIGHT = 300.0
+EDIT_STEP_SIZE = 0.004
 TARGET_COLOUR = "red"
 EDIT_COLOUR = "blue"
 
@@ -109,16 +114,16 @@ def graph_clip_editing(input_image="dpm_world_squares.png", seed=0, colour=EDIT_
     img = g.node("LoadImage", image=input_image)
     lat = g.node("VAEEncode", pixels=img.out(0), vae=ck.out(2))
     enc = g.node("DPMEncode", model=ck.out(0), positive=e.out(0), negative=e.out(0), latent_image=lat.out(0),
-                 seed=seed, steps=CHAIN_STEPS, scheduler="simple", denoise=0.6, eta=ETA, cfg=1.0)
-    energy = g.node("CLIPEnergy", clip_name=CLIP_NAME, text=f"a {colour} square", weight=CLIP_WEIGHT,
+                 seed=seed, steps=CHAIN_STEPS, scheduler="simple", denoise=EDIT_DENOISE, eta=ETA, cfg=1.0)
+    energy = g.node("CLIPEnergy", clip_name=CLIP_NAME, text=f"a {colour} square", weight=EDIT_WEIGHT,
                     augmentations=8, color=False, translation=True, resize=True, cutout=False)
     lv = g.node("LangevinLatentSampler", model=ck.out(0), positive=e.out(0), negative=e.out(0), cfg=1.0,
-                vae=ck.out(2), energy=energy.out(0), latent_code=enc.out(0), steps=langevin_steps, step_size=STEP_SIZE,
+                vae=ck.out(2), energy=energy.out(0), latent_code=enc.out(0), steps=langevin_steps, step_size=EDIT_STEP_SIZE,
                 seed=seed, update="start only")
     dec = g.node("VAEDecode", samples=lv.out(1), vae=ck.out(2))
     saves = {"clip_edit": g.node("SaveImage", images=dec.out(0), filename_prefix="dpm_demo/clip_edit").id,
              "clip_edit_plot": g.node("SaveImage", images=lv.out(2), filename_prefix="dpm_demo/clip_edit_plot").id}
-    titles = {enc.id: "DPM Encode (denoise 0.6)", lv.id: f"Langevin: CLIP 'a {colour} square'"}
+    titles = {enc.id: f"DPM Encode (denoise {EDIT_DENOISE})", lv.id: f"Langevin: CLIP 'a {colour} square'"}
     return g, saves, titles
 
 
@@ -144,9 +149,10 @@ NOTES = {
         "energy goes up). Colour and cutout augmentations are off: the tiny CLIP was not trained with them."),
     "clip_editing": (
         "DPM Latent demo: CLIP-guided editing of an encoded image\n\n"
-        "DPM Encode (denoise 0.6) keeps the image's structure in the code's start prior N(encoded mean, sigma^2); "
-        "Langevin with a CLIP energy then moves the code towards the text while the prior keeps it near the "
-        "image.\n\nChange: the text, weight, steps; denoise of DPM Encode (higher = freer edit)."),
+        "DPM Encode (denoise 0.8) keeps the image's structure in the code's start prior N(encoded mean, sigma^2); "
+        "Langevin ('start only': the encoded step noises stay, they keep steering the chain to the image) "
+        "samples the start latent under a CLIP energy for the text.\n\nChange: the text, weight (300), steps, "
+        "step size (0.004 here; see the generation demo's note); denoise of DPM Encode (higher = freer edit)."),
 }
 TEST_MAP = {"checkpoints": {CKPT_A: "tiny_sd3.safetensors", CKPT_B: "tiny_sd3_b.safetensors"},
             "clip_energy": {CLIP_NAME: "tiny_clip"}}
@@ -276,16 +282,20 @@ def measure(server, n: int = 64, seed: int = 0, langevin_steps: int = LANGEVIN_S
     metrics["reconstruction_psnr_vs_vae_roundtrip_db"] = min(
         psnr(out["reconstruction"][i], out["vae_roundtrip"][i]) for i in range(n))
     truth = read_attributes(out["vae_roundtrip"])
+    def located(p):
+        return p["shape"] not in (None, "none") and math.isfinite(p["cx"]) and math.isfinite(p["cy"])
+
     for key in ("translation", "sdedit_baseline"):
         pred = read_attributes(out[key])
-        found = [p for p in pred if p["shape"] is not None]
+        found = [p for p in pred if located(p)]
         metrics[key] = {
             "square_rate": float(np.mean([p["shape"] == "square" for p in pred])),
             "circle_rate": float(np.mean([p["shape"] == "circle" for p in pred])),
             "colour_kept": float(np.mean([p["colour"] == a["colour"] for p, a in zip(pred, attrs_a)])),
             "centroid_error_px": float(np.mean([math.hypot(p["cx"] - a["cx"], p["cy"] - a["cy"])
-                                                for p, a in zip(pred, attrs_a) if p["shape"] is not None]))
+                                                for p, a in zip(pred, attrs_a) if located(p)]))
             if found else float("nan"),
+            "no_shape_rate": float(np.mean([not located(p) for p in pred])),
         }
     metrics["vae_roundtrip_shape_read_ok"] = float(np.mean([t["shape"] == "circle" for t in truth]))
 
@@ -317,7 +327,7 @@ def measure(server, n: int = 64, seed: int = 0, langevin_steps: int = LANGEVIN_S
         "target_colour_after": float(np.mean([p["colour"] == EDIT_COLOUR for p in pred])),
         "square_kept": float(np.mean([p["shape"] == "square" for p in pred])),
         "centroid_error_px": float(np.mean([math.hypot(p["cx"] - a["cx"], p["cy"] - a["cy"])
-                                            for p, a in zip(pred, attrs_b) if p["shape"] is not None] or [float("nan")])),
+                                            for p, a in zip(pred, attrs_b) if located(p)] or [float("nan")])),
         "seconds": dt,
     }
     return metrics, images

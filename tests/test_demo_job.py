@@ -56,8 +56,10 @@ def test_translation_keeps_colour_and_position_and_changes_the_shape(measured):
     m, _ = measured
     t, s = m["translation"], m["sdedit_baseline"]
     assert t["square_rate"] >= 0.6, t
-    assert t["colour_kept"] >= 0.8, t
-    assert t["centroid_error_px"] <= 6.0, t
+    # the common latent space: colour and position survive the change of model, far better than
+    # re-noising and denoising with model B at the same strength (SDEdit)
+    assert t["colour_kept"] >= 0.7 and t["colour_kept"] >= s["colour_kept"] + 0.2, (t, s)
+    assert t["centroid_error_px"] <= 5.0 and t["centroid_error_px"] < s["centroid_error_px"], (t, s)
 
 
 def test_clip_guidance_raises_the_target_colour_rate(measured):
