@@ -49,7 +49,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+    sys.path.append(str(REPO))  # last: the repository's nodes/ must not shadow ComfyUI's `nodes`
 
 from demo import world as W  # noqa: E402
 

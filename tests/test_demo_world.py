@@ -10,10 +10,22 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from demo import world as W  # noqa: E402
+def _load_world():
+    # by path: the repository on sys.path would shadow ComfyUI's top-level `nodes` with nodes/
+    import importlib.util
+
+    name = "dpm_latent_demo_world"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "demo" / "world.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+
+W = _load_world()
 
 MODELS = REPO / "demo" / "models"
 CKPTS = {"A": MODELS / "checkpoints" / "dpm_world_circles.safetensors",
