@@ -8,7 +8,8 @@ import torch
 from comfy_server import PromptError
 from graphs import Graph, rel_err, saved_latents, write_latent
 
-NODES = ["DPMEncode", "ReplayLatentWithPrompt", "EmptyConditioning", "SaveLatentCode", "LoadLatentCode"]
+NODES = ["DPMEncode", "ReplayLatentWithPrompt", "EmptyConditioning", "SaveLatentCode", "LoadLatentCode",
+         "RandomLatentCode", "CLIPEnergy", "CombineEnergies", "LangevinLatentSampler"]
 
 
 def test_pack_nodes_are_registered(server):
