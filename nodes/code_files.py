@@ -20,7 +20,13 @@ SUFFIX = ".dpmcode.safetensors"
 def _input_code_files() -> list[str]:
     root = folder_paths.get_input_directory()
     found = []
-    for dirpath, _dirs, files in os.walk(root):
+    seen = set()
+    for dirpath, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link loop
+            dirs[:] = []
+            continue
+        seen.add(real)
         for f in files:
             if f.endswith(SUFFIX):
                 found.append(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))

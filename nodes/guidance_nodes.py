@@ -42,7 +42,13 @@ def clip_folders() -> dict[str, str]:
     for root in folder_paths.get_folder_paths(CLIP_FOLDER):
         if not os.path.isdir(root):
             continue
-        for dirpath, dirs, files in os.walk(root):
+        seen = set()
+        for dirpath, dirs, files in os.walk(root, followlinks=True):  # model folders are often links
+            real = os.path.realpath(dirpath)
+            if real in seen:  # a link loop
+                dirs[:] = []
+                continue
+            seen.add(real)
             if "config.json" in files:
                 name = os.path.relpath(dirpath, root).replace(os.sep, "/")
                 found.setdefault(name, dirpath)

@@ -98,3 +98,26 @@ def test_node_errors_name_the_input(nodes, models):
             cyc.ReplayLatentWithPrompt.execute(m, cond, three, code, 1.0)
         with pytest.raises(B.NodeInputError, match="steps: must be >= 1|denoise"):
             B.schedule(m, "normal", 4, 0.0)
+
+
+def test_clip_folders_follow_links_and_survive_loops(pack, tmp_path):
+    """Model folders are often symbolic links (the demo installs its CLIP as one)."""
+    import os
+
+    import folder_paths
+
+    gn = importlib.import_module("dpm_latent.nodes.guidance_nodes")
+    real = tmp_path / "store" / "my_clip"
+    real.mkdir(parents=True)
+    (real / "config.json").write_text("{}")
+    root = tmp_path / "clip_energy"
+    root.mkdir()
+    os.symlink(real, root / "linked_clip")
+    os.symlink(root, root / "loop")  # a link loop must not hang /object_info
+    paths = folder_paths.folder_names_and_paths["clip_energy"][0]
+    paths.append(str(root))
+    try:
+        found = gn.clip_folders()
+    finally:
+        paths.remove(str(root))
+    assert "linked_clip" in found

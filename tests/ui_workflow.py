@@ -228,7 +228,7 @@ def api_to_ui(prompt: dict, object_info: dict, note: str | None = None, titles: 
 
     for nid in ids:
         node_depth(nid)
-    rows: dict[int, int] = {}
+    rows: dict[int, int] = {}  # column -> next free y
     nodes, links = [], []
     out_links: dict[tuple[str, int], list[int]] = {}
     pending = []
@@ -263,9 +263,13 @@ def api_to_ui(prompt: dict, object_info: dict, note: str | None = None, titles: 
         outs = [{"name": (info.get("output_name") or info["output"])[k], "type": t, "links": [], "slot_index": k}
                 for k, t in enumerate(info.get("output", []))]
         col = depth[nid]
-        row = rows.get(col, 0)
-        rows[col] = row + 1
-        ui = {"id": int(nid), "type": cls, "pos": [col * 380, row * 260], "size": [340, 220], "flags": {},
+        # tall enough for every socket and widget (the frontend draws ~24 px per row)
+        height = 46 + 24 * (max(len(inputs), len(outs)) + len(widgets))
+        if cls in ("LoadImage", "SaveImage", "PreviewImage"):
+            height = max(height, 330)
+        top = rows.get(col, 0)
+        rows[col] = top + height + 60
+        ui = {"id": int(nid), "type": cls, "pos": [col * 380, top], "size": [340, height], "flags": {},
               "order": len(nodes), "mode": 0, "inputs": inputs, "outputs": outs,
               "properties": {"Node name for S&R": cls}, "widgets_values": widgets}
         if nid in titles:
