@@ -471,6 +471,20 @@ class ClipEnergy:
         return energy.to(device=images.device, dtype=images.dtype), grad
 
 
+def energy_value_and_grad(energy, images: torch.Tensor, generator: Optional[torch.Generator] = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(E (B,), dE.sum()/d images)``, detached; the energy's own ``value_and_grad`` when it has one."""
+    vg = getattr(energy, "value_and_grad", None)
+    if vg is not None:
+        e, g = vg(images, generator)
+        return e.detach(), g.detach()
+    with torch.enable_grad():
+        x = images.detach().requires_grad_(True)
+        e = energy(x, generator)
+        (g,) = torch.autograd.grad(e.sum(), x)
+    return e.detach(), g.detach()
+
+
 class CombinedEnergy:
     """A sum of energies, each carrying its own weight.
 
@@ -532,14 +546,7 @@ class CombinedEnergy:
         """``(__call__ (B,), its gradient w.r.t. images)``, member by member, detached."""
         total_v = total_g = None
         for e in self.energies:
-            if hasattr(e, "value_and_grad"):
-                v, g = e.value_and_grad(images, generator)
-            else:
-                x = images.detach().requires_grad_(True)
-                with torch.enable_grad():
-                    v = e(x, generator)
-                    (g,) = torch.autograd.grad(v.sum(), x)
-                v = v.detach()
+            v, g = energy_value_and_grad(e, images, generator)
             total_v = v if total_v is None else total_v + v
             total_g = g if total_g is None else total_g + g
         return self.weight * total_v, self.weight * total_g
@@ -554,5 +561,6 @@ __all__ = [
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
     "clear_clip_cache",
+    "energy_value_and_grad",
     "load_clip_folder",
 ]

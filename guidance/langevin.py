@@ -31,69 +31,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 
 from ..samplers.dpm_encoder import LatentCode, step_coefficients
+from .clip_energy import energy_value_and_grad
 
 UPDATE_MODES = ("all", "start")
 
 Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
 Decoder = Callable[[torch.Tensor], torch.Tensor]
 Energy = Callable[[torch.Tensor, Optional[torch.Generator]], torch.Tensor]
-
-
-class ScaledEnergy:
-    """``weight * energy``; keeps ``components`` for plotting."""
-
-    def __init__(self, energy, weight: float):
-        self.energy = energy
-        self.weight = float(weight)
-
-    def __call__(self, images, generator=None):
-        return self.weight * self.energy(images, generator)
-
-    def value_and_grad(self, images, generator=None):
-        e, g = energy_value_and_grad(self.energy, images, generator)
-        return self.weight * e, self.weight * g
-
-    def components(self, images, generator=None):
-        parts = getattr(self.energy, "components", None)
-        if parts is None:
-            return [("energy", self(images, generator))]
-        return [(n, self.weight * v) for n, v in parts(images, generator)]
-
-    def to(self, device=None, dtype=None):
-        if hasattr(self.energy, "to"):
-            self.energy.to(device, dtype)
-        return self
-
-
-class SumEnergy:
-    """Sum of energies, each already weighted."""
-
-    def __init__(self, energies: Sequence):
-        if len(energies) < 1:
-            raise ValueError("SumEnergy needs at least one energy")
-        self.energies = list(energies)
-
-    def __call__(self, images, generator=None):
-        return sum(e(images, generator) for e in self.energies)
-
-    def value_and_grad(self, images, generator=None):
-        total_e, total_g = None, None
-        for member in self.energies:
-            e, g = energy_value_and_grad(member, images, generator)
-            total_e = e if total_e is None else total_e + e
-            total_g = g if total_g is None else total_g + g
-        return total_e, total_g
-
-    def to(self, device=None, dtype=None):
-        for e in self.energies:
-            if hasattr(e, "to"):
-                e.to(device, dtype)
-        return self
 
 
 def stream_seed(seed: int, stream: int) -> int:
@@ -104,19 +53,6 @@ def stream_seed(seed: int, stream: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
     return (z ^ (z >> 31)) & 0x7FFF_FFFF_FFFF_FFFF
-
-
-def energy_value_and_grad(energy, images: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(E (B,), dE.sum()/d images)``, detached; uses the energy's own method when it has one."""
-    vg = getattr(energy, "value_and_grad", None)
-    if vg is not None:
-        e, g = vg(images, generator)
-        return e.detach(), g.detach()
-    with torch.enable_grad():
-        x = images.detach().requires_grad_(True)
-        e = energy(x, generator)
-        (g,) = torch.autograd.grad(e.sum(), x)
-    return e.detach(), g.detach()
 
 
 def chain_value_and_grad(denoise: Denoiser, decode: Decoder, energy: Energy, code: LatentCode,

@@ -10,6 +10,7 @@ Inside the sampler the guider is a denoiser ``d = guider(x, sigma)``.
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Optional
 
 import torch
@@ -27,6 +28,18 @@ SCHEDULERS = comfy.samplers.SCHEDULER_NAMES
 
 class NodeInputError(ValueError):
     """Bad input to a node: ComfyUI shows the message on the node."""
+
+
+def walk_dirs(root: str):
+    """``os.walk`` that follows symbolic links (model folders often are links) but never loops."""
+    seen = set()
+    for dirpath, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        yield dirpath, dirs, files
 
 
 def family_of(model) -> str:

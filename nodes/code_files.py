@@ -20,13 +20,7 @@ SUFFIX = ".dpmcode.safetensors"
 def _input_code_files() -> list[str]:
     root = folder_paths.get_input_directory()
     found = []
-    seen = set()
-    for dirpath, dirs, files in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # a link loop
-            dirs[:] = []
-            continue
-        seen.add(real)
+    for dirpath, _dirs, files in B.walk_dirs(root):
         for f in files:
             if f.endswith(SUFFIX):
                 found.append(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))

@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 import comfy.model_base
 
-from ..samplers import CodeError, encode, replay
+from ..samplers import CodeError, check_schedule, encode, replay
 from . import _bridge as B
 from ._types import CATEGORY, LatentCodeIO
 
@@ -64,9 +64,7 @@ class DPMEncode(io.ComfyNode):
             raise B.NodeInputError("sigmas: needs at least two values (one step)")
         B.check_conditioning_batch(positive, samples.shape[0], "positive")
         B.check_conditioning_batch(negative, samples.shape[0], "negative")
-        try:
-            from ..samplers import check_schedule
-
+        try:  # before ComfyUI loads anything: a bad schedule is an input error
             check_schedule(sigmas, eta, family)
         except CodeError as e:
             raise B.code_error(e) from None

@@ -13,8 +13,8 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from ..guidance import POLICIES, ClipEnergy, ClipFolderError, load_clip_folder
-from ..guidance.langevin import ScaledEnergy, SumEnergy, langevin
+from ..guidance import POLICIES, ClipEnergy, ClipFolderError, CombinedEnergy, load_clip_folder
+from ..guidance.langevin import langevin
 from ..samplers import CodeError, prior_code, replay
 from . import _bridge as B
 from ._autograd import UnsupportedWeights, alias_conds, control_modules, gradients_through
@@ -42,13 +42,7 @@ def clip_folders() -> dict[str, str]:
     for root in folder_paths.get_folder_paths(CLIP_FOLDER):
         if not os.path.isdir(root):
             continue
-        seen = set()
-        for dirpath, dirs, files in os.walk(root, followlinks=True):  # model folders are often links
-            real = os.path.realpath(dirpath)
-            if real in seen:  # a link loop
-                dirs[:] = []
-                continue
-            seen.add(real)
+        for dirpath, dirs, files in B.walk_dirs(root):
             if "config.json" in files:
                 name = os.path.relpath(dirpath, root).replace(os.sep, "/")
                 found.setdefault(name, dirpath)
@@ -141,7 +135,7 @@ class CombineEnergies(io.ComfyNode):
     def execute(cls, energy_1, weight_1, energy_2, weight_2, energy_3=None, weight_3=1.0, energy_4=None,
                 weight_4=1.0) -> io.NodeOutput:
         pairs = [(energy_1, weight_1), (energy_2, weight_2), (energy_3, weight_3), (energy_4, weight_4)]
-        return io.NodeOutput(SumEnergy([ScaledEnergy(e, w) for e, w in pairs if e is not None]))
+        return io.NodeOutput(CombinedEnergy([CombinedEnergy([e], weight=w) for e, w in pairs if e is not None]))
 
 
 class RandomLatentCode(io.ComfyNode):
