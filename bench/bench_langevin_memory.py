@@ -28,8 +28,6 @@ def one(chain: int, size: int, checkpoint: bool, tmp: str) -> dict:
     import comfy.model_management
     import comfy.sd
     import folder_paths
-    import tiny_clip
-    import tiny_models
 
     gn = importlib.import_module("dpm_latent.nodes.guidance_nodes")
     folder_paths.folder_names_and_paths["clip_energy"][0].append(f"{tmp}/clip_energy")

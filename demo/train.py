@@ -537,7 +537,6 @@ def sample_checkpoint(path, n=64, seed=0, steps=20, tokens=1):
 
 
 def verify(results):
-    import comfy.sd
     out = {}
     for domain in ("A", "B"):
         path = CKPT_DIR / CKPT_NAMES[domain]

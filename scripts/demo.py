@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,15 +26,9 @@ sys.path.insert(0, str(REPO / "tests"))
 
 def world():
     """demo/world.py, loaded by path (see above)."""
-    import importlib.util
+    from conftest import load_module
 
-    name = "dpm_latent_demo_world"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "demo" / "world.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+    return load_module("dpm_latent_demo_world", REPO / "demo" / "world.py")
 
 MODELS = REPO / "demo" / "models"
 CKPT_A = "dpm_world_circles.safetensors"
@@ -259,8 +252,7 @@ def run_graph(server, build, overrides=None, **kw):
     from ui_workflow import ui_to_api
 
     g, saves, _titles = build(**kw)
-    name = {graph_translate: "translate", graph_clip_generation: "clip_generation",
-            graph_clip_editing: "clip_editing"}[build]
+    name = next(k for k, v in GRAPHS.items() if v is build)
     path = WORKFLOWS / f"demo_{name}.json"
     prompt = ui_to_api(json.loads(path.read_text()), server.object_info())
     for nid, node in g.prompt().items():  # the built graph gives this run's values (files, batch, seeds)
@@ -282,7 +274,6 @@ def psnr(a, b) -> float:
 def measure(server, n: int = 64, seed: int = 0, langevin_steps: int = LANGEVIN_STEPS, gen_batch: int = 16,
             edit_batch: int = 16) -> tuple[dict, dict]:
     import numpy as np
-    import torch
 
     read_attributes = world().read_attributes
 

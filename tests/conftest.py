@@ -39,20 +39,24 @@ def _setup_comfy_imports() -> None:
     comfy.cli_args.args.force_fp32 = True
 
 
+def load_module(name: str, path: Path, package: bool = False):
+    """Import ``path`` as module ``name`` (once). By path, because the repository itself must
+    never be on sys.path: its nodes/ folder would shadow ComfyUI's top-level ``nodes``."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, path, submodule_search_locations=[str(path.parent)] if package else None)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def import_pack():
     """Import the repository as the package ``dpm_latent``, the way ComfyUI loads a pack."""
-    if PACK_MODULE in sys.modules:
-        return sys.modules[PACK_MODULE]
-    spec = importlib.util.spec_from_file_location(
-        PACK_MODULE, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_MODULE] = mod
-    spec.loader.exec_module(mod)
-
-
+    mod = load_module(PACK_MODULE, REPO / "__init__.py", package=True)
     for sub in ("samplers", "samplers.code_format", "guidance"):
-        if (REPO / sub.replace(".", "/")).exists() or (REPO / (sub.replace(".", "/") + ".py")).exists():
-            importlib.import_module(f"{PACK_MODULE}.{sub}")
+        importlib.import_module(f"{PACK_MODULE}.{sub}")
     return mod
 
 
@@ -82,12 +86,9 @@ def model_dirs(tmp_path_factory):
     tiny_models.make_sd3_checkpoint(dirs["checkpoints"] / "tiny_sd3_b.safetensors", seed=1)
     tiny_models.make_sdxl_checkpoint(dirs["checkpoints"] / "tiny_sdxl.safetensors", seed=0)
     tiny_models.make_clip_l_text_encoder(dirs["text_encoders"] / "tiny_clip_l.safetensors", seed=0)
-    try:
-        import tiny_clip
+    import tiny_clip
 
-        tiny_clip.make_tiny_clip_folder(dirs["clip_energy"] / "tiny_clip", seed=0)
-    except ImportError:  # pragma: no cover
-        pass
+    tiny_clip.make_tiny_clip_folder(dirs["clip_energy"] / "tiny_clip", seed=0)
     return dirs
 
 

@@ -37,6 +37,16 @@ class Ref:
         return Out(self.id, slot)
 
 
+def encode_graph(g: Graph, ckpt_name: str, latent_name: str, tokens: int = 77, **encode):
+    """Checkpoint -> Empty Conditioning, Load Latent -> DPM Encode; returns (ckpt, cond, lat, enc)."""
+    ckpt = g.node("CheckpointLoaderSimple", ckpt_name=ckpt_name)
+    cond = g.node("EmptyConditioning", model=ckpt.out(0), tokens=tokens)
+    lat = g.node("LoadLatent", latent=latent_name)
+    enc = g.node("DPMEncode", model=ckpt.out(0), positive=cond.out(0), negative=cond.out(0),
+                 latent_image=lat.out(0), **encode)
+    return ckpt, cond, lat, enc
+
+
 def write_latent(input_dir: Path, name: str, samples: torch.Tensor) -> str:
     """A .latent file as ComfyUI's SaveLatent writes it (LoadLatent reads it back unscaled)."""
     fname = f"{name}.latent"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from comfy_server import PromptError
-from graphs import Graph, rel_err, saved_latents, write_latent
+from graphs import Graph, encode_graph, rel_err, saved_latents, write_latent
 
 NODES = ["DPMEncode", "ReplayLatentWithPrompt", "EmptyConditioning", "SaveLatentCode", "LoadLatentCode",
          "RandomLatentCode", "CLIPEnergy", "CombineEnergies", "LangevinLatentSampler"]
@@ -122,11 +122,8 @@ def test_save_load_code_round_trip(server):
     x0 = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(4))
     name = write_latent(server.input_dir, "saveload", x0)
     g = Graph()
-    ckpt = g.node("CheckpointLoaderSimple", ckpt_name="tiny_sd3.safetensors")
-    empty = g.node("EmptyConditioning", model=ckpt.out(0), tokens=77)
-    lat = g.node("LoadLatent", latent=name)
-    enc = g.node("DPMEncode", model=ckpt.out(0), positive=empty.out(0), negative=empty.out(0),
-                 latent_image=lat.out(0), seed=1, steps=6, scheduler="simple", denoise=0.7, eta=0.2, cfg=1.0)
+    ckpt, empty, lat, enc = encode_graph(g, "tiny_sd3.safetensors", name, tokens=77,
+                                      seed=1, steps=6, scheduler="simple", denoise=0.7, eta=0.2, cfg=1.0)
     save = g.node("SaveLatentCode", latent_code=enc.out(0), filename_prefix="codes/rt")
     entry = server.run(g.prompt())
     text = entry["outputs"][save.id]["text"][0]
@@ -164,11 +161,8 @@ def test_bad_inputs_give_clear_errors_and_the_server_keeps_serving(server, pack)
     # wrong channels: a 4-channel latent into a 16-channel flow model
     name = write_latent(server.input_dir, "four", torch.randn(1, 4, 8, 8))
     g = Graph()
-    ckpt = g.node("CheckpointLoaderSimple", ckpt_name="tiny_sd3.safetensors")
-    empty = g.node("EmptyConditioning", model=ckpt.out(0), tokens=77)
-    lat = g.node("LoadLatent", latent=name)
-    enc = g.node("DPMEncode", model=ckpt.out(0), positive=empty.out(0), negative=empty.out(0),
-                 latent_image=lat.out(0), seed=1, steps=4, scheduler="simple", denoise=1.0, eta=0.1, cfg=1.0)
+    ckpt, empty, lat, enc = encode_graph(g, "tiny_sd3.safetensors", name, tokens=77,
+                                      seed=1, steps=4, scheduler="simple", denoise=1.0, eta=0.1, cfg=1.0)
     g.node("SaveLatentCode", latent_code=enc.out(0), filename_prefix="never")
     _expect_error(server, g.prompt(), "latent_image", "4 latent channels", "expects 16")
 
@@ -225,11 +219,9 @@ def test_bad_inputs_give_clear_errors_and_the_server_keeps_serving(server, pack)
     # after all these errors the server still runs a good prompt
     assert server.alive()
     g = Graph()
-    ckpt = g.node("CheckpointLoaderSimple", ckpt_name="tiny_sd3.safetensors")
-    empty = g.node("EmptyConditioning", model=ckpt.out(0), tokens=77)
-    lat = g.node("LoadLatent", latent=write_latent(server.input_dir, "fine", torch.randn(1, 16, 8, 8)))
-    enc = g.node("DPMEncode", model=ckpt.out(0), positive=empty.out(0), negative=empty.out(0),
-                 latent_image=lat.out(0), seed=1, steps=4, scheduler="simple", denoise=1.0, eta=0.1, cfg=1.0)
+    fine = write_latent(server.input_dir, "fine", torch.randn(1, 16, 8, 8))
+    ckpt, empty, lat, enc = encode_graph(g, "tiny_sd3.safetensors", fine, tokens=77,
+                                      seed=1, steps=4, scheduler="simple", denoise=1.0, eta=0.1, cfg=1.0)
     rep = g.node("ReplayLatentWithPrompt", model=ckpt.out(0), positive=empty.out(0), negative=empty.out(0),
                  latent_code=enc.out(0), cfg=1.0)
     out = g.node("SaveLatent", samples=rep.out(0), filename_prefix="after_errors")
@@ -244,11 +236,8 @@ def test_cancel_stops_a_long_encode(server):
 
     name = write_latent(server.input_dir, "long", torch.randn(1, 4, 8, 8))
     g = Graph()
-    ckpt = g.node("CheckpointLoaderSimple", ckpt_name="tiny_sd15.safetensors")
-    empty = g.node("EmptyConditioning", model=ckpt.out(0), tokens=8)
-    lat = g.node("LoadLatent", latent=name)
-    enc = g.node("DPMEncode", model=ckpt.out(0), positive=empty.out(0), negative=empty.out(0),
-                 latent_image=lat.out(0), seed=11, steps=900, scheduler="normal", denoise=1.0, eta=0.1, cfg=1.0)
+    ckpt, empty, lat, enc = encode_graph(g, "tiny_sd15.safetensors", name, tokens=8,
+                                      seed=11, steps=900, scheduler="normal", denoise=1.0, eta=0.1, cfg=1.0)
     save = g.node("SaveLatentCode", latent_code=enc.out(0), filename_prefix="cancelled")
     pid = server.queue(g.prompt())
     deadline = time.time() + 120

@@ -7,7 +7,6 @@ smaller sample.
 """
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -19,11 +18,9 @@ MODELS = REPO / "demo" / "models"
 
 @pytest.fixture(scope="module")
 def demo():
-    spec = importlib.util.spec_from_file_location("dpm_demo_script", REPO / "scripts" / "demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["dpm_demo_script"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    from conftest import load_module
+
+    return load_module("dpm_demo_script", REPO / "scripts" / "demo.py")
 
 
 @pytest.fixture(scope="module")

@@ -3,29 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_module
 
 REPO = Path(__file__).resolve().parent.parent
 
-def _load_world():
-    # by path: the repository on sys.path would shadow ComfyUI's top-level `nodes` with nodes/
-    import importlib.util
-
-    name = "dpm_latent_demo_world"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "demo" / "world.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-
-W = _load_world()
+W = load_module("dpm_latent_demo_world", REPO / "demo" / "world.py")
 
 MODELS = REPO / "demo" / "models"
 CKPTS = {"A": MODELS / "checkpoints" / "dpm_world_circles.safetensors",

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from comfy_server import PromptError
-from graphs import Graph, saved_latents, write_latent
+from graphs import Graph, encode_graph, saved_latents, write_latent
 
 
 def _tiny_lora(model_dirs) -> str:
@@ -77,11 +77,8 @@ def test_langevin_on_an_encoded_image_and_errors(server):
     x0 = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(5))
     name = write_latent(server.input_dir, "lv_edit", x0)
     g = Graph()
-    ckpt = g.node("CheckpointLoaderSimple", ckpt_name="tiny_sd3.safetensors")
-    e = g.node("EmptyConditioning", model=ckpt.out(0), tokens=8)
-    lat = g.node("LoadLatent", latent=name)
-    enc = g.node("DPMEncode", model=ckpt.out(0), positive=e.out(0), negative=e.out(0), latent_image=lat.out(0),
-                 seed=2, steps=4, scheduler="simple", denoise=0.5, eta=0.3, cfg=1.0)
+    ckpt, e, lat, enc = encode_graph(g, "tiny_sd3.safetensors", name, tokens=8,
+                                      seed=2, steps=4, scheduler="simple", denoise=0.5, eta=0.3, cfg=1.0)
     c1 = g.node("CLIPEnergy", clip_name="tiny_clip", text="a blue circle", weight=500.0, augmentations=2,
                 color=True, translation=True, resize=True, cutout=True)
     c2 = g.node("CLIPEnergy", clip_name="tiny_clip", text="a circle", weight=100.0, augmentations=1,

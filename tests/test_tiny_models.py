@@ -15,29 +15,25 @@ UNET_PREFIX = "model.diffusion_model."
 
 # ------------------------------------------------------------------------- fixtures
 
+# The session's model_dirs fixture (conftest) already builds these files with these seeds.
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("tiny_models")
-
-
-@pytest.fixture(scope="session")
-def sd15_path(tiny_dir):
-    return tiny_models.make_sd15_checkpoint(tiny_dir / "tiny_sd15.safetensors", seed=0)
+def sd15_path(model_dirs):
+    return model_dirs["checkpoints"] / "tiny_sd15.safetensors"
 
 
 @pytest.fixture(scope="session")
-def sd3_path(tiny_dir):
-    return tiny_models.make_sd3_checkpoint(tiny_dir / "tiny_sd3.safetensors", seed=0)
+def sd3_path(model_dirs):
+    return model_dirs["checkpoints"] / "tiny_sd3.safetensors"
 
 
 @pytest.fixture(scope="session")
-def sdxl_path(tiny_dir):
-    return tiny_models.make_sdxl_checkpoint(tiny_dir / "tiny_sdxl.safetensors", seed=0)
+def sdxl_path(model_dirs):
+    return model_dirs["checkpoints"] / "tiny_sdxl.safetensors"
 
 
 @pytest.fixture(scope="session")
-def clip_l_path(tiny_dir):
-    return tiny_models.make_clip_l_text_encoder(tiny_dir / "tiny_clip_l.safetensors", seed=0)
+def clip_l_path(model_dirs):
+    return model_dirs["text_encoders"] / "tiny_clip_l.safetensors"
 
 
 @pytest.fixture(scope="session")

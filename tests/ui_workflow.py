@@ -230,7 +230,6 @@ def api_to_ui(prompt: dict, object_info: dict, note: str | None = None, titles: 
         node_depth(nid)
     rows: dict[int, int] = {}  # column -> next free y
     nodes, links = [], []
-    out_links: dict[tuple[str, int], list[int]] = {}
     pending = []
     for nid in sorted(ids, key=lambda n: (depth[n], int(n))):
         node = prompt[nid]
