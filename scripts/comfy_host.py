@@ -145,8 +145,11 @@ def _link_pack(comfy: Path) -> None:
     if link.is_symlink() or link.exists():
         if not link.is_symlink():
             raise HostError(f"{link} exists and is not a link to this repository; remove it")
-        link.unlink()
-    link.symlink_to(REPO, target_is_directory=True)
+        link.unlink(missing_ok=True)
+    try:
+        link.symlink_to(REPO, target_is_directory=True)
+    except FileExistsError:  # another checkout's command linked it at the same moment
+        pass
 
 
 def host_env(comfy: Path) -> dict:
