@@ -1,12 +1,14 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Latent codes on disk: safetensors, never pickle.
+"""Latent codes on disk: safetensors, never pickle, with a SHA-256 digest (see ``artifact``).
 
 Tensors: ``sigmas`` (float64), ``start_mean``, ``start_noise``, ``noises``,
 ``residual`` (float32).  The header's string metadata repeats what a person
 or another tool needs to read the file without this pack: format name and
-version, family, eta, start_scale, latent shape, steps and the sigmas.
-Loading checks every field against the tensors and refuses anything that
-does not add up.
+version, family, eta, start_scale, latent shape, steps and the sigmas, and
+(version 2) the latent space the code belongs to: ``latent_format``,
+``latent_scale_factor`` and ``model_type``.  Loading verifies the digest,
+then checks every field against the tensors and refuses anything that does
+not add up.  Version-1 files (no digest, no latent format) still load.
 """
 from __future__ import annotations
 
@@ -16,15 +18,17 @@ from pathlib import Path
 
 import torch
 
+from .artifact import ArtifactError, load_artifact, save_artifact
 from .dpm_encoder import FAMILIES, CodeError, LatentCode
 
 FORMAT_NAME = "dpm-latent-code"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 TENSOR_NAMES = ("sigmas", "start_mean", "start_noise", "noises", "residual")
 
 
 def code_metadata(code: LatentCode) -> dict[str, str]:
-    return {
+    meta = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
         "family": code.family,
@@ -34,58 +38,52 @@ def code_metadata(code: LatentCode) -> dict[str, str]:
         "steps": str(code.steps),
         "sigmas": json.dumps([float(s) for s in code.sigmas]),
     }
+    if code.latent_format is not None:
+        meta["latent_format"] = str(code.latent_format)
+    if code.latent_scale_factor is not None:
+        meta["latent_scale_factor"] = repr(float(code.latent_scale_factor))
+    if code.model_type is not None:
+        meta["model_type"] = str(code.model_type)
+    return meta
 
 
-def save_code(code: LatentCode, path, extra_metadata: dict[str, str] | None = None) -> Path:
-    from safetensors.torch import save_file
-
-    code.validate()
-    meta = code_metadata(code)
-    for k, v in (extra_metadata or {}).items():
-        if k not in meta:
-            meta[str(k)] = str(v)
-    tensors = {
+def code_tensors(code: LatentCode) -> dict[str, torch.Tensor]:
+    return {
         "sigmas": code.sigmas.detach().to("cpu", torch.float64).contiguous(),
         "start_mean": code.start_mean.detach().to("cpu", torch.float32).contiguous(),
         "start_noise": code.start_noise.detach().to("cpu", torch.float32).contiguous(),
         "noises": code.noises.detach().to("cpu", torch.float32).contiguous(),
         "residual": code.residual.detach().to("cpu", torch.float32).contiguous(),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=meta)
-    return path
+
+
+def save_code(code: LatentCode, path, extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write ``code`` (validated first) with a SHA-256 digest over all tensors and metadata."""
+    code.validate()
+    meta = code_metadata(code)
+    for k, v in (extra_metadata or {}).items():
+        if k not in meta:
+            meta[str(k)] = str(v)
+    return save_artifact(path, code_tensors(code), meta)
 
 
 def load_code(path) -> LatentCode:
-    from safetensors import safe_open
-
     path = Path(path)
     name = path.name
-    if not path.is_file():
-        raise CodeError(f"latent code file {name!r} does not exist")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            keys = set(f.keys())
-            missing = [k for k in TENSOR_NAMES if k not in keys]
-            if meta.get("format") != FORMAT_NAME:
-                raise CodeError(f"{name}: not a DPM latent code (header format is {meta.get('format')!r}, "
-                                f"expected {FORMAT_NAME!r})")
-            if missing:
-                raise CodeError(f"{name}: corrupt latent code, tensors missing: {missing}")
-            tensors = {k: f.get_tensor(k) for k in TENSOR_NAMES}
-    except CodeError:
-        raise
-    except Exception as e:  # safetensors raises its own error types on a damaged file
-        raise CodeError(f"{name}: not a readable safetensors latent code ({type(e).__name__}: {e})") from e
+    tensors, meta = load_artifact(path, FORMAT_NAME, what="DPM latent code")
+    missing = [k for k in TENSOR_NAMES if k not in tensors]
+    if missing:
+        raise ArtifactError(f"{name}: corrupt latent code, tensors missing: {missing}")
 
     try:
         version = int(meta.get("format_version", "0"))
     except ValueError:
         raise CodeError(f"{name}: format_version {meta.get('format_version')!r} is not a number") from None
-    if version != FORMAT_VERSION:
-        raise CodeError(f"{name}: latent code format version {version}; this pack reads version {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise CodeError(f"{name}: latent code format version {version}; this pack reads versions "
+                        f"{', '.join(map(str, READABLE_VERSIONS))}. Update DPM Latent to read newer files.")
+    if version >= 2 and "sha256" not in meta:
+        raise ArtifactError(f"{name}: the file is corrupt (a version-{version} latent code without its checksum)")
     family = meta.get("family")
     if family not in FAMILIES:
         raise CodeError(f"{name}: family {family!r} is not one of {FAMILIES}")
@@ -95,6 +93,8 @@ def load_code(path) -> LatentCode:
         shape = tuple(int(v) for v in json.loads(meta["shape"]))
         steps = int(meta["steps"])
         header_sigmas = [float(v) for v in json.loads(meta["sigmas"])]
+        scale_factor = meta.get("latent_scale_factor")
+        scale_factor = None if scale_factor is None else float(scale_factor)
     except (KeyError, ValueError, TypeError) as e:
         raise CodeError(f"{name}: corrupt latent code header ({type(e).__name__}: {e})") from None
 
@@ -112,7 +112,9 @@ def load_code(path) -> LatentCode:
     code = LatentCode(sigmas=sigmas, eta=eta, family=family,
                       start_mean=tensors["start_mean"].float(), start_scale=start_scale,
                       start_noise=tensors["start_noise"].float(), noises=tensors["noises"].float(),
-                      residual=tensors["residual"].float())
+                      residual=tensors["residual"].float(),
+                      latent_format=meta.get("latent_format"), latent_scale_factor=scale_factor,
+                      model_type=meta.get("model_type"))
     try:
         return code.validate()
     except CodeError as e:

@@ -171,6 +171,11 @@ class LatentCode:
     start_noise: torch.Tensor     # shape
     noises: torch.Tensor          # (steps - 1, *shape)
     residual: torch.Tensor        # shape
+    # The latent space the code lives in (None: unknown, an old code). Replay refuses a model whose
+    # latent format differs: e.g. ComfyUI's latent_format class "SD15" with scale_factor 0.18215.
+    latent_format: Optional[str] = None
+    latent_scale_factor: Optional[float] = None
+    model_type: Optional[str] = None  # for messages, e.g. "SD15 (EPS)"
 
     @property
     def steps(self) -> int:

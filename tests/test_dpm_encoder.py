@@ -212,7 +212,7 @@ def test_code_file_round_trip_and_corruption(pack, S, tmp_path):
 
     raw = path.read_bytes()
     (tmp_path / "trunc.dpmcode.safetensors").write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(S.CodeError, match="not a readable safetensors"):
+    with pytest.raises(S.CodeError, match="trunc.dpmcode.safetensors: the file is corrupt"):
         fmt.load_code(tmp_path / "trunc.dpmcode.safetensors")
     (tmp_path / "junk.dpmcode.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(S.CodeError):
@@ -223,11 +223,11 @@ def test_code_file_round_trip_and_corruption(pack, S, tmp_path):
     meta = fmt.code_metadata(code)
     tensors = {"sigmas": code.sigmas, "start_mean": code.start_mean, "start_noise": code.start_noise,
                "noises": code.noises[:-1].contiguous(), "residual": code.residual}
-    save_file(tensors, str(tmp_path / "short.safetensors"), metadata=meta)
+    fmt.save_artifact(tmp_path / "short.safetensors", tensors, meta)  # a sound file, inconsistent content
     with pytest.raises(S.CodeError, match="noises have shape"):
         fmt.load_code(tmp_path / "short.safetensors")
     meta2 = dict(meta, format_version="7")
     tensors["noises"] = code.noises
-    save_file(tensors, str(tmp_path / "v7.safetensors"), metadata=meta2)
+    fmt.save_artifact(tmp_path / "v7.safetensors", tensors, meta2)
     with pytest.raises(S.CodeError, match="version 7"):
         fmt.load_code(tmp_path / "v7.safetensors")
