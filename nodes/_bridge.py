@@ -9,6 +9,7 @@ Inside the sampler the guider is a denoiser ``d = guider(x, sigma)``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Callable, Optional
@@ -109,12 +110,39 @@ def check_conditioning_batch(conds, batch: int, name: str) -> None:
                 "use one prompt (batch 1) or one per image")
 
 
+def latent_space(model) -> tuple[str, float, str]:
+    """(latent format class, its scale factor, model type) of a MODEL, e.g. ("SD15", 0.18215, "SD15 (EPS)")."""
+    fmt = model.get_model_object("latent_format")
+    base = model.model
+    config = type(getattr(base, "model_config", None)).__name__
+    mtype = getattr(getattr(base, "model_type", None), "name", None)
+    kind = type(base).__name__ if config == "NoneType" else config
+    return type(fmt).__name__, float(getattr(fmt, "scale_factor", 1.0)), f"{kind} ({mtype})" if mtype else kind
+
+
+def stamp_code(model, code: LatentCode) -> LatentCode:
+    """The code, marked with the latent space of ``model`` (a new object; the input is not changed)."""
+    fmt, scale, mtype = latent_space(model)
+    return dataclasses.replace(code, latent_format=fmt, latent_scale_factor=scale, model_type=mtype)
+
+
 def check_code_for_model(model, code: LatentCode, what: str = "latent_code") -> None:
     fam = family_of(model)
     if code.family != fam:
         raise NodeInputError(
             f"{what}: the code was made for a {FAMILY_NAMES[code.family]} model but this model is "
             f"{FAMILY_NAMES[fam]}; replay it with a model of the same family")
+    fmt, scale, mtype = latent_space(model)
+    if code.latent_format is not None and (
+            code.latent_format != fmt or (code.latent_scale_factor is not None and
+                                          not math.isclose(code.latent_scale_factor, scale, rel_tol=1e-6))):
+        made = f"latent format {code.latent_format}" + (
+            f", scale {code.latent_scale_factor:g}" if code.latent_scale_factor is not None else "")
+        raise NodeInputError(
+            f"{what}: the code was made with a {code.model_type or 'model'} model ({made}) but this model is "
+            f"{mtype} (latent format {fmt}, scale {scale:g}); their latent spaces differ, so the replay would "
+            "be noise. Replay it with a model of the same latent space (e.g. another fine-tune of the same "
+            "base), or encode the image again with this model.")
     want = latent_channels(model)
     if code.shape[1] != want:
         raise NodeInputError(
@@ -123,6 +151,35 @@ def check_code_for_model(model, code: LatentCode, what: str = "latent_code") -> 
         raise NodeInputError(f"{what}: latent shape {code.shape} is not an image latent (B, C, H, W)")
     if code.family == "flow" and float(code.sigmas[0]) > 1.0:
         raise NodeInputError(f"{what}: sigma {float(code.sigmas[0])} > 1 cannot drive a flow model")
+
+
+NON_FINITE_HINT = ("Try: run the model in fp32 (start ComfyUI with --force-fp32, or load the model with an fp32 "
+                   "weight dtype instead of fp16/fp8), a lower cfg, a lower step_size for Langevin, or another "
+                   "code file (a code made for another model, or a damaged one, can do this).")
+
+
+class NonFiniteError(RuntimeError):
+    """A node's result (or a step of its sampling chain) became NaN or infinite."""
+
+
+def check_finite(tensor: torch.Tensor, node: str, what: str, step: Optional[int] = None,
+                 steps: Optional[int] = None) -> torch.Tensor:
+    """Raise :class:`NonFiniteError` if ``tensor`` holds NaN or infinity; never pass one downstream."""
+    if tensor is not None and not bool(torch.isfinite(tensor).all()):
+        where = f" at step {step} of {steps}" if step is not None else ""
+        raise NonFiniteError(f"{node}: {what} became NaN or infinite{where}. {NON_FINITE_HINT}")
+    return tensor
+
+
+def _finite_steps(callback):
+    """A step callback that checks each step's prediction and latent, then calls ``callback``."""
+    def check(i, denoised, x, total):
+        if not bool(torch.isfinite(denoised).all() & torch.isfinite(x).all()):
+            which = "the latent" if not bool(torch.isfinite(x).all()) else "the model's prediction"
+            raise NonFiniteError(f"{which} became NaN or infinite at step {i + 1} of {total}. {NON_FINITE_HINT}")
+        if callback is not None:
+            callback(i, denoised, x, total)
+    return check
 
 
 def make_guider(model, positive, negative, cfg: float) -> comfy.samplers.CFGGuider:
@@ -157,7 +214,7 @@ class _FunctionSampler(comfy.samplers.Sampler):
         # CFGGuider leaves an all-zero latent unprocessed; keep model space consistent.
         if x0 is not None and torch.count_nonzero(x0) == 0:
             x0 = model_wrap.inner_model.process_latent_in(x0)
-        return self.work(denoise, x0, callback, model_wrap)
+        return self.work(denoise, x0, _finite_steps(callback), model_wrap)
 
 
 def run_in_comfy(model, positive, negative, cfg: float, latent: torch.Tensor, sigmas: torch.Tensor,

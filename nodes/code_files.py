@@ -17,14 +17,22 @@ from ._types import CATEGORY, LatentCodeIO
 SUFFIX = ".dpmcode.safetensors"
 
 
-def _input_code_files() -> list[str]:
-    root = folder_paths.get_input_directory()
+def _code_files_in(root: str) -> list[str]:
     found = []
+    if not os.path.isdir(root):
+        return found
     for dirpath, _dirs, files in B.walk_dirs(root):
         for f in files:
             if f.endswith(SUFFIX):
                 found.append(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
     return sorted(found)
+
+
+def _code_file_options() -> list[str]:
+    """Codes in the input folder (plain names), then those in the output folder, annotated " [output]"
+    as LoadImage annotates its names, so that a code Save Latent Code wrote loads without copying."""
+    return (_code_files_in(folder_paths.get_input_directory()) +
+            [f"{name} [output]" for name in _code_files_in(folder_paths.get_output_directory())])
 
 
 class SaveLatentCode(io.ComfyNode):
@@ -34,8 +42,9 @@ class SaveLatentCode(io.ComfyNode):
             node_id="SaveLatentCode",
             display_name="Save Latent Code",
             category=CATEGORY,
-            description=f"Saves a latent code to ComfyUI's output folder as <prefix>_NNNNN_{SUFFIX}. "
-                        "Copy it to the input folder to load it again.",
+            description=f"Saves a latent code to ComfyUI's output folder as <prefix>_NNNNN_{SUFFIX}, with a "
+                        "SHA-256 checksum and the model's latent format. Load Latent Code lists it as "
+                        "'<name> [output]'.",
             inputs=[
                 LatentCodeIO.Input("latent_code", tooltip="The code to save."),
                 io.String.Input("filename_prefix", default="dpm_latent/code",
@@ -64,20 +73,25 @@ class LoadLatentCode(io.ComfyNode):
             node_id="LoadLatentCode",
             display_name="Load Latent Code",
             category=CATEGORY,
-            description=f"Loads a latent code ({SUFFIX}) from ComfyUI's input folder; checks every field.",
+            description=f"Loads a latent code ({SUFFIX}) from ComfyUI's input folder, or from the output folder "
+                        "(names ending in ' [output]'); verifies its checksum and checks every field.",
             inputs=[
-                io.Combo.Input("code_file", options=_input_code_files(),
-                               tooltip=f"A {SUFFIX} file in ComfyUI's input folder."),
+                io.Combo.Input("code_file", options=_code_file_options(),
+                               tooltip=f"A {SUFFIX} file in ComfyUI's input folder, or one Save Latent Code wrote "
+                                       "to the output folder (listed with ' [output]')."),
             ],
             outputs=[LatentCodeIO.Output(display_name="latent_code")],
         )
 
     @classmethod
     def _path(cls, code_file: str) -> str:
-        root = os.path.abspath(folder_paths.get_input_directory())
-        path = os.path.abspath(os.path.join(root, code_file))
+        name, base = folder_paths.annotated_filepath(code_file.strip())
+        if base is None:
+            base = folder_paths.get_input_directory()
+        root = os.path.abspath(base)
+        path = os.path.abspath(os.path.join(root, name))
         if os.path.commonpath([root, path]) != root:
-            raise B.NodeInputError(f"code_file: {code_file!r} is outside the input folder")
+            raise B.NodeInputError(f"code_file: {code_file!r} is outside the folder {root}")
         return path
 
     @classmethod
@@ -87,7 +101,8 @@ class LoadLatentCode(io.ComfyNode):
         except B.NodeInputError as e:
             return str(e)
         if not os.path.isfile(path):
-            return f"code_file: {code_file!r} is not in the input folder {folder_paths.get_input_directory()}"
+            return (f"code_file: {code_file!r} is not in the input folder {folder_paths.get_input_directory()} "
+                    f"(or, named '... [output]', in the output folder {folder_paths.get_output_directory()})")
         return True
 
     @classmethod

@@ -76,7 +76,10 @@ class DPMEncode(io.ComfyNode):
             return x0
 
         B.run_in_comfy(model, positive, negative, cfg, samples, sigmas, work, seed, len(sigmas) - 1)
-        return io.NodeOutput(B.cpu_code(result["code"]))
+        code = B.stamp_code(model, B.cpu_code(result["code"]))
+        for name in ("start_mean", "start_noise", "noises", "residual"):
+            B.check_finite(getattr(code, name), "DPM Encode", f"the code's {name}")
+        return io.NodeOutput(code)
 
 
 class ReplayLatentWithPrompt(io.ComfyNode):
@@ -114,6 +117,7 @@ class ReplayLatentWithPrompt(io.ComfyNode):
             return replay(denoise_fn, dev_code, callback=callback)
 
         samples = B.run_in_comfy(model, positive, negative, cfg, placeholder, code.sigmas, work, 0, code.steps)
+        B.check_finite(samples, "Replay Latent with Prompt", "the replayed latent", code.steps, code.steps)
         return io.NodeOutput({"samples": samples})
 
 

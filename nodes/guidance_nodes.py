@@ -173,9 +173,11 @@ class RandomLatentCode(io.ComfyNode):
         shape = (batch_size, B.latent_channels(model), height // ratio, width // ratio)
         sigmas = B.schedule(model, scheduler, steps, 1.0)
         try:
-            code = prior_code(shape, sigmas, eta, B.family_of(model), seed)
+            code = B.stamp_code(model, prior_code(shape, sigmas, eta, B.family_of(model), seed))
         except CodeError as e:
             raise B.code_error(e) from None
+        B.check_finite(code.start_noise, "Random Latent Code", "the code")
+        B.check_finite(code.noises, "Random Latent Code", "the code")
         return io.NodeOutput(code)
 
 
@@ -271,7 +273,7 @@ def run_langevin(model, positive, negative, cfg, vae, energy, latent_code, steps
                     new_code, trace = langevin(denoise_fn, decode, energy, dev_code, steps, step_size, seed,
                                                update=mode, checkpoint=use_checkpoint, callback=progress)
                 except FloatingPointError as e:
-                    raise B.NodeInputError(f"energy: {e}") from None
+                    raise B.NodeInputError(f"energy: {e}. {B.NON_FINITE_HINT}") from None
                 except RuntimeError as e:
                     if "Inference tensors" not in str(e):
                         raise
@@ -279,7 +281,7 @@ def run_langevin(model, positive, negative, cfg, vae, energy, latent_code, steps
                         "model: a model patch attached to this MODEL was loaded in a way autograd cannot go through "
                         f"({e}). Remove patches other than LoRAs/ControlNets for the Langevin node.") from None
                 with torch.no_grad():
-                    final = replay(denoise_fn, new_code)
+                    final = replay(denoise_fn, new_code, callback=_callback)  # _callback checks every step
         except UnsupportedWeights as e:
             raise B.NodeInputError(f"model: {e}") from None
         result["code"], result["trace"] = new_code, trace
@@ -288,7 +290,11 @@ def run_langevin(model, positive, negative, cfg, vae, energy, latent_code, steps
     placeholder = torch.zeros(code.shape)
     samples = B.run_in_comfy(model, positive, negative, cfg, placeholder, code.sigmas, work, seed, None)
     trace = result["trace"]
-    return B.cpu_code(result["code"]), {"samples": samples}, _plot(trace.energy, trace.prior), trace
+    out_code = B.stamp_code(model, B.cpu_code(result["code"]))
+    B.check_finite(out_code.start_noise, "Langevin Latent Sampler", f"the sampled code (step_size {step_size})")
+    B.check_finite(out_code.noises, "Langevin Latent Sampler", f"the sampled code (step_size {step_size})")
+    B.check_finite(samples, "Langevin Latent Sampler", "the sampled latent", code.steps, code.steps)
+    return out_code, {"samples": samples}, _plot(trace.energy, trace.prior), trace
 
 
 class LangevinLatentSampler(io.ComfyNode):
