@@ -83,6 +83,8 @@ def chain_value_and_grad(denoise: Denoiser, decode: Decoder, energy: Energy, cod
             xs.append(x)
             a, b, c = coeffs[i]
             d = denoise(x, s[i])
+            if not bool(torch.isfinite(d).all()):
+                raise FloatingPointError(f"the model's prediction became NaN/infinite at chain step {i + 1} of {steps}")
             x = d + code.residual if c == 0.0 else a * x + b * d + c * noises[i]
     with torch.enable_grad():
         x_last = x.detach().requires_grad_(True)

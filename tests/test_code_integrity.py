@@ -208,3 +208,25 @@ def test_nan_at_one_step_is_a_node_error_naming_the_step(server):
     # nothing was saved, and the server serves on
     assert not list(server.output_dir.glob("nan_never*"))
     assert server.alive()
+
+
+def test_nan_in_the_langevin_chain_names_the_chain_step(server):
+    steps = 8
+    want = _first_nan_step(steps)
+    g = Graph()
+    ck = g.node("CheckpointLoaderSimple", ckpt_name="tiny_sd15.safetensors")
+    empty, pos = _nan_late_positive(g, ck.out(0))
+    clip = g.node("CLIPEnergy", clip_name="tiny_clip", text="a red square", weight=100.0, augmentations=1,
+                  color=False, translation=False, resize=False, cutout=False)
+    code = g.node("RandomLatentCode", model=ck.out(0), width=64, height=64, batch_size=1, seed=0, steps=steps,
+                  scheduler="normal", eta=0.1)
+    lv = g.node("LangevinLatentSampler", model=ck.out(0), positive=pos.out(0), negative=empty.out(0), cfg=1.0,
+                vae=ck.out(2), energy=clip.out(0), latent_code=code.out(0), steps=2, step_size=0.01, seed=0,
+                update="all components")
+    g.node("SaveLatent", samples=lv.out(1), filename_prefix="nan_never_lv")
+    with pytest.raises(PromptError) as ei:
+        server.run(g.prompt())
+    msg = str(ei.value)
+    assert "LangevinLatentSampler" in msg and "Langevin step 1" in msg, msg
+    assert f"chain step {want} of {steps}" in msg and "step_size" in msg and "fp32" in msg, msg
+    assert server.alive()
