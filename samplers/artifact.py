@@ -108,7 +108,8 @@ def save_artifact(path, tensors: dict[str, torch.Tensor], metadata: dict[str, st
     for b in blobs:
         h.update(b)
     marker = (_DIGEST_PREFIX + _PLACEHOLDER).encode("ascii")
-    assert header.count(marker) == 1
+    if header.count(marker) != 1:
+        raise ArtifactError("a metadata value repeats the digest placeholder; it cannot be stored")
     header = header.replace(marker, (_DIGEST_PREFIX + h.hexdigest()).encode("ascii"))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

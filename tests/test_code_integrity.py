@@ -135,6 +135,20 @@ def test_codes_know_their_latent_space(server, saved_code, pack):
     msg = str(ei.value)
     for needle in ("latent_code", "SD15", "0.18215", "SDXL", "0.13025", "latent spaces differ"):
         assert needle in msg, msg
+    # Langevin Latent Sampler refuses it the same way, before any chain step
+    g = Graph()
+    xl = g.node("CheckpointLoaderSimple", ckpt_name="tiny_sdxl.safetensors")
+    e = g.node("EmptyConditioning", model=xl.out(0), tokens=8)
+    clip = g.node("CLIPEnergy", clip_name="tiny_clip", text="a red square", weight=100.0, augmentations=1,
+                  color=False, translation=False, resize=False, cutout=False)
+    load = g.node("LoadLatentCode", code_file=f"{rel} [output]")
+    lv = g.node("LangevinLatentSampler", model=xl.out(0), positive=e.out(0), negative=e.out(0), cfg=1.0,
+                vae=xl.out(2), energy=clip.out(0), latent_code=load.out(0), steps=1, step_size=0.01, seed=0,
+                update="start only")
+    g.node("SaveLatent", samples=lv.out(1), filename_prefix="never_lv_xl")
+    with pytest.raises(PromptError) as ei:
+        server.run(g.prompt())
+    assert "LangevinLatentSampler" in str(ei.value) and "latent spaces differ" in str(ei.value), str(ei.value)
     # a second SD1.5 (a fine-tune: same latent space) still translates
     g, out = _replay_graph(f"{rel} [output]", ckpt="tiny_sd15_b.safetensors", prefix="integrity_b")
     trans = saved_latents(server, server.run(g.prompt()), out.id)
