@@ -273,7 +273,7 @@ def run_langevin(model, positive, negative, cfg, vae, energy, latent_code, steps
                     new_code, trace = langevin(denoise_fn, decode, energy, dev_code, steps, step_size, seed,
                                                update=mode, checkpoint=use_checkpoint, callback=progress)
                 except FloatingPointError as e:
-                    raise B.NodeInputError(f"energy: {e}. {B.NON_FINITE_HINT}") from None
+                    raise B.NodeInputError(f"energy: {str(e).rstrip('.')}. {B.NON_FINITE_HINT}") from None
                 except RuntimeError as e:
                     if "Inference tensors" not in str(e):
                         raise
