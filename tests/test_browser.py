@@ -184,12 +184,24 @@ class Page:
 
 
 @pytest.fixture(scope="module")
-def page(ui_server, tmp_path_factory):
+def chromium():
+    """Debian's chromium and playwright, or a failure that says how to get them (never a skip)."""
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"{CHROMIUM} is missing: the browser test needs Debian's chromium. Install it with\n"
                     f"    {INSTALL}\n(`python3 scripts/comfy_host.py test` does this itself when run as root)",
                     pytrace=False)
-    from playwright.sync_api import sync_playwright
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("playwright is missing in the host's Python: pip install playwright==1.65.2 "
+                    "(the host built by scripts/comfy_host.py has it; never run `playwright install`, "
+                    "the test uses Debian's chromium)", pytrace=False)
+    return sync_playwright
+
+
+@pytest.fixture(scope="module")
+def page(chromium, ui_server, tmp_path_factory):
+    sync_playwright = chromium
 
     profile = tmp_path_factory.mktemp("chromium-profile")
     with sync_playwright() as pw:
