@@ -19,7 +19,9 @@ by glob, so new workflows are tested too):
   not have keeps its name, as the frontend does (the user installs the model, picks the image); the
   demo workflows' models and images are all on this server, so theirs must resolve;
 * every node is at least as large as the page's minimum size for its widgets (computeSize);
-* the page raised no uncaught error while loading.
+* the page raised no uncaught error while loading;
+* the API prompt the page would queue (``app.graphToPrompt()``, what Run sends) is the one
+  ``tests/ui_workflow.py`` makes from the file, which the workflow tests and the demo run.
 
 Then a real file drop (a DragEvent with a DataTransfer holding the JSON file, dispatched on the
 canvas) loads ``workflows/demo_translate.json``, the Run button is clicked, and the test waits for
@@ -43,7 +45,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ui_workflow import FRONTEND_ONLY, extra_widget_values, is_combo, is_widget, ordered_inputs
+from ui_workflow import FRONTEND_ONLY, extra_widget_values, is_combo, is_widget, ordered_inputs, ui_to_api
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
@@ -357,6 +359,28 @@ def check_graph(path: Path, wf: dict, shown: dict, object_info: dict, model_file
     return problems
 
 
+def prompt_differences(page_prompt: dict, api: dict) -> list[str]:
+    """Where the API prompt the page would queue differs from tests/ui_workflow.py's conversion."""
+    problems = []
+    if set(page_prompt) != set(api):
+        problems.append(f"the page would queue nodes {sorted(page_prompt, key=int)}, the converter {sorted(api, key=int)}")
+    for nid in sorted(set(page_prompt) & set(api), key=int):
+        a, b = page_prompt[nid], api[nid]
+        if a["class_type"] != b["class_type"]:
+            problems.append(f"node {nid}: {a['class_type']} in the page's prompt, {b['class_type']} converted")
+            continue
+        for name in sorted(set(a["inputs"]) | set(b["inputs"])):
+            va, vb = a["inputs"].get(name, "<missing>"), b["inputs"].get(name, "<missing>")
+            if isinstance(va, list) and isinstance(vb, list):
+                same = [str(va[0]), int(va[1])] == [str(vb[0]), int(vb[1])]
+            else:
+                same = _same(va, vb)
+            if not same:
+                problems.append(f"node {nid} ({a['class_type']}) input {name!r}: the page queues {va!r}, "
+                                f"the converter {vb!r}")
+    return problems
+
+
 def _load_in_page(page: Page, wf: dict) -> dict:
     page.page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", wf)
     return page.read_graph()
@@ -375,6 +399,10 @@ def test_workflow_loads_in_the_frontend(path, page, object_info, model_files, tm
     problems = check_graph(path, wf, shown, object_info, model_files)
     problems += [f"uncaught error in the page while loading: {e}" for e in page.errors[errors_before:]]
     assert not problems, f"{path.name} in the frontend:\n  " + "\n  ".join(problems)
+    # the prompt the page would send (Run) is the one the other tests and the demo send for this file
+    page_prompt = page.page.evaluate("async () => (await window.app.graphToPrompt()).output")
+    problems = prompt_differences(page_prompt, ui_to_api(wf, object_info))
+    assert not problems, f"{path.name}: the page's prompt and tests/ui_workflow.py differ:\n  " + "\n  ".join(problems)
     if path.stem == SCREENSHOT:
         page.page.evaluate("() => window.app.extensionManager.command.execute('Comfy.Canvas.FitView')")
         page.page.wait_for_timeout(300)
@@ -386,8 +414,8 @@ def test_workflow_loads_in_the_frontend(path, page, object_info, model_files, tm
 
 
 def test_check_graph_finds_what_it_should(page, object_info, model_files):
-    """The comparison can fail: a shifted widget value, a dropped link, a missing node type and a bad
-    combo value are each reported."""
+    """The comparisons can fail: a shifted widget value, a dropped link, a missing node type, a bad combo
+    value, a node too small, and a prompt that differs from the converter's are each reported."""
     path = REPO / "workflows" / f"{QUEUED}.json"
     wf = _load(path)
     shown = _load_in_page(page, wf)
@@ -421,6 +449,16 @@ def test_check_graph_finds_what_it_should(page, object_info, model_files):
     enc = next(n for n in bad["nodes"] if n["type"] == "DPMEncode")
     enc["min_size"] = [enc["size"][0], enc["size"][1] + 40]
     assert any("smaller than the page's minimum" in p for p in check_graph(path, wf, bad, object_info, model_files))
+
+    # the page's prompt against the converter's: a changed value and a moved link are reported
+    page_prompt = page.page.evaluate("async () => (await window.app.graphToPrompt()).output")
+    api = ui_to_api(wf, object_info)
+    assert prompt_differences(page_prompt, api) == []
+    enc_id = next(k for k, n in api.items() if n["class_type"] == "DPMEncode")
+    api[enc_id]["inputs"]["steps"] += 1
+    api[enc_id]["inputs"]["model"] = [next(k for k, n in api.items() if n["class_type"] == "LoadImage"), 0]
+    probs = prompt_differences(page_prompt, api)
+    assert len(probs) == 2 and "'steps'" in probs[0] + probs[1] and "'model'" in probs[0] + probs[1], probs
 
     # a model this server does not have is the user's to install: named, not an error, outside the demo
     other = path.with_name("my_translation.json")
