@@ -497,7 +497,10 @@ def test_drop_demo_workflow_file_and_run_it_from_the_page(page, ui_server, objec
         p.screenshot(path=str(Path(os.environ["DPM_LATENT_SCREENSHOT_DIR"]) / f"{QUEUED}_after_run.png"))
     history = ui_server.get("/history")
     assert len(history) == 1, f"the page queued {len(history)} prompts"
-    assert next(iter(history.values()))["status"]["status_str"] == "success"
+    entry = next(iter(history.values()))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    queued = entry["prompt"][2]  # what the server ran: the file's own settings, nothing changed by the page
+    assert prompt_differences(queued, ui_to_api(wf, object_info)) == []
     outs = p.evaluate(READ_OUTPUTS, saves)
     assert page.errors[errors_before:] == []
     pngs = {}
