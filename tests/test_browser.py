@@ -24,10 +24,12 @@ by glob, so new workflows are tested too):
   ``tests/ui_workflow.py`` makes from the file, which the workflow tests and the demo run.
 
 Then a real file drop (a DragEvent with a DataTransfer holding the JSON file, dispatched on the
-canvas) loads ``workflows/demo_translate.json``, the Run button is clicked, and the test waits for
-the page to receive and display every Save Image output (``app.nodeOutputs`` filled from the
-websocket, each node's preview ``<img>`` loaded), then checks those images against the files on
-the server's disk.
+canvas) loads ``workflows/demo_translate.json``; it is queued with the page's Queue Prompt shortcut
+(Ctrl+Enter, the Run button's command), and the test waits for the page to receive and draw every
+Save Image output (``app.nodeOutputs`` filled from the websocket, each node's preview ``<img>``
+loaded).  The server ran exactly the file's prompt once, the page shows the bytes the server saved,
+and the images are what the workflow promises (the replay with model A is the VAE round trip, the
+replay with model B is not).
 
 Chromium is Debian's ``chromium`` package (never a downloaded browser).  Without it this test fails
 with the install command; ``python3 scripts/comfy_host.py test`` installs it when run as root (CI).
