@@ -7,6 +7,11 @@ or another tool needs to read the file without this pack: format name and
 version, family, eta, start_scale, latent shape, steps and the sigmas.
 Loading checks every field against the tensors and refuses anything that
 does not add up.
+
+Optional tensors (``OPTIONAL_TENSOR_NAMES``, float32, saved when the code has
+them): ``trajectory`` (the encoder's chain, for masked edits) and ``mask`` (the
+edit mask).  Files without them load as codes without them; readers that only
+know the required tensors ignore them.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from .dpm_encoder import FAMILIES, CodeError, LatentCode
 FORMAT_NAME = "dpm-latent-code"
 FORMAT_VERSION = 1
 TENSOR_NAMES = ("sigmas", "start_mean", "start_noise", "noises", "residual")
+OPTIONAL_TENSOR_NAMES = ("trajectory", "mask")
 
 
 def code_metadata(code: LatentCode) -> dict[str, str]:
@@ -51,6 +57,9 @@ def save_code(code: LatentCode, path, extra_metadata: dict[str, str] | None = No
         "noises": code.noises.detach().to("cpu", torch.float32).contiguous(),
         "residual": code.residual.detach().to("cpu", torch.float32).contiguous(),
     }
+    for k in OPTIONAL_TENSOR_NAMES:
+        if getattr(code, k, None) is not None:
+            tensors[k] = getattr(code, k).detach().to("cpu", torch.float32).contiguous()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=meta)
@@ -74,7 +83,7 @@ def load_code(path) -> LatentCode:
                                 f"expected {FORMAT_NAME!r})")
             if missing:
                 raise CodeError(f"{name}: corrupt latent code, tensors missing: {missing}")
-            tensors = {k: f.get_tensor(k) for k in TENSOR_NAMES}
+            tensors = {k: f.get_tensor(k) for k in TENSOR_NAMES + OPTIONAL_TENSOR_NAMES if k in keys}
     except CodeError:
         raise
     except Exception as e:  # safetensors raises its own error types on a damaged file
@@ -104,7 +113,8 @@ def load_code(path) -> LatentCode:
     if any(not math.isclose(a, float(b), rel_tol=0, abs_tol=1e-12) for a, b in zip(header_sigmas, sigmas)) \
             or len(header_sigmas) != sigmas.numel():
         raise CodeError(f"{name}: sigmas tensor and header disagree")
-    for k in ("start_mean", "start_noise", "noises", "residual"):
+    for k in ("start_mean", "start_noise", "noises", "residual") + tuple(k for k in OPTIONAL_TENSOR_NAMES
+                                                                          if k in tensors):
         if not tensors[k].dtype.is_floating_point:
             raise CodeError(f"{name}: tensor {k} is not floating point")
     if tuple(tensors["start_noise"].shape) != shape:
@@ -112,7 +122,8 @@ def load_code(path) -> LatentCode:
     code = LatentCode(sigmas=sigmas, eta=eta, family=family,
                       start_mean=tensors["start_mean"].float(), start_scale=start_scale,
                       start_noise=tensors["start_noise"].float(), noises=tensors["noises"].float(),
-                      residual=tensors["residual"].float())
+                      residual=tensors["residual"].float(),
+                      **{k: tensors[k].float() for k in OPTIONAL_TENSOR_NAMES if k in tensors})
     try:
         return code.validate()
     except CodeError as e:
