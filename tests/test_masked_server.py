@@ -149,3 +149,41 @@ def test_bad_masks_give_clear_errors(server):
         server.run(g.prompt())
     assert "mask" in str(ei.value) and "Random Latent Code" in str(ei.value) and "DPM Encode" in str(ei.value)
     assert server.alive()
+
+
+def test_masked_langevin_with_comfy_models_moves_only_the_masked_region(pack, model_dirs):
+    """Langevin Latent Sampler's work on a masked code from DPM Encode, tiny SD3 (flow) + tiny CLIP:
+    outside the mask the result and the code stay the source's, inside the energy moves them."""
+    import comfy.sd
+    import folder_paths
+
+    cyc = importlib.import_module("dpm_latent.nodes.cycle")
+    gn = importlib.import_module("dpm_latent.nodes.guidance_nodes")
+    paths = folder_paths.folder_names_and_paths["clip_energy"][0]
+    if str(model_dirs["clip_energy"]) not in paths:
+        paths.append(str(model_dirs["clip_energy"]))
+    with torch.inference_mode():
+        model, _clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+            str(model_dirs["checkpoints"] / "tiny_sd3.safetensors"), output_vae=True, output_clip=False)
+    cond = [[torch.zeros(1, 8, 32), {"pooled_output": torch.zeros(1, 32)}]]
+    x0 = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(9))
+    mask = torch.zeros(1, 32, 32)
+    mask[:, :, :16] = 1.0
+    with torch.inference_mode():
+        code = cyc.DPMEncode.execute(model, cond, cond, {"samples": x0, "noise_mask": mask}, 1, 4, "simple", 0.8,
+                                     0.3, 1.0).result[0]
+        energy = gn.CLIPEnergy.execute("tiny_clip", "a red square", 2000.0, 2, False, False, False,
+                                       False).result[0]
+        new, lat, _plot, trace = gn.run_langevin(model, cond, cond, 1.0, vae, energy, code, 3, 0.05, 0,
+                                                 "all components")
+    out = lat["samples"]
+    outside = (code.mask == 0).expand(code.shape)
+    assert outside.any() and (~outside).any()
+    src_end = model.model.process_latent_out(code.trajectory[-1])
+    assert torch.equal(out[outside], src_end[outside])
+    assert float((out[~outside] - x0[~outside]).abs().max()) > 1e-3
+    assert torch.equal(new.start_noise[outside], code.start_noise[outside])
+    assert torch.equal(new.noises[:, outside], code.noises[:, outside])
+    assert not torch.equal(new.start_noise[~outside], code.start_noise[~outside])
+    assert new.mask is not None and torch.equal(new.trajectory, code.trajectory)
+    assert len(trace.energy) == 3
