@@ -26,6 +26,13 @@ from the forward pass (ComfyUI decides that from free memory) without harm,
 which ``torch.utils.checkpoint`` would refuse.  The energy's own gradient comes
 from its ``value_and_grad`` when it has one (the CLIP energy back-propagates its
 augmented copies in chunks).
+
+Masked codes (a mask from DPM Encode's ``noise_mask``): the chain is the masked
+replay (every state outside the mask is the source's, see ``samplers.dpm_encoder``),
+so the energy's gradient reaches only the masked region, and the components of
+``z`` where the mask is exactly 0 are held fixed (they cannot change the image;
+they stay the encoded ones, so the code still replays the source there under
+any later mask).
 """
 from __future__ import annotations
 
@@ -35,7 +42,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..samplers.dpm_encoder import LatentCode, step_coefficients
+from ..samplers.dpm_encoder import LatentCode, blend, step_coefficients
 from .clip_energy import energy_value_and_grad
 
 UPDATE_MODES = ("all", "start")
@@ -76,9 +83,10 @@ def chain_value_and_grad(denoise: Denoiser, decode: Decoder, energy: Energy, cod
     s = [float(v) for v in code.sigmas]
     steps = len(s) - 1
     coeffs = [step_coefficients(s[i], s[i + 1], code.eta, code.family) for i in range(steps)]
+    m, traj = code.mask, code.trajectory
     xs = []
     with torch.no_grad():
-        x = code.start_mean + code.start_scale * start_noise
+        x = blend(m, code.start_mean + code.start_scale * start_noise, None if m is None else traj[0])
         for i in range(steps):
             xs.append(x)
             a, b, c = coeffs[i]
@@ -86,6 +94,7 @@ def chain_value_and_grad(denoise: Denoiser, decode: Decoder, energy: Energy, cod
             if not bool(torch.isfinite(d).all()):
                 raise FloatingPointError(f"the model's prediction became NaN/infinite at chain step {i + 1} of {steps}")
             x = d + code.residual if c == 0.0 else a * x + b * d + c * noises[i]
+            x = blend(m, x, None if m is None else traj[i + 1])
     with torch.enable_grad():
         x_last = x.detach().requires_grad_(True)
         images = decode(x_last)
@@ -94,8 +103,11 @@ def chain_value_and_grad(denoise: Denoiser, decode: Decoder, energy: Energy, cod
         raise FloatingPointError("the energy or its gradient is NaN/infinite")
     (g,) = torch.autograd.grad(images, x_last, g_img)
     g_noises = torch.zeros_like(noises) if noise_grad else None
+    mg = None if m is None else m.to(device=g.device, dtype=g.dtype)
     for i in reversed(range(steps)):
         a, b, c = coeffs[i]
+        if mg is not None:  # x_{i+1} = m * step(x_i) + (1 - m) * source
+            g = g * mg
         with torch.enable_grad():
             xi = xs[i].detach().requires_grad_(True)
             d = denoise(xi, s[i])
@@ -106,6 +118,8 @@ def chain_value_and_grad(denoise: Denoiser, decode: Decoder, energy: Energy, cod
         g = gd if c == 0.0 else a * g + gd
         if not torch.isfinite(g).all():
             raise FloatingPointError(f"the gradient became NaN/infinite at chain step {i + 1} of {steps}")
+    if mg is not None:
+        g = g * mg
     return e, images.detach(), code.start_scale * g, g_noises
 
 
@@ -113,12 +127,14 @@ def replay_differentiable(denoise: Denoiser, code: LatentCode, start_noise: torc
                           noises: torch.Tensor) -> torch.Tensor:
     """The sampler of ``samplers.replay`` with plain autograd through every step (keeps every
     activation: the reference that ``chain_value_and_grad`` is tested against)."""
-    x = code.start_mean + code.start_scale * start_noise
+    m, traj = code.mask, code.trajectory
+    x = blend(m, code.start_mean + code.start_scale * start_noise, None if m is None else traj[0])
     s = [float(v) for v in code.sigmas]
     for i in range(len(s) - 1):
         a, b, c = step_coefficients(s[i], s[i + 1], code.eta, code.family)
         d = denoise(x, s[i])
         x = d + code.residual if c == 0.0 else a * x + b * d + c * noises[i]
+        x = blend(m, x, None if m is None else traj[i + 1])
     return x
 
 
@@ -155,6 +171,8 @@ def langevin(denoise: Denoiser, decode: Decoder, energy: Energy, code: LatentCod
     dim = z_start[0].numel() + (z_noise[:, 0].numel() if update == "all" else 0)
     trace = LangevinTrace(dim=dim)
     root = math.sqrt(step_size)
+    # components where the mask is 0 cannot move the image: keep them (module doc)
+    frozen = None if code.mask is None else (code.mask == 0).to(z_start.device)
 
     def randn_like(t):
         return torch.randn(t.shape, generator=gen, dtype=torch.float32).to(device=t.device, dtype=t.dtype)
@@ -178,8 +196,10 @@ def langevin(denoise: Denoiser, decode: Decoder, energy: Energy, code: LatentCod
             trace.prior.append([float(v) / dim for v in prior])
             if callback is not None:
                 callback(k, images, e)
-            z_start = z_start - 0.5 * step_size * (z_start + g_start) + root * randn_like(z_start)
+            new_start = z_start - 0.5 * step_size * (z_start + g_start) + root * randn_like(z_start)
+            z_start = new_start if frozen is None else torch.where(frozen, z_start, new_start)
             if update == "all":
-                z_noise = z_noise - 0.5 * step_size * (z_noise + g_noise) + root * randn_like(z_noise)
+                new_noise = z_noise - 0.5 * step_size * (z_noise + g_noise) + root * randn_like(z_noise)
+                z_noise = new_noise if frozen is None else torch.where(frozen, z_noise, new_noise)
     new = replace(code, start_noise=z_start.detach(), noises=z_noise.detach())
     return new, trace

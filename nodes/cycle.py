@@ -2,14 +2,12 @@
 """CycleDiffusion nodes: DPM Encode, Replay Latent with Prompt, Empty Conditioning."""
 from __future__ import annotations
 
-import logging
-
 import torch
 from comfy_api.latest import io
 
 import comfy.model_base
 
-from ..samplers import CodeError, check_schedule, encode, replay
+from ..samplers import CodeError, check_schedule, encode, latent_mask, replay
 from . import _bridge as B
 from ._types import CATEGORY, LatentCodeIO
 
@@ -29,7 +27,10 @@ class DPMEncode(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model whose sampler is inverted (LoRAs and patches apply)."),
                 io.Conditioning.Input("positive", tooltip="The SOURCE prompt: what the image shows now."),
                 io.Conditioning.Input("negative", tooltip="Negative prompt; only used when cfg > 1."),
-                io.Latent.Input("latent_image", tooltip="The image to encode, as a latent from VAE Encode."),
+                io.Latent.Input("latent_image", tooltip="The image to encode, as a latent from VAE Encode. A noise "
+                                                        "mask on it (Set Latent Noise Mask, VAE Encode for Inpaint) "
+                                                        "travels in the code: replay then changes only the masked "
+                                                        "region."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the forward-posterior draws; the same seed gives the same code."),
                 io.Int.Input("steps", default=50, min=1, max=10000,
@@ -55,8 +56,12 @@ class DPMEncode(io.ComfyNode):
                 sigmas=None) -> io.NodeOutput:
         samples = latent_image["samples"]
         B.check_latent(model, samples, "latent_image")
-        if "noise_mask" in latent_image:
-            logging.warning("DPM Encode: the latent's noise mask is not used; the whole image is encoded")
+        mask = latent_image.get("noise_mask")
+        if mask is not None:
+            try:
+                mask = latent_mask(mask.cpu(), samples.shape)
+            except CodeError as e:
+                raise B.NodeInputError(f"latent_image: its noise_mask cannot be used ({e})") from None
         family = B.family_of(model)
         if sigmas is None:
             sigmas = B.schedule(model, scheduler, steps, denoise)
@@ -72,7 +77,8 @@ class DPMEncode(io.ComfyNode):
         result = {}
 
         def work(denoise_fn, x0, callback, _guider):
-            result["code"] = encode(denoise_fn, x0.float(), sigmas, eta, family, seed, callback=callback)
+            result["code"] = encode(denoise_fn, x0.float(), sigmas, eta, family, seed, callback=callback,
+                                    mask=None if mask is None else mask.to(x0.device))
             return x0
 
         B.run_in_comfy(model, positive, negative, cfg, samples, sigmas, work, seed, len(sigmas) - 1)
@@ -100,14 +106,24 @@ class ReplayLatentWithPrompt(io.ComfyNode):
                 LatentCodeIO.Input("latent_code", tooltip="From DPM Encode, Load Latent Code or Random Latent Code."),
                 io.Float.Input("cfg", default=3.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="CFG of the replay; the paper sweeps 1-5."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Optional edit mask (white = may change), image-sized like any ComfyUI mask; "
+                                      "overrides the mask stored in the code. Outside it the result is the encoded "
+                                      "image at every step; soft values blend. Needs a code from DPM Encode."),
             ],
             outputs=[io.Latent.Output(display_name="LATENT", tooltip="The replayed latent image.")],
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, latent_code, cfg) -> io.NodeOutput:
+    def execute(cls, model, positive, negative, latent_code, cfg, mask=None) -> io.NodeOutput:
         code = latent_code
         B.check_code_for_model(model, code)
+        if mask is not None:
+            try:
+                code = code.with_mask(latent_mask(mask.cpu(), code.shape))
+            except CodeError as e:
+                msg = str(e)
+                raise B.NodeInputError(msg if msg.startswith("mask") else f"mask: {msg}") from None
         B.check_conditioning_batch(positive, code.batch_size, "positive")
         B.check_conditioning_batch(negative, code.batch_size, "negative")
         placeholder = torch.zeros(code.shape)

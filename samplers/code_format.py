@@ -9,6 +9,11 @@ version, family, eta, start_scale, latent shape, steps and the sigmas, and
 ``latent_scale_factor`` and ``model_type``.  Loading verifies the digest,
 then checks every field against the tensors and refuses anything that does
 not add up.  Version-1 files (no digest, no latent format) still load.
+
+Optional tensors (``OPTIONAL_TENSOR_NAMES``, float32, saved when the code has
+them): ``trajectory`` (the encoder's chain, for masked edits) and ``mask`` (the
+edit mask).  Files without them load as codes without them; the digest covers
+them like every other byte.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ FORMAT_NAME = "dpm-latent-code"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 TENSOR_NAMES = ("sigmas", "start_mean", "start_noise", "noises", "residual")
+OPTIONAL_TENSOR_NAMES = ("trajectory", "mask")
 
 
 def code_metadata(code: LatentCode) -> dict[str, str]:
@@ -48,13 +54,17 @@ def code_metadata(code: LatentCode) -> dict[str, str]:
 
 
 def code_tensors(code: LatentCode) -> dict[str, torch.Tensor]:
-    return {
+    tensors = {
         "sigmas": code.sigmas.detach().to("cpu", torch.float64).contiguous(),
         "start_mean": code.start_mean.detach().to("cpu", torch.float32).contiguous(),
         "start_noise": code.start_noise.detach().to("cpu", torch.float32).contiguous(),
         "noises": code.noises.detach().to("cpu", torch.float32).contiguous(),
         "residual": code.residual.detach().to("cpu", torch.float32).contiguous(),
     }
+    for k in OPTIONAL_TENSOR_NAMES:
+        if getattr(code, k, None) is not None:
+            tensors[k] = getattr(code, k).detach().to("cpu", torch.float32).contiguous()
+    return tensors
 
 
 def save_code(code: LatentCode, path, extra_metadata: dict[str, str] | None = None) -> Path:
@@ -104,7 +114,8 @@ def load_code(path) -> LatentCode:
     if any(not math.isclose(a, float(b), rel_tol=0, abs_tol=1e-12) for a, b in zip(header_sigmas, sigmas)) \
             or len(header_sigmas) != sigmas.numel():
         raise CodeError(f"{name}: sigmas tensor and header disagree")
-    for k in ("start_mean", "start_noise", "noises", "residual"):
+    for k in ("start_mean", "start_noise", "noises", "residual") + tuple(k for k in OPTIONAL_TENSOR_NAMES
+                                                                          if k in tensors):
         if not tensors[k].dtype.is_floating_point:
             raise CodeError(f"{name}: tensor {k} is not floating point")
     if tuple(tensors["start_noise"].shape) != shape:
@@ -114,7 +125,8 @@ def load_code(path) -> LatentCode:
                       start_noise=tensors["start_noise"].float(), noises=tensors["noises"].float(),
                       residual=tensors["residual"].float(),
                       latent_format=meta.get("latent_format"), latent_scale_factor=scale_factor,
-                      model_type=meta.get("model_type"))
+                      model_type=meta.get("model_type"),
+                      **{k: tensors[k].float() for k in OPTIONAL_TENSOR_NAMES if k in tensors})
     try:
         return code.validate()
     except CodeError as e:

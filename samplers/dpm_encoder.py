@@ -68,6 +68,22 @@ normal under the prior.
 The encoder advances with the *replayed* ``x_t = A x_s + B d + C eps``
 rather than the posterior draw: the two differ only by rounding, and this
 way replay with the same denoiser retraces the encoder's floats exactly.
+
+Masked (local) edits
+--------------------
+An encoded code also stores the encoder's own chain ``trajectory = (x_0, ...,
+x_N)`` (``x_N`` the encoded latent), one latent per step.  Replay with a mask
+``m`` in [0, 1] (1 = may change, ComfyUI's ``noise_mask`` convention, shape
+``(B or 1, 1, h, w)``) blends every state with it::
+
+    x_0     = m * x_start           + (1 - m) * trajectory[0]
+    x_{i+1} = m * (A x_i + B d + C eps_i) + (1 - m) * trajectory[i + 1]
+
+Where ``m = 0`` every step is the source's own state bit for bit, with no
+second model pass; where ``m = 1`` it is the plain replay; soft masks blend.
+The model at every step sees the whole (blended) latent, so the edited region
+is generated in the context of the untouched one (as ComfyUI's inpainting
+sampler does with its re-noised source).
 """
 from __future__ import annotations
 
@@ -176,6 +192,9 @@ class LatentCode:
     latent_format: Optional[str] = None
     latent_scale_factor: Optional[float] = None
     model_type: Optional[str] = None  # for messages, e.g. "SD15 (EPS)"
+    # Optional (see "Masked edits" in the module doc): the encoder's chain and an edit mask.
+    trajectory: Optional[torch.Tensor] = None   # (steps + 1, *shape): x_0 .. x_N of the encoder
+    mask: Optional[torch.Tensor] = None         # (batch or 1, 1, *spatial) in [0, 1]; 1 = may change
 
     @property
     def steps(self) -> int:
@@ -193,14 +212,28 @@ class LatentCode:
         return self.start_mean + self.start_scale * self.start_noise
 
     def clone(self) -> "LatentCode":
+        opt = lambda t: None if t is None else t.clone()  # noqa: E731
         return replace(
             self, sigmas=self.sigmas.clone(), start_mean=self.start_mean.clone(),
-            start_noise=self.start_noise.clone(), noises=self.noises.clone(), residual=self.residual.clone())
+            start_noise=self.start_noise.clone(), noises=self.noises.clone(), residual=self.residual.clone(),
+            trajectory=opt(self.trajectory), mask=opt(self.mask))
 
     def to(self, device=None, dtype=None) -> "LatentCode":
-        mv = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+        mv = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
         return replace(self, start_mean=mv(self.start_mean), start_noise=mv(self.start_noise),
-                       noises=mv(self.noises), residual=mv(self.residual))
+                       noises=mv(self.noises), residual=mv(self.residual), trajectory=mv(self.trajectory),
+                       mask=mv(self.mask))
+
+    def with_mask(self, mask: Optional[torch.Tensor]) -> "LatentCode":
+        """The same code with another edit mask (None: no mask), checked; tensors are shared, not copied."""
+        if mask is not None:
+            mask = check_mask(mask, self.shape, "mask")
+            if self.trajectory is None:
+                raise CodeError(
+                    "a mask needs the source image's chain, and this code has none: it was drawn from the "
+                    "prior (Random Latent Code) or saved by an older version of DPM Latent. Encode the image "
+                    "again with DPM Encode")
+        return replace(self, mask=mask)
 
     def validate(self) -> "LatentCode":
         check_schedule(self.sigmas, self.eta, self.family)
@@ -216,10 +249,64 @@ class LatentCode:
                 f"for {self.steps} steps")
         if not (math.isfinite(self.start_scale) and self.start_scale > 0):
             raise CodeError(f"latent code: start_scale must be a positive number, got {self.start_scale}")
-        for name in ("start_mean", "start_noise", "noises", "residual"):
-            if not torch.isfinite(getattr(self, name)).all():
+        if self.trajectory is not None and tuple(self.trajectory.shape) != (self.steps + 1, *shape):
+            raise CodeError(
+                f"latent code: trajectory has shape {tuple(self.trajectory.shape)}, expected "
+                f"{(self.steps + 1, *shape)} for {self.steps} steps")
+        if self.mask is not None:
+            check_mask(self.mask, shape, "latent code: mask")
+            if self.trajectory is None:
+                raise CodeError("latent code: it has a mask but no source trajectory to keep outside it")
+        for name in ("start_mean", "start_noise", "noises", "residual", "trajectory"):
+            t = getattr(self, name)
+            if t is not None and not torch.isfinite(t).all():
                 raise CodeError(f"latent code: {name} contains NaN or infinity")
         return self
+
+
+def check_mask(mask: torch.Tensor, shape, what: str = "mask") -> torch.Tensor:
+    """A latent-resolution edit mask for latents of ``shape``: ``(batch or 1, 1, *spatial)``, values in [0, 1]."""
+    if not isinstance(mask, torch.Tensor) or not mask.dtype.is_floating_point:
+        raise CodeError(f"{what}: must be a floating-point tensor")
+    want = (1, *shape[2:])
+    if mask.ndim != len(shape) or tuple(mask.shape[1:]) != want or mask.shape[0] not in (1, shape[0]):
+        raise CodeError(f"{what}: has shape {tuple(mask.shape)}, expected ({shape[0]} or 1, *{want}) for latents "
+                        f"of shape {tuple(shape)}")
+    if not torch.isfinite(mask).all() or float(mask.min()) < 0.0 or float(mask.max()) > 1.0:
+        raise CodeError(f"{what}: values must lie in [0, 1]")
+    return mask
+
+
+def latent_mask(mask: torch.Tensor, shape) -> torch.Tensor:
+    """An image-sized mask (``(H, W)``, ``(B, H, W)`` or ``(B, 1, H, W)``, 1 = may change) resized to latents of
+    ``shape`` as ComfyUI resizes a LATENT's ``noise_mask`` for KSampler (bilinear; the batch repeated or cut to
+    the latent batch), kept at one channel: ``(batch, 1, h, w)`` float32, clamped to [0, 1]."""
+    if not isinstance(mask, torch.Tensor) or mask.ndim < 2:
+        raise CodeError("mask: expected an image mask (height, width) or a batch of them")
+    if mask.ndim == 4 and mask.shape[1] != 1:
+        raise CodeError(f"mask: has {mask.shape[1]} channels, expected 1")
+    if mask.ndim > 4:
+        raise CodeError(f"mask: has shape {tuple(mask.shape)}; expected (height, width) or (batch, height, width)")
+    if len(shape) != 4:
+        raise CodeError(f"mask: masks are supported for image latents (B, C, H, W), not shape {tuple(shape)}")
+    m = mask.detach().float().reshape(-1, 1, mask.shape[-2], mask.shape[-1])
+    if not torch.isfinite(m).all():
+        raise CodeError("mask: contains NaN or infinity")
+    m = torch.nn.functional.interpolate(m, size=tuple(int(v) for v in shape[2:]), mode="bilinear")
+    batch = int(shape[0])
+    if m.shape[0] > batch:
+        m = m[:batch]
+    elif m.shape[0] < batch:
+        m = m.repeat(math.ceil(batch / m.shape[0]), 1, 1, 1)[:batch]
+    return m.clamp(0.0, 1.0).contiguous()
+
+
+def blend(mask: Optional[torch.Tensor], x: torch.Tensor, source: Optional[torch.Tensor]) -> torch.Tensor:
+    """``mask * x + (1 - mask) * source``; exactly ``source`` where the mask is 0 and ``x`` where it is 1."""
+    if mask is None:
+        return x
+    m = mask.to(device=x.device, dtype=x.dtype)
+    return torch.where(m == 0, source, torch.where(m == 1, x, m * x + (1 - m) * source))
 
 
 def _randn(shape, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
@@ -228,8 +315,11 @@ def _randn(shape, generator: torch.Generator, like: torch.Tensor) -> torch.Tenso
 
 
 def encode(denoise: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, eta: float, family: str,
-           seed: int, callback: Optional[StepCallback] = None) -> LatentCode:
-    """Encode clean latents ``x0`` (batch first) into the sampler's latent code."""
+           seed: int, callback: Optional[StepCallback] = None, mask: Optional[torch.Tensor] = None) -> LatentCode:
+    """Encode clean latents ``x0`` (batch first) into the sampler's latent code.
+
+    ``mask`` (optional, any size, see ``latent_mask``): the edit mask stored in the code; the
+    encoder's chain is stored either way, so a mask can also be given at replay."""
     s = check_schedule(sigmas, eta, family)
     if not torch.isfinite(x0).all():
         raise CodeError("the input latent contains NaN or infinity")
@@ -240,7 +330,9 @@ def encode(denoise: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, eta: float
     start_noise = _randn(x0.shape, gen, x0)
     code_x = start_mean + s[0] * start_noise
     noises = x0.new_empty((steps - 1, *x0.shape))
+    trajectory = x0.new_empty((steps + 1, *x0.shape))
     x = code_x
+    trajectory[0] = x
     residual = None
     for i in range(steps):
         d = denoise(x, s[i])
@@ -256,9 +348,13 @@ def encode(denoise: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, eta: float
         if callback is not None:
             callback(i, d, x, steps)
         x = x_next
-    return LatentCode(sigmas=torch.tensor(s, dtype=torch.float64), eta=float(eta), family=family,
+        trajectory[i + 1] = x
+    code = LatentCode(sigmas=torch.tensor(s, dtype=torch.float64), eta=float(eta), family=family,
                       start_mean=start_mean, start_scale=float(s[0]), start_noise=start_noise,
-                      noises=noises, residual=residual)
+                      noises=noises, residual=residual, trajectory=trajectory)
+    if mask is not None:
+        code = code.with_mask(latent_mask(mask, x0.shape).to(device=x0.device, dtype=x0.dtype))
+    return code
 
 
 def replay_step(denoise: Denoiser, x: torch.Tensor, i: int, code: LatentCode,
@@ -269,14 +365,22 @@ def replay_step(denoise: Denoiser, x: torch.Tensor, i: int, code: LatentCode,
     d = denoise(x, s_from)
     a, b, c = step_coefficients(s_from, s_to, code.eta, code.family)
     if c == 0.0:
-        return d + (code.residual if residual is None else residual), d
-    eps = code.noises[i] if noise is None else noise
-    return a * x + b * d + c * eps, d
+        x_next = d + (code.residual if residual is None else residual)
+    else:
+        eps = code.noises[i] if noise is None else noise
+        x_next = a * x + b * d + c * eps
+    if code.mask is not None:
+        x_next = blend(code.mask, x_next, code.trajectory[i + 1])
+    return x_next, d
 
 
 def replay(denoise: Denoiser, code: LatentCode, callback: Optional[StepCallback] = None) -> torch.Tensor:
-    """Run the stochastic sampler with the code's noises; returns the final latent."""
+    """Run the stochastic sampler with the code's noises; returns the final latent.
+
+    With a mask in the code, every state outside it is the encoder's own (module doc)."""
     x = code.x_start()
+    if code.mask is not None:
+        x = blend(code.mask, x, code.trajectory[0])
     steps = code.steps
     for i in range(steps):
         x_next, d = replay_step(denoise, x, i, code)

@@ -67,6 +67,64 @@ def test_clip_guidance_raises_the_target_colour_rate(measured):
     assert e["target_colour_after"] >= e["target_colour_before"] + 0.2, e
 
 
+def _baseline():
+    import json
+
+    return json.loads((REPO / "docs" / "demo_metrics.json").read_text())
+
+
+def test_rates_carry_intervals_and_agree_with_the_published_ones(demo, measured):
+    """Every rate has its n and Wilson 95 % interval, and each rate measured here agrees with the README's
+    (docs/demo_metrics.json) within the spread of both draws: the two intervals overlap. One draw of 12
+    Langevin samples differs across CPUs (float reductions); a real regression falls below the baseline's
+    interval."""
+    m, _ = measured
+    base = _baseline()
+    rows = {"translation": ("square_rate", "colour_kept"), "sdedit_baseline": ("square_rate", "colour_kept"),
+            "clip_generation": ("clip_guided", "unguided"), "clip_editing": ("target_colour_after", "square_kept")}
+    for row, keys in rows.items():
+        for k in keys:
+            lo, hi = m[row][f"{k}_interval"]
+            n = m[row]["n"]
+            assert 0 <= lo <= m[row][k] <= hi <= 1 and n >= 10, (row, k)
+            b = base[row]
+            blo, bhi = b.get(f"{k}_interval") or [demo.interval_of(b[k], b.get("n") or b.get("batch") or base["n_images"])[x]
+                                                   for x in ("low", "high")]
+            assert hi >= blo and lo <= bhi, f"{row}.{k}: {m[row][k]:.2f} [{lo:.2f}, {hi:.2f}] vs published " \
+                                            f"{b[k]:.2f} [{blo:.2f}, {bhi:.2f}]"
+
+
+def test_wilson_interval(demo):
+    import math
+
+    iv = demo.rate_with_interval(11, 16)  # the README's earlier 0.69 of n = 16
+    assert abs(iv["rate"] - 0.6875) < 1e-12
+    # the Wilson bounds are the roots p0 of (p - p0)^2 = z^2 p0 (1 - p0) / n
+    z2, p, n = 1.959963984540054 ** 2, 11 / 16, 16
+    a, b, c = 1 + z2 / n, -(2 * p + z2 / n), p * p
+    roots = sorted((-b + s * math.sqrt(b * b - 4 * a * c)) / (2 * a) for s in (-1, 1))
+    assert abs(iv["low"] - roots[0]) < 1e-12 and abs(iv["high"] - roots[1]) < 1e-12
+    assert abs(iv["low"] - 0.4440) < 1e-3 and abs(iv["high"] - 0.8584) < 1e-3
+    assert demo.rate_with_interval(0, 10)["low"] == 0.0 and abs(demo.rate_with_interval(10, 10)["high"] - 1.0) < 1e-12
+    assert 0.0 < demo.rate_with_interval(0, 10)["high"] < 0.35
+    with pytest.raises(ValueError):
+        demo.rate_with_interval(3, 2)
+
+
+def test_masked_translation_changes_only_the_masked_region(measured):
+    m, images = measured
+    k = m["masked_translation"]
+    d, b = k["dpm"], k["inpaint_baseline"]
+    assert k["n"] == m["n_images"] and 0.05 < k["mask_area_fraction"] < 0.6
+    # outside the mask: the input's VAE round trip
+    assert d["outside_psnr_db_min"] >= 40.0, d
+    # inside: the edit succeeds at the unmasked translation's rate (its rate lies within the masked interval)
+    t = m["translation"]
+    assert d["square_rate"]["high"] >= t["square_rate"] and d["square_rate"]["rate"] >= 0.6, (d, t)
+    assert d["colour_kept"]["rate"] >= 0.7 and d["colour_kept"]["rate"] >= b["colour_kept"]["rate"], (d, b)
+    assert images["masked_translation"].shape == images["input_circles"].shape
+
+
 def test_grid_and_shipped_demo_workflows(demo, measured, tmp_path):
     import json
 
@@ -76,3 +134,7 @@ def test_grid_and_shipped_demo_workflows(demo, measured, tmp_path):
     for name in demo.GRAPHS:
         wf = json.loads((REPO / "workflows" / f"demo_{name}.json").read_text())
         assert any(n["type"] == "Note" for n in wf["nodes"])
+    for name in (demo.MASKED_WORKFLOW, demo.MASKED_WORKFLOW_SD15):
+        wf = json.loads((REPO / "workflows" / name).read_text())
+        types = {n["type"] for n in wf["nodes"]}
+        assert {"Note", "SetLatentNoiseMask", "DPMEncode", "ReplayLatentWithPrompt", "LoadImage"} <= types

@@ -245,7 +245,11 @@ def _test_image(path: Path) -> None:
     y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / (SIZE - 1)
     disc = ((x - 0.4) ** 2 + (y - 0.55) ** 2 < 0.08).astype(np.float32)
     rgb = np.stack([0.2 + 0.6 * x, 0.3 + 0.5 * y * (1 - disc) + 0.4 * disc, 0.8 - 0.5 * x * y], axis=-1)
-    Image.fromarray((rgb.clip(0, 1) * 255).round().astype(np.uint8)).save(path)
+    # alpha 0 (Load Image's MASK = 1) on the left 40 columns: the region the masked-edit workflows may change
+    alpha = np.full((SIZE, SIZE, 1), 255, dtype=np.uint8)
+    alpha[:, :40] = 0
+    rgba = np.concatenate([(rgb.clip(0, 1) * 255).round().astype(np.uint8), alpha], axis=-1)
+    Image.fromarray(rgba, "RGBA").save(path)
 
 
 def _adapt(ui: dict, object_info: dict, image_name: str, stem: str):
