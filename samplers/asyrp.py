@@ -313,6 +313,50 @@ class TrainTrace:
     losses: list = field(default_factory=list)       # mean total loss per iteration
     clip_losses: list = field(default_factory=list)  # mean directional CLIP loss per iteration
     l1_losses: list = field(default_factory=list)
+    held_out_before: Optional[float] = None          # mean directional CLIP loss on held-out images
+    held_out_after: Optional[float] = None
+
+
+def _chain(plain: Denoiser, edited_with, module: nn.Module, x_T: torch.Tensor, src_emb: torch.Tensor,
+           sigmas: list, family: str, n_edit: int, embed_images, text_dir, clip_weight: float, l1_weight: float,
+           opt=None, step_done=None) -> tuple[float, float, float]:
+    """Run the first ``n_edit`` steps from ``x_T`` with the asymmetric step; at each one the loss of
+    P_t (and, with ``opt``, one optimiser step). Returns mean (total, clip, l1) over the steps."""
+    x = x_T
+    tot = cl = l1s = 0.0
+    for i in range(n_edit):
+        a, b, _c = step_coefficients(sigmas[i], sigmas[i + 1], 0.0, family)
+        xs = x.detach()
+        with torch.no_grad():
+            d = plain(xs, sigmas[i])
+        with torch.set_grad_enabled(opt is not None):
+            p = edited_with(xs, sigmas[i], module)
+            clip_l = directional_clip_loss(embed_images(p), src_emb, text_dir).mean()
+            l1 = (p - d).abs().mean()
+            loss = clip_weight * clip_l + l1_weight * l1
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            x = _edit_term(a * xs + b * d, p.detach(), d, sigmas[i + 1], family)
+        tot, cl, l1s = tot + float(loss.detach()), cl + float(clip_l.detach()), l1s + float(l1.detach())
+        if step_done is not None:
+            step_done(float(loss.detach()))
+    return tot / n_edit, cl / n_edit, l1s / n_edit
+
+
+def evaluate_direction(plain: Denoiser, edited_with, module: nn.Module, x0: torch.Tensor, sigmas: torch.Tensor,
+                       family: str, embed_images, text_dir: torch.Tensor, t_edit: float) -> float:
+    """Mean directional CLIP loss of P_t over [T, t_edit] on images ``x0`` (DDIM-inverted), no update.
+
+    With an untrained (zero) direction this is the loss of the plain model's P_t: the baseline."""
+    s = [float(v) for v in sigmas]
+    n_edit = edited_steps(len(s) - 1, t_edit)
+    with torch.no_grad():
+        x_T = ddim_invert(plain, x0, sigmas, family)
+        src = embed_images(x0)
+        return _chain(plain, edited_with, module, x_T, src, s, family, n_edit, embed_images, text_dir, 1.0, 0.0)[1]
 
 
 def train_direction(plain: Denoiser, edited_with: Callable[[torch.Tensor, float, nn.Module], torch.Tensor],
@@ -320,7 +364,8 @@ def train_direction(plain: Denoiser, edited_with: Callable[[torch.Tensor, float,
                     embed_images: Callable[[torch.Tensor], torch.Tensor], text_dir: torch.Tensor,
                     t_edit: float, iterations: int, learning_rate: float, clip_weight: float = 1.0,
                     l1_weight: float = 3.0, batch_size: int = 1, seed: int = 0,
-                    progress: Optional[Callable[[int, int, float], None]] = None) -> TrainTrace:
+                    progress: Optional[Callable[[int, int, float], None]] = None,
+                    held_out: Optional[torch.Tensor] = None) -> TrainTrace:
     """Train ``module`` (f_t or a global delta) the way Asyrp does.
 
     ``embed_images(latents) -> (B, D)`` unit CLIP image embeddings of the
@@ -330,7 +375,8 @@ def train_direction(plain: Denoiser, edited_with: Callable[[torch.Tensor, float,
     detached x_t gives P_t (with gradient into ``module`` only) and the plain
     step gives d; the loss ``clip_weight * -log((1+cos)/2) + l1_weight *
     |P_t - d|`` takes one SGD step, and the chain goes on from the detached
-    asymmetric result, so no gradient crosses timesteps."""
+    asymmetric result, so no gradient crosses timesteps.  ``held_out``
+    latents, if given, are scored with ``evaluate_direction`` before and after."""
     if iterations < 1:
         raise CodeError(f"iterations must be >= 1, got {iterations}")
     if not (learning_rate > 0 and math.isfinite(learning_rate)):
@@ -340,42 +386,36 @@ def train_direction(plain: Denoiser, edited_with: Callable[[torch.Tensor, float,
     n_edit = edited_steps(steps, t_edit)
     if n_edit == 0:
         raise CodeError(f"t_edit {t_edit} leaves no step to edit; lower it (the paper edits about half the chain)")
+    trace = TrainTrace()
+    if held_out is not None:
+        trace.held_out_before = evaluate_direction(plain, edited_with, module, held_out, sigmas, family,
+                                                   embed_images, text_dir, t_edit)
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=float(learning_rate))
     with torch.no_grad():
         x_T = ddim_invert(plain, x0, sigmas, family)
         src_emb = embed_images(x0).detach()
     order_gen = torch.Generator().manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
-    trace = TrainTrace()
-    total, done = iterations * n_edit * math.ceil(x0.shape[0] / batch_size), 0
+    n_batches = math.ceil(x0.shape[0] / batch_size)
+    total, done = iterations * n_edit * n_batches, [0]
+
+    def step_done(loss):
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total, loss)
+
     for _it in range(iterations):
         perm = torch.randperm(x0.shape[0], generator=order_gen).tolist()
-        it_loss, it_clip, it_l1, count = 0.0, 0.0, 0.0, 0
+        sums = [0.0, 0.0, 0.0]
         for start in range(0, len(perm), batch_size):
             idx = perm[start:start + batch_size]
-            x = x_T[idx]
-            for i in range(n_edit):
-                a, b, _c = step_coefficients(s[i], s[i + 1], 0.0, family)
-                xs = x.detach()
-                with torch.no_grad():
-                    d = plain(xs, s[i])
-                p = edited_with(xs, s[i], module)
-                clip_l = directional_clip_loss(embed_images(p), src_emb[idx], text_dir).mean()
-                l1 = (p - d).abs().mean()
-                loss = clip_weight * clip_l + l1_weight * l1
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    x = _edit_term(a * xs + b * d, p.detach(), d, s[i + 1], family)
-                it_loss += float(loss)
-                it_clip += float(clip_l)
-                it_l1 += float(l1)
-                count += 1
-                done += 1
-                if progress is not None:
-                    progress(done, total, float(loss))
-        trace.losses.append(it_loss / count)
-        trace.clip_losses.append(it_clip / count)
-        trace.l1_losses.append(it_l1 / count)
+            res = _chain(plain, edited_with, module, x_T[idx], src_emb[idx], s, family, n_edit, embed_images,
+                         text_dir, clip_weight, l1_weight, opt=opt, step_done=step_done)
+            sums = [a + b for a, b in zip(sums, res)]
+        trace.losses.append(sums[0] / n_batches)
+        trace.clip_losses.append(sums[1] / n_batches)
+        trace.l1_losses.append(sums[2] / n_batches)
+    if held_out is not None:
+        trace.held_out_after = evaluate_direction(plain, edited_with, module, held_out, sigmas, family,
+                                                  embed_images, text_dir, t_edit)
     return trace
