@@ -146,7 +146,7 @@ def _empty_cond(model):
     return [[torch.zeros(1, 77, ctx), extra]]
 
 
-def _plot(series: dict, size=(512, 256), title="loss per iteration") -> torch.Tensor:
+def _plot(series: dict, size=(512, 320), title="loss per iteration") -> torch.Tensor:
     w, h = size
     img = Image.new("RGB", (w, h), (255, 255, 255))
     d = ImageDraw.Draw(img)
