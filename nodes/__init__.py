@@ -2,7 +2,7 @@
 """ComfyUI adapters (V3 schema). One file per node family; the math lives in ../samplers and ../guidance."""
 from comfy_api.latest import ComfyExtension, io
 
-from .asyrp import (AsyrpEdit, AsyrpTrainDirection, CombineAsyrpDirections, LoadAsyrpDirection,
+from .asyrp import (AsyrpEdit, AsyrpEditDDIM, AsyrpTrainDirection, CombineAsyrpDirections, LoadAsyrpDirection,
                     SaveAsyrpDirection)
 from .code_files import LoadLatentCode, SaveLatentCode
 from .cycle import DPMEncode, EmptyConditioning, ReplayLatentWithPrompt
@@ -23,6 +23,7 @@ class DPMLatentExtension(ComfyExtension):
             LangevinLatentSampler,
             AsyrpTrainDirection,
             AsyrpEdit,
+            AsyrpEditDDIM,
             CombineAsyrpDirections,
             SaveAsyrpDirection,
             LoadAsyrpDirection,

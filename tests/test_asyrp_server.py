@@ -11,7 +11,7 @@ import torch
 from comfy_server import PromptError
 from graphs import Graph, saved_latents, write_latent
 
-NODES = ["AsyrpTrainDirection", "AsyrpEdit", "CombineAsyrpDirections", "SaveAsyrpDirection", "LoadAsyrpDirection"]
+NODES = ["AsyrpTrainDirection", "AsyrpEdit", "AsyrpEditDDIM", "CombineAsyrpDirections", "SaveAsyrpDirection", "LoadAsyrpDirection"]
 SRC, TRG = "a red circle", "a blue circle"
 
 
@@ -204,3 +204,29 @@ def test_save_load_round_trip_and_refusals(server, latents):
         for n in needles:
             assert n in str(ei.value), str(ei.value)
     assert server.alive()
+
+
+def test_ddim_inversion_route_reports_its_reconstruction(server, latents):
+    from safetensors.torch import load_file
+
+    g = Graph()
+    ckpt = g.node("CheckpointLoaderSimple", ckpt_name="tiny_sd15.safetensors")
+    cond = g.node("EmptyConditioning", model=ckpt.out(0), tokens=77)
+    train = g.node("LoadLatent", latent=latents["train"])
+    held = g.node("LoadLatent", latent=latents["held"])
+    d = _train(g, ckpt, train, 0, held=held)
+    edit = g.node("AsyrpEditDDIM", model=ckpt.out(0), positive=cond.out(0), negative=cond.out(0), cfg=1.0,
+                  latent_image=held.out(0), direction=d.out(0), strength="0, 1", steps=6, t_edit=-1.0, t_boost=0.0,
+                  seed=0)
+    save = g.node("SaveLatent", samples=edit.out(0), filename_prefix="asyrp_ddim")
+    entry = server.run(g.prompt())
+    out = saved_latents(server, entry, save.id)
+    x0 = load_file(str(server.input_dir / latents["held"]))["latent_tensor"]
+    assert out.shape[0] == 2 * x0.shape[0]
+    n = x0.shape[0]
+    assert (out[n:] - out[:n]).abs().max() > 1e-4  # strength 1 edits
+    text = entry["outputs"][edit.id]["text"][0]
+    reported = float(text.split("by ", 1)[1].split(" ", 1)[0])
+    # the reported error is that of the strength-0 image (same chain, batch rounding aside)
+    measured = float(((out[:n] - x0).flatten(1).norm(dim=1) / x0.flatten(1).norm(dim=1)).mean())
+    assert reported == pytest.approx(measured, rel=1e-2), (text, measured)
