@@ -23,6 +23,8 @@ NOTE = (
     "3. Asyrp Edit replays the code with h + strength * delta_h inside [T, t_edit]. strength 0 = the image "
     "back exactly; negative reverses; '-1, 0, 1, 2' gives one image per value. t_boost > 0 adds the paper's "
     "quality boosting (fresh noise below it: the unedited parts are then no longer exact).\n"
+    "Asyrp Edit (DDIM Inversion) is the paper's own route: deterministic DDIM inversion, not exact; it shows "
+    "how far its plain reconstruction lands from the input.\n"
     "Save Asyrp Direction keeps the direction (copy it to the input folder to load it).")
 
 
@@ -46,7 +48,13 @@ def graph(ckpt: str, family: str):
                   latent_code=enc.out(0), direction=train.out(0), strength="1.0", t_edit=-1.0, t_boost=0.0, seed=0)
     dec = g.node("VAEDecode", samples=edit.out(0), vae=m.out(2))
     g.node("SaveImage", images=dec.out(0), filename_prefix="dpm_latent/asyrp_edit")
-    titles = {train.id: "Asyrp Train Direction (loss plot below)", edit.id: "Asyrp Edit"}
+    ddim = g.node("AsyrpEditDDIM", model=m.out(0), positive=empty.out(0), negative=empty.out(0), cfg=1.0,
+                  latent_image=lat.out(0), direction=train.out(0), strength="1.0", steps=40, t_edit=-1.0,
+                  t_boost=0.0, seed=0)
+    g.node("SaveImage", images=g.node("VAEDecode", samples=ddim.out(0), vae=m.out(2)).out(0),
+           filename_prefix="dpm_latent/asyrp_edit_ddim")
+    titles = {train.id: "Asyrp Train Direction (loss plot below)", edit.id: "Asyrp Edit (exact code)",
+              ddim.id: "Asyrp Edit (DDIM inversion, the paper's route)"}
     # the workflow test runs random tiny models: settings under which a few iterations visibly edit
     test = {"widgets": {train.id: {"learning_rate": 20.0, "l1_weight": 0.3, "iterations": 2,
                                    "kind": "global direction"},
