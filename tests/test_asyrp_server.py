@@ -186,6 +186,18 @@ def test_save_load_round_trip_and_refusals(server, latents):
         server.run(g.prompt())
     assert "flipped.asyrp.safetensors" in str(ei.value) and "corrupt" in str(ei.value)
 
+    # a strength that is not a number names the input and the expected form
+    g = Graph()
+    ckpt = g.node("CheckpointLoaderSimple", ckpt_name="tiny_sd15.safetensors")
+    cond = g.node("EmptyConditioning", model=ckpt.out(0), tokens=77)
+    held = g.node("LoadLatent", latent=latents["held"])
+    code = _encode(g, ckpt, cond, held)
+    load = g.node("LoadAsyrpDirection", direction_file=f"asyrp/{saved.name}")
+    g.node("SaveLatent", samples=_edit(g, ckpt, cond, code, load, "1, x").out(0), filename_prefix="never")
+    with pytest.raises(PromptError) as ei:
+        server.run(g.prompt())
+    assert "strength" in str(ei.value) and "comma-separated" in str(ei.value)
+
     # an SD1.5 direction on an SDXL model, and any direction on an SD3 (MMDiT) model, are node errors
     for ckpt_name, needles in (("tiny_sdxl.safetensors", ("direction", "model type", "SDXL")),
                                ("tiny_sd3.safetensors", ("model", "SD3", "U-Net"))):
