@@ -2,6 +2,8 @@
 """ComfyUI adapters (V3 schema). One file per node family; the math lives in ../samplers and ../guidance."""
 from comfy_api.latest import ComfyExtension, io
 
+from .asyrp import (AsyrpEdit, AsyrpEditDDIM, AsyrpTrainDirection, CombineAsyrpDirections, LoadAsyrpDirection,
+                    SaveAsyrpDirection)
 from .code_files import LoadLatentCode, SaveLatentCode
 from .cycle import DPMEncode, EmptyConditioning, ReplayLatentWithPrompt
 from .guidance_nodes import CLIPEnergy, CombineEnergies, LangevinLatentSampler, RandomLatentCode
@@ -19,4 +21,10 @@ class DPMLatentExtension(ComfyExtension):
             CLIPEnergy,
             CombineEnergies,
             LangevinLatentSampler,
+            AsyrpTrainDirection,
+            AsyrpEdit,
+            AsyrpEditDDIM,
+            CombineAsyrpDirections,
+            SaveAsyrpDirection,
+            LoadAsyrpDirection,
         ]

@@ -8,3 +8,5 @@ LatentCodeIO = io.Custom("DPM_LATENT_CODE")
 EnergyIO = io.Custom("DPM_ENERGY")
 
 CATEGORY = "sampling/dpm_latent"
+# An Asyrp h-space direction (samplers.asyrp.Direction); shared like every output: never modify one.
+AsyrpDirectionIO = io.Custom("ASYRP_DIRECTION")

@@ -297,6 +297,10 @@ def _adapt(ui: dict, object_info: dict, image_name: str, stem: str):
                 "extra.dpm_latent_test.clip_energy in the workflow")
             inp["clip_name"] = clip_map[name]
             inp["augmentations"] = min(inp["augmentations"], AUGMENTATIONS)
+        elif node["class_type"] == "AsyrpTrainDirection":
+            name = inp["clip_name"]
+            assert name in clip_map, f"{stem}: no tiny CLIP for clip_name {name!r} (see CLIP_ENERGY)"
+            inp["clip_name"] = clip_map[name]
         elif node["class_type"] == "RandomLatentCode":
             inp["width"] = inp["height"] = SIZE
         if node["class_type"] == "LangevinLatentSampler":
@@ -381,6 +385,19 @@ def _adapt(ui: dict, object_info: dict, image_name: str, stem: str):
                             negative=lv["negative"], latent_code=lv["latent_code"], cfg=lv["cfg"])
                 check["reconstruction"] = add("SaveImage", images=[add("VAEDecode", samples=[plain, 0], vae=vae), 0],
                                               filename_prefix=f"wf_test/{stem}_unguided")
+            checks.append(check)
+    # Asyrp: the edited image against the reconstruction of the code it edits; the loss plot is shown
+    for aid in [k for k, n in api.items() if n["class_type"] == "AsyrpEdit"]:
+        src = api[aid]["inputs"]["latent_code"][0]
+        train = api[aid]["inputs"]["direction"][0]
+        plots = [k for k, n in api.items()
+                 if n["class_type"] in ("SaveImage", "PreviewImage") and n["inputs"]["images"] == [train, 1]]
+        for did in [k for k, n in api.items()
+                    if n["class_type"] == "VAEDecode" and n["inputs"]["samples"] == [aid, 0]]:
+            outs = [k for k, n in api.items() if n["class_type"] == "SaveImage" and n["inputs"]["images"] == [did, 0]]
+            assert outs and api[src]["class_type"] == "DPMEncode", f"{stem}: Asyrp Edit {aid} is not checkable"
+            check = {"output": outs[0], "plots": plots}
+            check["reconstruction"], check["round_trip"] = reconstruction(src, api[did]["inputs"]["vae"])
             checks.append(check)
     return api, checks
 

@@ -1,0 +1,421 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Asyrp (Kwon, Jeong & Uh, ICLR 2023): editing in a diffusion model's h-space.
+
+Pure torch over two sigma-space denoisers (no ComfyUI here):
+
+* ``plain(x, sigma) -> d``   the frozen model;
+* ``edited(x, sigma) -> P``  the same model with its bottleneck activation
+  ``h`` (the U-Net middle-block output) shifted to ``h + delta_h``.
+
+The asymmetric reverse step
+---------------------------
+In sigma space (``x = alpha * x0 + sigma * n``, see ``dpm_encoder``) the
+DDIM-eta step is ``x_t = A x_s + B d + C eps``.  Writing the plain model's
+noise prediction ``e = (x_s - alpha_s d) / sigma_s`` it is
+``x_t = alpha_t d + sqrt(sigma_t^2 - C^2) e + C eps``.  Asyrp replaces only
+the predicted-x0 term ``d`` (P_t) by the edited model's prediction ``P`` and
+keeps the direction term (D_t) of the plain model, so::
+
+    x_t = (A x_s + B d + C eps) + alpha_t (P - d)
+
+i.e. the plain step plus ``alpha_t (P - d)``.  It is used only for the steps
+inside the editing interval [T, t_edit]; after it the plain step runs.
+
+Positions on the chain are fractions: step ``i`` of ``N`` starts at position
+``1 - i/N`` (1 = the first step, T).  Step ``i`` is edited when its start
+position is above ``t_edit`` and boosted when its start position is at or
+below ``t_boost`` (``t_boost = 0``: never).  A boosted step takes the DDIM
+step with eta = 1 and fresh seeded noise (the paper's quality boosting); it
+replaces the code's stored noise, so a boosted replay no longer lands on the
+encoded image.
+
+Directions
+----------
+``DeltaBlock`` is the implicit function ``f_t(h, t)``: a 1x1 conv, plus a
+projection of the noise-level embedding, GroupNorm, SiLU and a 1x1 conv
+(zero-initialised, so an untrained direction is no edit).  ``GlobalDelta``
+is one learned ``delta_h`` per training step (looked up by the nearest noise
+level).  ``Direction`` is a linear combination of such terms plus the record
+of what they were trained on; scaling and adding directions is exact
+(``delta_h`` is linear in the coefficients).
+
+The noise level fed to ``f_t`` is ``log(sigma / alpha)`` (the log
+noise-to-signal ratio), so a direction trained on one schedule reads sensibly
+on another of the same model.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .dpm_encoder import CodeError, LatentCode, alpha, check_family, replay_step, step_coefficients
+
+Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
+KINDS = ("implicit function", "global direction")
+
+
+# ---------------------------------------------------------------- schedule helpers
+
+def noise_level(sigma: float, family: str) -> float:
+    """log(sigma / alpha): the level ``f_t`` is conditioned on (finite at flow's sigma = 1)."""
+    a = max(alpha(float(sigma), family), 1e-4)
+    return math.log(max(float(sigma), 1e-8) / a)
+
+
+def check_fraction(value: float, name: str) -> float:
+    v = float(value)
+    if not (math.isfinite(v) and 0.0 <= v <= 1.0):
+        raise CodeError(f"{name} must be a fraction of the chain in [0, 1], got {value}")
+    return v
+
+
+def edited_steps(steps: int, t_edit: float) -> int:
+    """How many leading steps of an ``steps``-step chain lie in [T, t_edit]."""
+    t_edit = check_fraction(t_edit, "t_edit")
+    return sum(1 for i in range(steps) if 1.0 - i / steps > t_edit + 1e-9)
+
+
+def is_boosted(i: int, steps: int, t_boost: float) -> bool:
+    t_boost = check_fraction(t_boost, "t_boost")
+    return t_boost > 0.0 and 1.0 - i / steps <= t_boost + 1e-9
+
+
+# ---------------------------------------------------------------- f_t and global directions
+
+def level_embedding(level: float, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Sinusoidal embedding of a noise level, ``(dim,)``."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(100.0) * torch.arange(half, dtype=torch.float64) / max(half, 1))
+    ang = float(level) * freqs
+    emb = torch.cat([torch.sin(ang), torch.cos(ang)])
+    return emb.to(device=device, dtype=dtype)
+
+
+class DeltaBlock(nn.Module):
+    """f_t(h, t) -> delta_h, same shape as h (any spatial size)."""
+
+    kind = "implicit function"
+
+    def __init__(self, channels: int, emb_dim: int = 64, hidden: Optional[int] = None):
+        super().__init__()
+        hidden = int(hidden or channels)
+        groups = math.gcd(hidden, 32) or 1
+        self.channels, self.emb_dim, self.hidden = int(channels), int(emb_dim), hidden
+        self.conv_in = nn.Conv2d(channels, hidden, 1)
+        self.emb = nn.Linear(emb_dim, hidden)
+        self.norm = nn.GroupNorm(groups, hidden)
+        self.conv_out = nn.Conv2d(hidden, channels, 1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "channels": self.channels, "emb_dim": self.emb_dim, "hidden": self.hidden}
+
+    def forward(self, h: torch.Tensor, level: float) -> torch.Tensor:
+        w = self.conv_in.weight
+        x = self.conv_in(h.to(w.dtype))
+        e = self.emb(F.silu(level_embedding(level, self.emb_dim, w.device, w.dtype)))
+        x = F.silu(self.norm(x + e.view(1, -1, 1, 1)))
+        return self.conv_out(x).to(h.dtype)
+
+
+class GlobalDelta(nn.Module):
+    """One learned delta_h per training step, picked by the nearest noise level."""
+
+    kind = "global direction"
+
+    def __init__(self, h_shape: Sequence[int], levels: Sequence[float]):
+        super().__init__()
+        self.h_shape = tuple(int(v) for v in h_shape)
+        self.register_buffer("levels", torch.tensor([float(v) for v in levels], dtype=torch.float64))
+        self.delta = nn.Parameter(torch.zeros(len(levels), *self.h_shape))
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "h_shape": list(self.h_shape), "levels": [float(v) for v in self.levels]}
+
+    def index(self, level: float) -> int:
+        return int(torch.argmin((self.levels - float(level)).abs()))
+
+    def forward(self, h: torch.Tensor, level: float) -> torch.Tensor:
+        if tuple(h.shape[1:]) != self.h_shape:
+            raise CodeError(f"this global direction was trained on h of shape {list(self.h_shape)}, the model's h "
+                            f"here is {list(h.shape[1:])}: use the image size it was trained at, or an "
+                            "implicit-function direction")
+        return self.delta[self.index(level)].to(h.dtype).unsqueeze(0).expand_as(h)
+
+
+def make_term(config: dict) -> nn.Module:
+    kind = config.get("kind")
+    if kind == DeltaBlock.kind:
+        return DeltaBlock(int(config["channels"]), int(config["emb_dim"]), int(config["hidden"]))
+    if kind == GlobalDelta.kind:
+        return GlobalDelta(config["h_shape"], config["levels"])
+    raise CodeError(f"unknown direction kind {kind!r}; expected one of {KINDS}")
+
+
+@dataclass
+class Direction:
+    """sum_k coef_k * term_k(h, level) plus the record of its training.
+
+    ``meta`` keys: family, architecture, latent_format, h_shape (C, H, W),
+    sigmas (training schedule), source_text, target_text, t_edit, t_boost.
+    Terms are shared, never modified after training: scaling or combining
+    makes a new Direction around the same modules.
+    """
+
+    terms: list
+    coefs: list
+    meta: dict = field(default_factory=dict)
+
+    def delta(self, h: torch.Tensor, level: float) -> torch.Tensor:
+        out = None
+        for term, c in zip(self.terms, self.coefs):
+            if c == 0.0:
+                continue
+            d = float(c) * term(h, level)
+            out = d if out is None else out + d
+        return torch.zeros_like(h) if out is None else out
+
+    def scaled(self, k: float) -> "Direction":
+        return Direction(list(self.terms), [float(c) * float(k) for c in self.coefs], dict(self.meta))
+
+    @property
+    def h_channels(self) -> int:
+        return int(self.meta["h_shape"][0])
+
+
+def combine(directions: Sequence[Direction], coefficients: Sequence[float]) -> Direction:
+    """sum_i c_i * direction_i; all must come from the same model (family, architecture, h channels)."""
+    if not directions:
+        raise CodeError("combine needs at least one direction")
+    first = directions[0].meta
+    terms, coefs = [], []
+    for k, (d, c) in enumerate(zip(directions, coefficients)):
+        for key in ("family", "architecture", "latent_format"):
+            if d.meta.get(key) != first.get(key):
+                raise CodeError(f"direction {k + 1} was trained on {key} {d.meta.get(key)!r}, direction 1 on "
+                                f"{first.get(key)!r}: only directions of the same model combine")
+        if d.h_channels != directions[0].h_channels:
+            raise CodeError(f"direction {k + 1} has h with {d.h_channels} channels, direction 1 "
+                            f"{directions[0].h_channels}")
+        terms += list(d.terms)
+        coefs += [float(c) * float(x) for x in d.coefs]
+    meta = dict(first)
+    meta["source_text"] = " + ".join(str(d.meta.get("source_text", "")) for d in directions)
+    meta["target_text"] = " + ".join(f"{float(c):g}*({d.meta.get('target_text', '')})"
+                                     for d, c in zip(directions, coefficients))
+    return Direction(terms, coefs, meta)
+
+
+# ---------------------------------------------------------------- sampling
+
+def _edit_term(x_next: torch.Tensor, p: torch.Tensor, d: torch.Tensor, sigma_to: float, family: str) -> torch.Tensor:
+    return x_next + alpha(sigma_to, family) * (p - d)
+
+
+def asyrp_replay(plain: Denoiser, edited: Optional[Denoiser], code: LatentCode, t_edit: float,
+                 t_boost: float = 0.0, seed: int = 0, callback=None) -> torch.Tensor:
+    """Replay a latent code with the asymmetric step inside [T, t_edit].
+
+    ``edited`` None means no edit (strength 0): with ``t_boost = 0`` this is
+    ``replay`` bit for bit.  Boosted steps use eta = 1 and noise drawn from
+    ``seed`` (on the CPU, so the same bits on every device)."""
+    steps = code.steps
+    n_edit = edited_steps(steps, t_edit)
+    check_fraction(t_boost, "t_boost")
+    gen = torch.Generator().manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+    boosted_code = replace(code, eta=1.0)
+    x = code.x_start()
+    for i in range(steps):
+        s_from, s_to = float(code.sigmas[i]), float(code.sigmas[i + 1])
+        if is_boosted(i, steps, t_boost):
+            fresh = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.device, x.dtype)
+            x_next, d = replay_step(plain, x, i, boosted_code, noise=fresh, residual=torch.zeros_like(x))
+        else:
+            x_next, d = replay_step(plain, x, i, code)
+        if edited is not None and i < n_edit:
+            x_next = _edit_term(x_next, edited(x, s_from), d, s_to, code.family)
+        if callback is not None:
+            callback(i, d, x, steps)
+        x = x_next
+    return x
+
+
+def ddim_invert(plain: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, family: str,
+                callback=None) -> torch.Tensor:
+    """Deterministic DDIM inversion (eta = 0): clean ``x0`` -> ``x_T`` at ``sigmas[0]``.
+
+    Each step up the chain evaluates the model where it stands (at the lower
+    level) and moves along its noise prediction; the step off sigma = 0 uses
+    the model at the first level above it on ``alpha * x0``."""
+    check_family(family)
+    s = [float(v) for v in sigmas]
+    if len(s) < 2 or s[-1] != 0.0 or any(not (a > b) for a, b in zip(s, s[1:])):
+        raise CodeError("DDIM inversion needs a strictly decreasing sigma schedule that ends at 0")
+    x = x0
+    n = len(s) - 1
+    for k, i in enumerate(range(n - 1, -1, -1)):  # from s[i+1] up to s[i]
+        lo, hi = s[i + 1], s[i]
+        if lo == 0.0:
+            probe = alpha(hi, family) * x
+            d = plain(probe, hi)
+            e = (probe - alpha(hi, family) * d) / hi
+            d = x
+        else:
+            d = plain(x, lo)
+            e = (x - alpha(lo, family) * d) / lo
+        x = alpha(hi, family) * d + hi * e
+        if callback is not None:
+            callback(k, d, x, n)
+    return x
+
+
+def asyrp_sample(plain: Denoiser, edited: Optional[Denoiser], x_start: torch.Tensor, sigmas: torch.Tensor,
+                 family: str, t_edit: float, t_boost: float = 0.0, seed: int = 0, callback=None) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) from ``x_start`` with the asymmetric step inside [T, t_edit];
+    boosted steps (start position <= t_boost) use eta = 1 with seeded noise."""
+    s = [float(v) for v in sigmas]
+    steps = len(s) - 1
+    n_edit = edited_steps(steps, t_edit)
+    gen = torch.Generator().manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+    x = x_start
+    for i in range(steps):
+        boosted = is_boosted(i, steps, t_boost)
+        a, b, c = step_coefficients(s[i], s[i + 1], 1.0 if boosted else 0.0, family)
+        d = plain(x, s[i])
+        x_next = a * x + b * d
+        if c > 0.0:
+            x_next = x_next + c * torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.device, x.dtype)
+        if edited is not None and i < n_edit:
+            x_next = _edit_term(x_next, edited(x, s[i]), d, s[i + 1], family)
+        if callback is not None:
+            callback(i, d, x, steps)
+        x = x_next
+    return x
+
+
+# ---------------------------------------------------------------- training
+
+def directional_clip_loss(img_emb: torch.Tensor, src_img_emb: torch.Tensor, text_dir: torch.Tensor) -> torch.Tensor:
+    """-log((1 + cos)/2) per image, cos between (E(edit) - E(source)) and the text direction."""
+    img_dir = F.normalize(img_emb - src_img_emb, dim=-1)
+    cos = (img_dir * F.normalize(text_dir, dim=-1)).sum(-1)
+    return -torch.log(((1.0 + cos) / 2.0).clamp_min(1e-6))
+
+
+@dataclass
+class TrainTrace:
+    losses: list = field(default_factory=list)       # mean total loss per iteration
+    clip_losses: list = field(default_factory=list)  # mean directional CLIP loss per iteration
+    l1_losses: list = field(default_factory=list)
+    held_out_before: Optional[float] = None          # mean directional CLIP loss on held-out images
+    held_out_after: Optional[float] = None
+
+
+def _chain(plain: Denoiser, edited_with, module: nn.Module, x_T: torch.Tensor, src_emb: torch.Tensor,
+           sigmas: list, family: str, n_edit: int, embed_images, text_dir, clip_weight: float, l1_weight: float,
+           opt=None, step_done=None) -> tuple[float, float, float]:
+    """Run the first ``n_edit`` steps from ``x_T`` with the asymmetric step; at each one the loss of
+    P_t (and, with ``opt``, one optimiser step). Returns mean (total, clip, l1) over the steps."""
+    x = x_T
+    tot = cl = l1s = 0.0
+    for i in range(n_edit):
+        a, b, _c = step_coefficients(sigmas[i], sigmas[i + 1], 0.0, family)
+        xs = x.detach()
+        with torch.no_grad():
+            d = plain(xs, sigmas[i])
+        with torch.set_grad_enabled(opt is not None):
+            p = edited_with(xs, sigmas[i], module)
+            clip_l = directional_clip_loss(embed_images(p), src_emb, text_dir).mean()
+            l1 = (p - d).abs().mean()
+            loss = clip_weight * clip_l + l1_weight * l1
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            x = _edit_term(a * xs + b * d, p.detach(), d, sigmas[i + 1], family)
+        tot, cl, l1s = tot + float(loss.detach()), cl + float(clip_l.detach()), l1s + float(l1.detach())
+        if step_done is not None:
+            step_done(float(loss.detach()))
+    return tot / n_edit, cl / n_edit, l1s / n_edit
+
+
+def evaluate_direction(plain: Denoiser, edited_with, module: nn.Module, x0: torch.Tensor, sigmas: torch.Tensor,
+                       family: str, embed_images, text_dir: torch.Tensor, t_edit: float) -> float:
+    """Mean directional CLIP loss of P_t over [T, t_edit] on images ``x0`` (DDIM-inverted), no update.
+
+    With an untrained (zero) direction this is the loss of the plain model's P_t: the baseline."""
+    s = [float(v) for v in sigmas]
+    n_edit = edited_steps(len(s) - 1, t_edit)
+    with torch.no_grad():
+        x_T = ddim_invert(plain, x0, sigmas, family)
+        src = embed_images(x0)
+        return _chain(plain, edited_with, module, x_T, src, s, family, n_edit, embed_images, text_dir, 1.0, 0.0)[1]
+
+
+def train_direction(plain: Denoiser, edited_with: Callable[[torch.Tensor, float, nn.Module], torch.Tensor],
+                    module: nn.Module, x0: torch.Tensor, sigmas: torch.Tensor, family: str,
+                    embed_images: Callable[[torch.Tensor], torch.Tensor], text_dir: torch.Tensor,
+                    t_edit: float, iterations: int, learning_rate: float, clip_weight: float = 1.0,
+                    l1_weight: float = 3.0, batch_size: int = 1, seed: int = 0,
+                    progress: Optional[Callable[[int, int, float], None]] = None,
+                    held_out: Optional[torch.Tensor] = None) -> TrainTrace:
+    """Train ``module`` (f_t or a global delta) the way Asyrp does.
+
+    ``embed_images(latents) -> (B, D)`` unit CLIP image embeddings of the
+    decoded latents (differentiable).  The training latents are inverted with
+    deterministic DDIM; then, per iteration and per image batch, the chain is
+    run from x_T: at each step inside [T, t_edit] one asymmetric step on the
+    detached x_t gives P_t (with gradient into ``module`` only) and the plain
+    step gives d; the loss ``clip_weight * -log((1+cos)/2) + l1_weight *
+    |P_t - d|`` takes one SGD step, and the chain goes on from the detached
+    asymmetric result, so no gradient crosses timesteps.  ``held_out``
+    latents, if given, are scored with ``evaluate_direction`` before and after."""
+    if iterations < 1:
+        raise CodeError(f"iterations must be >= 1, got {iterations}")
+    if not (learning_rate > 0 and math.isfinite(learning_rate)):
+        raise CodeError(f"learning_rate must be > 0, got {learning_rate}")
+    s = [float(v) for v in sigmas]
+    steps = len(s) - 1
+    n_edit = edited_steps(steps, t_edit)
+    if n_edit == 0:
+        raise CodeError(f"t_edit {t_edit} leaves no step to edit; lower it (the paper edits about half the chain)")
+    trace = TrainTrace()
+    if held_out is not None:
+        trace.held_out_before = evaluate_direction(plain, edited_with, module, held_out, sigmas, family,
+                                                   embed_images, text_dir, t_edit)
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=float(learning_rate))
+    with torch.no_grad():
+        x_T = ddim_invert(plain, x0, sigmas, family)
+        src_emb = embed_images(x0).detach()
+    order_gen = torch.Generator().manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+    n_batches = math.ceil(x0.shape[0] / batch_size)
+    total, done = iterations * n_edit * n_batches, [0]
+
+    def step_done(loss):
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total, loss)
+
+    for _it in range(iterations):
+        perm = torch.randperm(x0.shape[0], generator=order_gen).tolist()
+        sums = [0.0, 0.0, 0.0]
+        for start in range(0, len(perm), batch_size):
+            idx = perm[start:start + batch_size]
+            res = _chain(plain, edited_with, module, x_T[idx], src_emb[idx], s, family, n_edit, embed_images,
+                         text_dir, clip_weight, l1_weight, opt=opt, step_done=step_done)
+            sums = [a + b for a, b in zip(sums, res)]
+        trace.losses.append(sums[0] / n_batches)
+        trace.clip_losses.append(sums[1] / n_batches)
+        trace.l1_losses.append(sums[2] / n_batches)
+    if held_out is not None:
+        trace.held_out_after = evaluate_direction(plain, edited_with, module, held_out, sigmas, family,
+                                                  embed_images, text_dir, t_edit)
+    return trace

@@ -1,0 +1,245 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Asyrp's math in pure torch, with a toy U-Net-like denoiser that exposes its bottleneck h."""
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@pytest.fixture(scope="module")
+def A(pack):
+    return importlib.import_module("dpm_latent.samplers.asyrp")
+
+
+@pytest.fixture(scope="module")
+def S(pack):
+    return pack.samplers
+
+
+VE_SIGMAS = torch.tensor([14.6, 6.0, 3.0, 1.5, 0.8, 0.4, 0.2, 0.05, 0.0], dtype=torch.float64)
+FLOW_SIGMAS = torch.tensor([1.0, 0.9, 0.75, 0.6, 0.4, 0.25, 0.1, 0.03, 0.0], dtype=torch.float64)
+
+
+class ToyUNet(nn.Module):
+    """x -> down conv -> h (the bottleneck) [+ delta_h] -> up conv, with a skip that never sees delta_h."""
+
+    def __init__(self, family: str, channels: int = 4, hidden: int = 8, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.family = family
+        self.down = nn.Conv2d(channels + 1, hidden, 3, stride=2, padding=1)
+        self.mid = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.up = nn.ConvTranspose2d(hidden, channels, 4, stride=2, padding=1)
+        self.skip = nn.Conv2d(channels, channels, 1)
+        self.requires_grad_(False)
+        self.hook = None  # callable(h, sigma) -> delta_h
+
+    def forward(self, x, sigma):
+        a = 1.0 if self.family == "ve" else 1.0 - sigma
+        scale = 1.0 / math.sqrt(a * a + sigma * sigma)
+        xin = x * scale
+        lvl = torch.full_like(xin[:, :1], math.log(sigma + 1e-3))
+        h = torch.tanh(self.mid(torch.tanh(self.down(torch.cat([xin, lvl], 1)))))
+        if self.hook is not None:
+            h = h + self.hook(h, sigma)
+        out = self.up(h) + self.skip(xin)
+        # a valid-looking x0 prediction: shrink towards the data as sigma grows
+        return (a * x * scale * scale) + 0.3 * out * sigma * scale
+
+    def plain(self, x, sigma):
+        self.hook = None
+        return self(x, float(sigma))
+
+    def edited_by(self, direction, strength=1.0):
+        def run(x, sigma):
+            self.hook = lambda h, s: strength * direction.delta(h, math.log(s) if s > 0 else -10.0)
+            try:
+                return self(x, float(sigma))
+            finally:
+                self.hook = None
+        return run
+
+
+def _code(S, net, family, sigmas, seed=0, batch=2):
+    x0 = torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    return x0, S.encode(net.plain, x0, sigmas, 0.1, family, seed=seed)
+
+
+def _block_direction(A, seed=0, channels=8, family="ve"):
+    torch.manual_seed(seed)
+    blk = A.DeltaBlock(channels)
+    nn.init.normal_(blk.conv_out.weight, std=0.3)
+    return A.Direction([blk], [1.0], {"family": family, "architecture": "toy", "latent_format": "toy",
+                                      "h_shape": [channels, 4, 4]})
+
+
+@pytest.mark.parametrize("family,sigmas", [("ve", VE_SIGMAS), ("flow", FLOW_SIGMAS)])
+def test_strength_zero_without_boost_is_replay_bit_for_bit(A, S, family, sigmas):
+    net = ToyUNet(family)
+    x0, code = _code(S, net, family, sigmas)
+    plain = S.replay(net.plain, code)
+    out = A.asyrp_replay(net.plain, None, code, t_edit=0.4, t_boost=0.0)
+    assert torch.equal(out, plain)
+    assert (out - x0).abs().max() < 1e-4  # and replay lands on the encoded image
+    # a zero-scaled direction is no edit either (h + 0 * delta_h == h exactly)
+    zero = _block_direction(A).scaled(0.0)
+    assert torch.equal(A.asyrp_replay(net.plain, net.edited_by(zero), code, 0.4), plain)
+
+
+@pytest.mark.parametrize("family,sigmas", [("ve", VE_SIGMAS), ("flow", FLOW_SIGMAS)])
+def test_asymmetric_step_uses_edited_x0_and_plain_direction(A, S, family, sigmas):
+    net = ToyUNet(family)
+    _x0, code = _code(S, net, family, sigmas)
+    direction = _block_direction(A, family=family)
+    edited = net.edited_by(direction)
+    t_edit = 0.5
+    n_edit = A.edited_steps(code.steps, t_edit)
+    assert n_edit == 4  # positions 1, 7/8, 6/8, 5/8 > 0.5; 4/8 is not
+    # independent re-derivation in epsilon form: x_t = alpha_t P + sqrt(sigma_t^2 - C^2) e + C eps
+    x = code.x_start()
+    for i in range(code.steps):
+        s, t = float(code.sigmas[i]), float(code.sigmas[i + 1])
+        d = net.plain(x, s)
+        p = edited(x, s) if i < n_edit else d
+        a_s, a_t = S.alpha(s, family), S.alpha(t, family)
+        e = (x - a_s * d) / s
+        if t == 0.0:
+            x = p + code.residual
+        else:
+            _a, _b, c = S.step_coefficients(s, t, code.eta, family)
+            x = a_t * p + math.sqrt(t * t - c * c) * e + c * code.noises[i]
+    out = A.asyrp_replay(net.plain, edited, code, t_edit)
+    assert torch.allclose(out, x, atol=1e-5, rtol=1e-5)
+    assert (out - S.replay(net.plain, code)).abs().max() > 1e-3  # the edit did something
+
+
+def test_edit_only_inside_interval(A, S):
+    net = ToyUNet("ve")
+    _x0, code = _code(S, net, "ve", VE_SIGMAS)
+    calls = []
+    direction = _block_direction(A)
+    inner = net.edited_by(direction)
+
+    def edited(x, sigma):
+        calls.append(sigma)
+        return inner(x, sigma)
+
+    A.asyrp_replay(net.plain, edited, code, t_edit=0.6)
+    assert calls == [float(v) for v in VE_SIGMAS[:4]]
+    calls.clear()
+    assert torch.equal(A.asyrp_replay(net.plain, edited, code, t_edit=1.0), S.replay(net.plain, code))
+    assert calls == []
+    with pytest.raises(A.CodeError, match="t_edit"):
+        A.asyrp_replay(net.plain, edited, code, t_edit=1.5)
+
+
+def test_boosting_is_seeded_and_breaks_exact_reconstruction(A, S):
+    net = ToyUNet("ve")
+    x0, code = _code(S, net, "ve", VE_SIGMAS)
+    b1 = A.asyrp_replay(net.plain, None, code, t_edit=0.5, t_boost=0.3, seed=5)
+    b2 = A.asyrp_replay(net.plain, None, code, t_edit=0.5, t_boost=0.3, seed=5)
+    b3 = A.asyrp_replay(net.plain, None, code, t_edit=0.5, t_boost=0.3, seed=6)
+    assert torch.equal(b1, b2) and not torch.equal(b1, b3)
+    assert (b1 - x0).abs().max() > 1e-3
+    # boosted steps are exactly those starting at position <= t_boost
+    assert [A.is_boosted(i, 8, 0.3) for i in range(8)] == [False] * 6 + [True] * 2
+    assert not any(A.is_boosted(i, 8, 0.0) for i in range(8))
+
+
+def test_linearity_of_directions(A):
+    d1, d2 = _block_direction(A, seed=1), _block_direction(A, seed=2)
+    h = torch.randn(3, 8, 4, 4)
+    for lvl in (-2.0, 0.5, 2.7):
+        base1, base2 = d1.delta(h, lvl), d2.delta(h, lvl)
+        assert torch.allclose(d1.scaled(-1.0).delta(h, lvl), -base1)
+        assert torch.allclose(d1.scaled(2.0).delta(h, lvl), 2 * base1)
+        both = A.combine([d1, d2], [0.5, -1.5])
+        assert torch.allclose(both.delta(h, lvl), 0.5 * base1 - 1.5 * base2, atol=1e-6)
+    other = A.Direction(d2.terms, d2.coefs, dict(d2.meta, architecture="other"))
+    with pytest.raises(A.CodeError, match="architecture"):
+        A.combine([d1, other], [1.0, 1.0])
+
+
+def test_global_direction_is_per_step_and_checks_shape(A):
+    levels = [math.log(s) for s in (14.6, 6.0, 3.0)]
+    g = A.GlobalDelta((8, 4, 4), levels)
+    with torch.no_grad():
+        g.delta[1] = 1.0
+    h = torch.zeros(2, 8, 4, 4)
+    assert torch.equal(g(h, math.log(5.5)), torch.ones_like(h))
+    assert torch.equal(g(h, math.log(14.0)), torch.zeros_like(h))
+    with pytest.raises(A.CodeError, match="shape"):
+        g(torch.zeros(2, 8, 8, 8), 0.0)
+
+
+@pytest.mark.parametrize("family,top", [("ve", 14.6), ("flow", 1.0)])
+def test_ddim_inversion_reconstructs_and_improves_with_steps(A, S, family, top):
+    net = ToyUNet(family)
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    errs = []
+    for n in (5, 20, 80):
+        if family == "ve":
+            sig = torch.cat([torch.exp(torch.linspace(math.log(top), math.log(0.03), n)), torch.zeros(1)])
+        else:
+            sig = torch.cat([torch.linspace(top, 0.02, n), torch.zeros(1)])
+        sig = sig.double()
+        x_T = A.ddim_invert(net.plain, x0, sig, family)
+        rec = A.asyrp_sample(net.plain, None, x_T, sig, family, t_edit=1.0)
+        errs.append(float((rec - x0).norm() / x0.norm()))
+    assert errs[2] < errs[1] < errs[0], errs
+    assert errs[2] < 0.05, errs
+
+
+def _toy_clip(dim=16, seed=0):
+    proj = torch.randn(4 * 8 * 8, dim, generator=torch.Generator().manual_seed(100 + seed))
+
+    def embed(lat):
+        return F.normalize(torch.tanh(lat).flatten(1) @ proj, dim=-1)
+    text_dir = torch.randn(dim, generator=torch.Generator().manual_seed(200 + seed))
+    return embed, text_dir
+
+
+@torch.no_grad()
+def _held_out_loss(A, net, direction, x0, sigmas, embed, text_dir, t_edit):
+    x_T = A.ddim_invert(net.plain, x0, sigmas, "ve")
+    edited = None if direction is None else net.edited_by(direction)
+    out = A.asyrp_sample(net.plain, edited, x_T, sigmas, "ve", t_edit=t_edit)
+    return float(A.directional_clip_loss(embed(out), embed(x0), text_dir).mean())
+
+
+@pytest.mark.parametrize("kind", ["implicit function", "global direction"])
+def test_training_lowers_held_out_directional_loss(A, kind):
+    sigmas = torch.cat([torch.exp(torch.linspace(math.log(14.6), math.log(0.05), 10)), torch.zeros(1)]).double()
+    for seed in range(3):
+        net = ToyUNet("ve", seed=seed)
+        embed, text_dir = _toy_clip(seed=seed)
+        g = torch.Generator().manual_seed(seed)
+        train, held = torch.randn(6, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+        if kind == "implicit function":
+            torch.manual_seed(seed)
+            module = A.DeltaBlock(8)
+        else:
+            module = A.GlobalDelta((8, 4, 4), [A.noise_level(float(s), "ve") for s in sigmas[:-1]])
+        seen_detached = []
+
+        def edited_with(x, sigma, mod):
+            seen_detached.append(x.grad_fn is None and not x.requires_grad)
+            net.hook = lambda h, s: mod(h, A.noise_level(s, "ve"))
+            try:
+                return net(x, float(sigma))
+            finally:
+                net.hook = None
+
+        direction = A.Direction([module], [1.0], {"h_shape": [8, 4, 4]})
+        before = _held_out_loss(A, net, direction, held, sigmas, embed, text_dir, 0.5)
+        trace = A.train_direction(net.plain, edited_with, module, train, sigmas, "ve", embed, text_dir,
+                                  t_edit=0.5, iterations=4, learning_rate=0.5, batch_size=2, seed=seed)
+        after = _held_out_loss(A, net, direction, held, sigmas, embed, text_dir, 0.5)
+        assert all(seen_detached)  # every asymmetric step starts from a detached x_t
+        assert len(trace.losses) == 4 and trace.clip_losses[-1] < trace.clip_losses[0], trace.clip_losses
+        assert after < before - 0.05, (kind, seed, before, after)
