@@ -2,6 +2,7 @@
 """Plug-and-play guidance nodes: CLIP Energy, Combine Energies, Random Latent Code, Langevin Latent Sampler."""
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -283,6 +284,8 @@ def run_langevin(model, positive, negative, cfg, vae, energy, latent_code, steps
                     preview = Image.fromarray((images[0].movedim(0, -1).clamp(0, 1).cpu().numpy() * 255).astype(np.uint8))
                     pbar.update_absolute(k + 1, max(steps, 1), ("JPEG", preview, 512))
 
+                logging.info("Langevin Latent Sampler: %d steps on a %d-step chain, batch %d", steps, code.steps,
+                             code.batch_size)
                 try:
                     new_code, trace = langevin(denoise_fn, decode, dev_energy, dev_code, steps, step_size, seed,
                                                update=mode, checkpoint=use_checkpoint, callback=progress,

@@ -146,3 +146,34 @@ def test_langevin_changes_no_cached_output(gn, sd15):
         clip.target_mean = clip.target_mean.clone()
     with pytest.raises(AssertionError, match="replaced"):
         _assert_same(before, _snapshot(outputs))
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_at", [3, 9, 16])
+def test_a_cancel_is_honoured_within_one_chain_step(pack, stop_at):
+    """The host's cancel check runs before every chain step of the forward and the backward walk: a
+    request made during model call k (k = 3: forward, 9: backward of the first Langevin step, 16: the
+    second step's forward) stops the run before any further model call."""
+    L = importlib.import_module("dpm_latent.guidance.langevin")
+    S = pack.samplers
+    sigmas = torch.cat([torch.linspace(3.0, 0.2, 6, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    code = S.prior_code((1, 2, 4, 4), sigmas, 0.3, "ve", 0)
+    calls, flag = [0], [False]
+
+    def denoise(x, sigma):
+        calls[0] += 1
+        if calls[0] == stop_at:
+            flag[0] = True
+        return torch.tanh(x) / (1 + sigma)
+
+    def check():
+        if flag[0]:
+            raise _Stop()
+
+    with pytest.raises(_Stop):
+        L.langevin(denoise, lambda x: x, lambda im, g=None: im.flatten(1).pow(2).sum(1), code, 3, 0.05, 0,
+                   check=check)
+    assert calls[0] == stop_at
