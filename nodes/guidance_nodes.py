@@ -291,7 +291,10 @@ def run_langevin(model, positive, negative, cfg, vae, energy, latent_code, steps
                                                update=mode, checkpoint=use_checkpoint, callback=progress,
                                                check=comfy.model_management.throw_exception_if_processing_interrupted)
                 except FloatingPointError as e:
-                    raise B.NodeInputError(f"energy: {e}") from None
+                    dtypes = f"the model's weights are {guider.model_patcher.model_dtype()}, the VAE runs in {vae.vae_dtype}"
+                    raise B.NodeInputError(
+                        f"energy: {e} ({dtypes}; in ComfyUI start with --bf16-vae or --fp32-vae, and load the "
+                        "model without --fp16-unet / with weight_dtype default)") from None
                 except RuntimeError as e:
                     if "Inference tensors" not in str(e):
                         raise
