@@ -79,13 +79,27 @@ def model_device(patcher) -> torch.device:
     return patcher.load_device
 
 
+def _on(t: torch.Tensor, dev: torch.device) -> bool:
+    return t.device.type == dev.type and (dev.index is None or t.device.index == dev.index)
+
+
 def ensure_full_load(patchers) -> None:
-    """After ``load_models_gpu``: a transformers model cannot run partly offloaded (ComfyUI's
-    low-VRAM mode needs its own ops), so a CLIP that was loaded only in part is loaded whole."""
-    partial = [p for p in patchers if p.loaded_size() < p.model_size() and
-               p.load_device != p.offload_device]
-    if partial:
-        comfy.model_management.load_models_gpu(partial, force_full_load=True)
+    """After ``load_models_gpu``: make every weight of each CLIP live on its load device.
+
+    ComfyUI moves leaf modules one by one and lets its own ops stream the rest (low-VRAM mode); a
+    transformers model has no such ops and keeps a few parameters on non-leaf modules (CLIP's class
+    embedding), so a CLIP that was loaded only in part is moved whole, and its patcher is told so
+    (unloading then moves all of it back)."""
+    for p in patchers:
+        dev = p.load_device
+        if p.offload_device == dev:
+            continue
+        tensors = list(p.model.parameters()) + list(p.model.buffers())
+        if all(_on(t, dev) for t in tensors):
+            continue
+        p.model.to(dev)
+        p.model.device = dev
+        p.model.model_loaded_weight_memory = p.model_size()
 
 
 def load(patchers, memory_required: int = 0, others=()) -> None:
