@@ -196,6 +196,17 @@ class ClipBundle:
         return ClipBundle(model, self.tokenizer, self.image_size, self.mean, self.std,
                           device, dtype, None)
 
+    def at(self, device) -> "ClipBundle":
+        """This bundle with inputs sent to ``device``; shares the model and moves nothing.
+
+        For a caller that manages where the model lives (ComfyUI's model management):
+        it loads the model on ``device`` first, then evaluates through ``at(device)``."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        return ClipBundle(self.model, self.tokenizer, self.image_size, self.mean, self.std,
+                          device, self.dtype, self.folder)
+
     def _mean_std(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         key = (str(device), dtype)
         if key not in self._stats:
@@ -397,6 +408,20 @@ class ClipEnergy:
         self.target_mean = self.target_mean.to(device=self.bundle.device, dtype=cd)
         return self
 
+    def on_device(self, device) -> "ClipEnergy":
+        """A shallow copy whose inputs and targets are on ``device``; ``self`` is left as it is.
+
+        The model is shared and not moved (see ``ClipBundle.at``): energies are shared
+        between callers (ComfyUI caches node outputs), so evaluation never mutates them."""
+        device = torch.device(device)
+        if device == self.bundle.device and self.target.device == device:
+            return self
+        out = copy.copy(self)
+        out.bundle = self.bundle.at(device)
+        out.target = self.target.to(device)
+        out.target_mean = self.target_mean.to(device)
+        return out
+
     def _targets(self, b: int) -> torch.Tensor:
         """(B, D) targets for a batch of B images."""
         if self.target.shape[0] > 1 and self.target.shape[0] == b:
@@ -510,6 +535,15 @@ class CombinedEnergy:
             if hasattr(e, "to"):
                 e.to(device, dtype)
         return self
+
+    def on_device(self, device) -> "CombinedEnergy":
+        """A copy whose members are ``on_device(device)`` where they have it; ``self`` is unchanged."""
+        members = [e.on_device(device) if hasattr(e, "on_device") else e for e in self.energies]
+        if all(a is b for a, b in zip(members, self.energies)):
+            return self
+        out = copy.copy(self)
+        out.energies = members
+        return out
 
     def unweighted(self, images: torch.Tensor,
                    generator: Optional[torch.Generator] = None) -> torch.Tensor:

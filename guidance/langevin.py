@@ -64,12 +64,16 @@ def stream_seed(seed: int, stream: int) -> int:
 
 def chain_value_and_grad(denoise: Denoiser, decode: Decoder, energy: Energy, code: LatentCode,
                          start_noise: torch.Tensor, noises: torch.Tensor, generator=None,
-                         noise_grad: bool = True, checkpoint: bool = True):
+                         noise_grad: bool = True, checkpoint: bool = True,
+                         check: Optional[Callable[[], None]] = None):
     """Energy of ``decode(replay(code with these noises))`` and its gradient w.r.t. the noises.
 
     Returns ``(energy (B,), images, grad_start_noise, grad_noises or None)``, all detached.
     Per-step checkpointing by hand (see module doc); ``checkpoint=False`` keeps the whole graph.
+    ``check()`` is called before every chain step of the forward and of the backward walk (a
+    host raises from it to cancel: ComfyUI's interrupt).
     """
+    check = check or (lambda: None)
     if not checkpoint:
         with torch.enable_grad():
             zs = start_noise.detach().requires_grad_(True)
@@ -88,6 +92,7 @@ def chain_value_and_grad(denoise: Denoiser, decode: Decoder, energy: Energy, cod
     with torch.no_grad():
         x = blend(m, code.start_mean + code.start_scale * start_noise, None if m is None else traj[0])
         for i in range(steps):
+            check()
             xs.append(x)
             a, b, c = coeffs[i]
             d = denoise(x, s[i])
@@ -105,6 +110,7 @@ def chain_value_and_grad(denoise: Denoiser, decode: Decoder, energy: Energy, cod
     g_noises = torch.zeros_like(noises) if noise_grad else None
     mg = None if m is None else m.to(device=g.device, dtype=g.dtype)
     for i in reversed(range(steps)):
+        check()
         a, b, c = coeffs[i]
         if mg is not None:  # x_{i+1} = m * step(x_i) + (1 - m) * source
             g = g * mg
@@ -149,11 +155,13 @@ class LangevinTrace:
 
 def langevin(denoise: Denoiser, decode: Decoder, energy: Energy, code: LatentCode, steps: int,
              step_size: float, seed: int, update: str = "all", checkpoint: bool = True,
-             callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None
-             ) -> tuple[LatentCode, LangevinTrace]:
+             callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
+             check: Optional[Callable[[], None]] = None) -> tuple[LatentCode, LangevinTrace]:
     """Sample ``z`` from ``N(0, I) exp(-E(G(z)))``; returns the new code and a trace.
 
-    ``callback(step, images, energy)`` is called after each energy evaluation.
+    ``callback(step, images, energy)`` is called after each energy evaluation; ``check()``
+    before every chain step, forward and backward (raise from it to cancel).  Neither ``code``
+    nor ``energy`` is modified.
     """
     if update not in UPDATE_MODES:
         raise ValueError(f"update must be one of {UPDATE_MODES}, got {update!r}")
@@ -181,7 +189,7 @@ def langevin(denoise: Denoiser, decode: Decoder, energy: Energy, code: LatentCod
         try:
             e, images, g_start, g_noise = chain_value_and_grad(
                 denoise, decode, energy, code, z_start, z_noise, aug_gen, noise_grad=(update == "all"),
-                checkpoint=checkpoint)
+                checkpoint=checkpoint, check=check)
         except FloatingPointError as err:
             raise FloatingPointError(
                 f"Langevin step {k + 1}: {err}. The model or VAE probably overflowed in half precision; "

@@ -2,6 +2,7 @@
 """Plug-and-play guidance nodes: CLIP Energy, Combine Energies, Random Latent Code, Langevin Latent Sampler."""
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -17,6 +18,7 @@ from ..guidance import POLICIES, ClipEnergy, ClipFolderError, CombinedEnergy, lo
 from ..guidance.langevin import langevin
 from ..samplers import CodeError, prior_code, replay
 from . import _bridge as B
+from . import _clip_management as CM
 from ._autograd import UnsupportedWeights, alias_conds, control_modules, gradients_through
 from ._types import CATEGORY, EnergyIO, LatentCodeIO
 
@@ -92,17 +94,25 @@ class CLIPEnergy(io.ComfyNode):
         policies = tuple(p for p, on in zip(POLICIES, (color, translation, resize, cutout)) if on)
         if image is None and not text.strip():
             raise B.NodeInputError("text: give a target text or connect a target image")
-        # Loaded outside inference mode so that its tensors can take part in autograd later.
+        # Loaded on the offload device, outside inference mode so that its tensors can take part in
+        # autograd later; ComfyUI's model management moves it (see _clip_management).
         with torch.inference_mode(False):
             try:
-                bundle = load_clip_folder(folders[clip_name], device=comfy.model_management.get_torch_device())
+                bundle = load_clip_folder(folders[clip_name], device=CM.offload_device())
             except ClipFolderError as e:
                 raise B.NodeInputError(f"clip_name: {e}") from None
+        patcher = CM.patcher_for(bundle)
+        CM.load([patcher])
+        device = CM.model_device(patcher)
+        with torch.inference_mode(False):
             target = None
             if image is not None:
-                target = image.clone().movedim(-1, 1)[:, :3].to(bundle.device)
-            energy = ClipEnergy(bundle, text=None if target is not None else text, image=target,
+                target = image.clone().movedim(-1, 1)[:, :3].to(device)
+            energy = ClipEnergy(bundle.at(device), text=None if target is not None else text, image=target,
                                 augmentations=augmentations, policies=policies, weight=weight)
+            # The output holds the patcher and CPU targets, never a tensor on the GPU.
+            energy = energy.on_device(CM.offload_device())
+        energy.comfy_patcher = patcher
         return io.NodeOutput(energy)
 
 
@@ -254,26 +264,39 @@ def run_langevin(model, positive, negative, cfg, vae, energy, latent_code, steps
                         vae.memory_used_decode(shape, vae.vae_dtype))
         except Exception:  # an estimate only; some model types estimate from other inputs
             need = 0
-        comfy.model_management.load_models_gpu([guider.model_patcher, *getattr(guider, "loaded_models", []),
-                                                vae.patcher], memory_required=need)
+        clips = CM.energy_patchers(energy)
+        CM.load(clips, memory_required=need,
+                others=[guider.model_patcher, *getattr(guider, "loaded_models", []), vae.patcher])
+        clip_modules = [p.model for p in clips]
         try:
-            with gradients_through(guider.inner_model, vae.first_stage_model, *control_modules(guider.conds)):
+            with gradients_through(guider.inner_model, vae.first_stage_model, *control_modules(guider.conds),
+                                   *clip_modules):
                 alias_conds(guider.conds)
                 device = x0.device
                 dev_code = code.to(device=device, dtype=torch.float32).clone()
-                if hasattr(energy, "to"):
-                    energy.to(device)
+                # A device-bound copy: the energy given to the node is a cached output, never changed.
+                dev_energy = energy
+                if clips and hasattr(energy, "on_device"):
+                    dev_energy = energy.on_device(CM.model_device(clips[0]))
+                elif hasattr(energy, "on_device"):
+                    dev_energy = energy.on_device(device)
                 decode = _vae_decoder(vae, guider)
 
                 def progress(k, images, _e):
                     preview = Image.fromarray((images[0].movedim(0, -1).clamp(0, 1).cpu().numpy() * 255).astype(np.uint8))
                     pbar.update_absolute(k + 1, max(steps, 1), ("JPEG", preview, 512))
 
+                logging.info("Langevin Latent Sampler: %d steps on a %d-step chain, batch %d", steps, code.steps,
+                             code.batch_size)
                 try:
-                    new_code, trace = langevin(denoise_fn, decode, energy, dev_code, steps, step_size, seed,
-                                               update=mode, checkpoint=use_checkpoint, callback=progress)
+                    new_code, trace = langevin(denoise_fn, decode, dev_energy, dev_code, steps, step_size, seed,
+                                               update=mode, checkpoint=use_checkpoint, callback=progress,
+                                               check=comfy.model_management.throw_exception_if_processing_interrupted)
                 except FloatingPointError as e:
-                    raise B.NodeInputError(f"energy: {str(e).rstrip('.')}. {B.NON_FINITE_HINT}") from None
+                    dtypes = f"the model's weights are {guider.model_patcher.model_dtype()}, the VAE runs in {vae.vae_dtype}"
+                    raise B.NodeInputError(
+                        f"energy: {str(e).rstrip('.')} ({dtypes}; in ComfyUI start with --bf16-vae or --fp32-vae, and "
+                        f"load the model without --fp16-unet / with weight_dtype default). {B.NON_FINITE_HINT}") from None
                 except RuntimeError as e:
                     if "Inference tensors" not in str(e):
                         raise
