@@ -4,6 +4,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .code_files import LoadLatentCode, SaveLatentCode
 from .cycle import DPMEncode, EmptyConditioning, ReplayLatentWithPrompt
+from .diffusers_ddpm import LoadDiffusersDDPM
 from .guidance_nodes import CLIPEnergy, CombineEnergies, LangevinLatentSampler, RandomLatentCode
 
 
@@ -19,4 +20,5 @@ class DPMLatentExtension(ComfyExtension):
             CLIPEnergy,
             CombineEnergies,
             LangevinLatentSampler,
+            LoadDiffusersDDPM,
         ]

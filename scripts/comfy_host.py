@@ -165,7 +165,10 @@ def cmd_test(args: list[str]) -> int:
     # The test models are tiny: torch's thread pools only fight each other (pytest and the
     # server process share 2 cores on CI), which made runs up to 20x slower.
     env.setdefault("OMP_NUM_THREADS", "1")
-    code = subprocess.run([str(python), "-m", "pytest", "-p", "no:cacheprovider", str(REPO / "tests"), *args],
+    # test files or folders given: run those only (the whole suite otherwise)
+    paths = [a for a in args if not a.startswith("-") and (REPO / a.split("::")[0]).exists()]
+    code = subprocess.run([str(python), "-m", "pytest", "-p", "no:cacheprovider",
+                           *([] if paths else [str(REPO / "tests")]), *args],
                           cwd=REPO, env=env).returncode
     if code == 5:
         print("error: pytest collected no tests; that is a failure here", file=sys.stderr)
