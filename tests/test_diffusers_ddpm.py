@@ -140,7 +140,15 @@ def test_ksampler_and_model_sampling_discrete_in_the_server(server, ddpm_mod, mo
     save2 = g.node("SaveLatent", samples=s2.out(0), filename_prefix="ddpm_ks_msd")
     img = g.node("SaveImage", images=g.node("VAEDecode", samples=s1.out(0), vae=load.out(1)).out(0),
                  filename_prefix="ddpm_ks_img")
+    # generation from a prior code: pixel space, so width x height is the latent size
+    code = g.node("RandomLatentCode", model=load.out(0), width=W, height=H, batch_size=2, seed=1, steps=4,
+                  scheduler="normal", eta=0.1)
+    gen = g.node("SaveLatent", samples=g.node("ReplayLatentWithPrompt", model=load.out(0), positive=cond.out(0),
+                                              negative=cond.out(0), latent_code=code.out(0), cfg=1.0).out(0),
+                 filename_prefix="ddpm_prior")
     entry = server.run(g.prompt())
+    prior = saved_latents(server, entry, gen.id)
+    assert prior.shape == (2, 3, H, W) and bool(prior.isfinite().all()) and float(prior.std()) > 0.05
     out = saved_latents(server, entry, save1.id)
     assert out.shape == (1, 3, H, W) and bool(out.isfinite().all())
     want = _ksampler_reference(ddpm_mod, model_dirs["diffusers"] / "tiny_ddpm_eps", 5, 6, clip=True)
