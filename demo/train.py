@@ -642,9 +642,13 @@ def ddpm_sample_check(unet, sched_config, n=64, seed=0, steps=50):
     return W.read_attributes(img), img
 
 
-def train_ddpm(domain, steps, seed, n_images, batch=32, lr=2e-3, ema_decay=0.995):
-    """Standard DDPM training (epsilon MSE, uniform t) of a diffusers UNet2DModel on one domain."""
+def train_ddpm(domain, steps, seed, n_images, batch=32, lr=2e-3, ema_decay=0.995, stop_after=None):
+    """Standard DDPM training (epsilon MSE, uniform t) of a diffusers UNet2DModel on one domain.
+
+    The learning rate follows a cosine over ``steps``; ``stop_after`` ends the run earlier on the
+    same schedule (what a stop file does by hand, reproducibly)."""
     t0 = time.time()
+    steps_planned = steps
     g = torch.Generator().manual_seed(seed)
     unet = ddpm_unet(seed)
     sched = ddpm_scheduler()
@@ -675,9 +679,13 @@ def train_ddpm(domain, steps, seed, n_images, batch=32, lr=2e-3, ema_decay=0.995
                 e.lerp_(p.detach(), 1 - d)
         if step % 100 == 0 or step == steps - 1:
             log(f"ddpm {domain} step {step}/{steps} loss {loss.item():.4f}")
+        if stop_after is not None and step + 1 >= stop_after:
+            log(f"ddpm {domain}: stopping after {step + 1} of {steps} steps (--ddpm-stop-after)")
+            steps_planned, steps = steps, step + 1
+            break
         if step % 50 == 49 and (WORK_DIR / "stop_ddpm").exists():
-            log(f"ddpm {domain}: stop file found, ending after {step + 1} steps")
-            steps = step + 1
+            log(f"ddpm {domain}: stop file found, ending after {step + 1} of {steps} steps")
+            steps_planned, steps = steps, step + 1
             break
     with torch.no_grad():
         for e, p in zip(ema, params):
@@ -685,8 +693,9 @@ def train_ddpm(domain, steps, seed, n_images, batch=32, lr=2e-3, ema_decay=0.995
     unet.eval()
     wall = time.time() - t0
     return unet, sched, {"domain": domain, "shapes": list(W.DOMAINS[domain]), "seed": seed,
-                         "steps": steps, "batch": batch, "lr": lr, "ema_decay": ema_decay,
-                         "train_images": int(len(data)), "image_size": DDPM_SIZE, "wall_s": wall}
+                         "steps": steps, "lr_schedule_steps": steps_planned, "batch": batch, "lr": lr,
+                         "ema_decay": ema_decay, "train_images": int(len(data)), "image_size": DDPM_SIZE,
+                         "wall_s": wall}
 
 
 def save_ddpm(unet, sched, domain):
@@ -703,7 +712,7 @@ def ddpm_part(domain, args, common):
     steps = 60 if args.quick else args.ddpm_steps
     n_images = 300 if args.quick else args.ddpm_images
     off = {"A": 500, "B": 600}[domain]
-    unet, sched, info = train_ddpm(domain, steps, args.seed + off, n_images)
+    unet, sched, info = train_ddpm(domain, steps, args.seed + off, n_images, stop_after=args.ddpm_stop_after)
     out = save_ddpm(unet, sched, domain)
     from diffusers import UNet2DModel
     saved = UNet2DModel.from_pretrained(str(out / "unet"), use_safetensors=True,
@@ -760,7 +769,7 @@ def run_parallel(args, ap, stages=None):
     import subprocess
     base = [sys.executable, str(Path(__file__).resolve())]
     for name in ("comfyui", "seed", "threads", "vae_steps32", "vae_steps64", "flow_steps",
-                 "flow_images", "clip_steps", "ddpm_steps", "ddpm_images"):
+                 "flow_images", "clip_steps", "ddpm_steps", "ddpm_images", "ddpm_stop_after"):
         val = getattr(args, name)
         if val is not None and val != ap.get_default(name):
             base += ["--" + name.replace("_", "-"), str(val)]
@@ -802,6 +811,8 @@ def main(argv=None):
     ap.add_argument("--clip-steps", type=int, default=1500)
     ap.add_argument("--ddpm-steps", type=int, default=800)
     ap.add_argument("--ddpm-images", type=int, default=1000)
+    ap.add_argument("--ddpm-stop-after", type=int, default=None,
+                    help="end the DDPM runs after this many steps of the --ddpm-steps schedule")
     ap.add_argument("--serial", action="store_true",
                     help="run every part in this process instead of two worker processes")
     args = ap.parse_args(argv)
