@@ -598,6 +598,144 @@ def verify(results):
     results["total_bytes"] = sum(sizes.values())
 
 
+# ---------------------------------------------------------------- pixel-space DDPMs (diffusers)
+
+DDPM_DIR = MODELS / "diffusers"
+DDPM_NAMES = {"A": "dpm_world_ddpm_circles", "B": "dpm_world_ddpm_squares"}
+DDPM_SIZE = 32            # the world's 64x64 images, 2x2 area-downsampled
+
+
+def ddpm_unet(seed):
+    """A small diffusers ``UNet2DModel`` for 32x32 RGB: 3 resolutions (16, 32, 64 channels), no attention."""
+    from diffusers import UNet2DModel
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=DDPM_SIZE, in_channels=3, out_channels=3, layers_per_block=1,
+                       block_out_channels=(16, 32, 64), norm_num_groups=8,
+                       down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D"))
+
+
+def ddpm_scheduler():
+    from diffusers import DDPMScheduler
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
+                         beta_end=0.02, prediction_type="epsilon", clip_sample=True)
+
+
+def ddpm_images(n, seed, domain):
+    """Domain images at DDPM_SIZE in [-1, 1] (area downsampling of the 64x64 renders)."""
+    imgs, _ = W.sample_domain(n, seed, domain)
+    return F.avg_pool2d(imgs, W.SIZE // DDPM_SIZE) * 2 - 1
+
+
+def ddpm_sample_check(unet, sched_config, n=64, seed=0, steps=50):
+    """Sample with diffusers' DDIM (eta 0) and read the attributes at 64x64."""
+    from diffusers import DDIMScheduler
+    sch = DDIMScheduler.from_config(sched_config)
+    sch.set_timesteps(steps)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, DDPM_SIZE, DDPM_SIZE, generator=g)
+    with torch.no_grad():
+        for t in sch.timesteps:
+            x = sch.step(unet(x, t).sample, t, x).prev_sample
+    img = F.interpolate(((x + 1) / 2).clamp(0, 1), size=(W.SIZE, W.SIZE), mode="bilinear",
+                        align_corners=False)
+    return W.read_attributes(img), img
+
+
+def train_ddpm(domain, steps, seed, n_images, batch=32, lr=2e-3, ema_decay=0.995, stop_after=None):
+    """Standard DDPM training (epsilon MSE, uniform t) of a diffusers UNet2DModel on one domain.
+
+    The learning rate follows a cosine over ``steps``; ``stop_after`` ends the run earlier on the
+    same schedule (what a stop file does by hand, reproducibly)."""
+    t0 = time.time()
+    steps_planned = steps
+    g = torch.Generator().manual_seed(seed)
+    unet = ddpm_unet(seed)
+    sched = ddpm_scheduler()
+    data = ddpm_images(n_images, seed + 1, domain)
+    data = torch.cat([data, data.flip(3)])
+    abar = sched.alphas_cumprod
+    log(f"ddpm {domain}: {len(data)} images {tuple(data.shape[1:])}, "
+        f"{sum(p.numel() for p in unet.parameters())} parameters, in {time.time() - t0:.0f}s")
+    params = list(unet.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    unet.train()
+    for step in range(steps):
+        x0 = data[torch.randint(0, len(data), (batch,), generator=g)]
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        a = abar[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        loss = F.mse_loss(unet(xt, t).sample, eps)
+        set_lr(opt, cosine_lr(step, steps, lr, warmup=100, final=0.1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        d = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p.detach(), 1 - d)
+        if step % 100 == 0 or step == steps - 1:
+            log(f"ddpm {domain} step {step}/{steps} loss {loss.item():.4f}")
+        if stop_after is not None and step + 1 >= stop_after:
+            log(f"ddpm {domain}: stopping after {step + 1} of {steps} steps (--ddpm-stop-after)")
+            steps_planned, steps = steps, step + 1
+            break
+        if step % 50 == 49 and (WORK_DIR / "stop_ddpm").exists():
+            log(f"ddpm {domain}: stop file found, ending after {step + 1} of {steps} steps")
+            steps_planned, steps = steps, step + 1
+            break
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    unet.eval()
+    wall = time.time() - t0
+    return unet, sched, {"domain": domain, "shapes": list(W.DOMAINS[domain]), "seed": seed,
+                         "steps": steps, "lr_schedule_steps": steps_planned, "batch": batch, "lr": lr,
+                         "ema_decay": ema_decay, "train_images": int(len(data)), "image_size": DDPM_SIZE,
+                         "wall_s": wall}
+
+
+def save_ddpm(unet, sched, domain):
+    """Save as a diffusers DDPMPipeline folder (model_index.json, unet/, scheduler/), fp16 weights."""
+    from diffusers import DDPMPipeline
+    out = DDPM_DIR / DDPM_NAMES[domain]
+    unet = unet.to(torch.float16)
+    DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(str(out), safe_serialization=True)
+    unet.to(torch.float32)
+    return out
+
+
+def ddpm_part(domain, args, common):
+    steps = 60 if args.quick else args.ddpm_steps
+    n_images = 300 if args.quick else args.ddpm_images
+    off = {"A": 500, "B": 600}[domain]
+    unet, sched, info = train_ddpm(domain, steps, args.seed + off, n_images, stop_after=args.ddpm_stop_after)
+    out = save_ddpm(unet, sched, domain)
+    from diffusers import UNet2DModel
+    saved = UNet2DModel.from_pretrained(str(out / "unet"), use_safetensors=True,
+                                        torch_dtype=torch.float32).eval()
+    attrs, img = ddpm_sample_check(saved, sched.config)
+    want = W.DOMAINS[domain][0]
+    summ = W.summarize(attrs)
+    info.update({"sampler_check": "diffusers DDIM eta 0, 50 steps, 64 samples, fp16 weights",
+                 "domain_shape_rate": summ["shape"][want], "shape_hist": summ["shape"],
+                 "colour_hist": summ["colour"],
+                 "bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()), **common})
+    log(f"ddpm {domain}: {json.dumps(info)}")
+    try:
+        from PIL import Image
+        grid = img[:64].permute(0, 2, 3, 1).reshape(8, 8, W.SIZE, W.SIZE, 3).permute(0, 2, 1, 3, 4)
+        WORK_DIR.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((grid.reshape(8 * W.SIZE, 8 * W.SIZE, 3).numpy() * 255).round()
+                        .astype(np.uint8)).save(WORK_DIR / f"ddpm_samples_{domain}.png")
+    except Exception as e:  # pragma: no cover
+        log("grid save failed", e)
+    save_part(f"ddpm_{domain}", info)
+
+
 # ---------------------------------------------------------------- main
 
 def save_part(name, info):
@@ -622,7 +760,7 @@ def merge_json(extra=None):
     return results
 
 
-def run_parallel(args, ap):
+def run_parallel(args, ap, stages=None):
     """The default full run on two cores: (vae | clip), then (flow_a | flow_b), then verify.
 
     Each part runs in its own single-threaded process with the same options, so
@@ -631,7 +769,7 @@ def run_parallel(args, ap):
     import subprocess
     base = [sys.executable, str(Path(__file__).resolve())]
     for name in ("comfyui", "seed", "threads", "vae_steps32", "vae_steps64", "flow_steps",
-                 "flow_images", "clip_steps"):
+                 "flow_images", "clip_steps", "ddpm_steps", "ddpm_images", "ddpm_stop_after"):
         val = getattr(args, name)
         if val is not None and val != ap.get_default(name):
             base += ["--" + name.replace("_", "-"), str(val)]
@@ -645,8 +783,15 @@ def run_parallel(args, ap):
             raise SystemExit(f"parts {parts} failed: exit codes {codes}")
 
     t0 = time.time()
+    if stages is not None:
+        for parts in stages:
+            stage(parts)
+        merge_json()
+        log(f"parts {stages} done in {time.time() - t0:.0f}s")
+        return
     stage(["vae", "clip"])
     stage(["flow_a", "flow_b"])
+    stage(["ddpm_a", "ddpm_b"])
     stage(["verify"])
     log(f"all parts done in {time.time() - t0:.0f}s")
 
@@ -654,7 +799,7 @@ def run_parallel(args, ap):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--comfyui", default=None)
-    ap.add_argument("--parts", default="vae,flow_a,flow_b,clip,verify")
+    ap.add_argument("--parts", default="vae,flow_a,flow_b,clip,ddpm_a,ddpm_b,verify")
     ap.add_argument("--quick", action="store_true", help="short smoke-test training")
     ap.add_argument("--seed", type=int, default=20231)
     ap.add_argument("--threads", type=int, default=1,
@@ -664,18 +809,26 @@ def main(argv=None):
     ap.add_argument("--flow-steps", type=int, default=3096)
     ap.add_argument("--flow-images", type=int, default=3000)
     ap.add_argument("--clip-steps", type=int, default=1500)
+    ap.add_argument("--ddpm-steps", type=int, default=800)
+    ap.add_argument("--ddpm-images", type=int, default=1000)
+    ap.add_argument("--ddpm-stop-after", type=int, default=None,
+                    help="end the DDPM runs after this many steps of the --ddpm-steps schedule")
     ap.add_argument("--serial", action="store_true",
                     help="run every part in this process instead of two worker processes")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not args.serial and args.parts == ap.get_default("parts"):
         return run_parallel(args, ap)
+    if not args.serial and args.parts == "ddpm":
+        return run_parallel(args, ap, stages=[["ddpm_a", "ddpm_b"]])
     if args.quick:
         args.vae_steps32, args.vae_steps64 = 60, 10
         args.flow_steps, args.flow_images = 60, 300
         args.clip_steps = 40
-    setup_comfy(args.comfyui)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    parts = [q for p in parts for q in (("ddpm_a", "ddpm_b") if p == "ddpm" else (p,))]
+    if any(not p.startswith("ddpm_") for p in parts):   # the diffusers DDPMs need no ComfyUI
+        setup_comfy(args.comfyui)
     common = {"base_seed": args.seed, "quick": args.quick, "torch": torch.__version__,
               "threads": args.threads}
     WORK_DIR.mkdir(parents=True, exist_ok=True)
@@ -709,6 +862,9 @@ def main(argv=None):
             model.diffusion_model.load_state_dict(torch.load(flow_paths[domain]))
             rec = json.loads((WORK_DIR / f"part_flow_{domain}.json").read_text())
             save_checkpoint(model, vae, domain, rec)
+    for domain, part in (("A", "ddpm_a"), ("B", "ddpm_b")):
+        if part in parts:
+            ddpm_part(domain, args, common)
     if "clip" in parts:
         info = train_clip(args.clip_steps, args.seed + 400, pool_n=1000 if args.quick else 4000)
         info.update(common)

@@ -6,6 +6,7 @@ from .asyrp import (AsyrpEdit, AsyrpEditDDIM, AsyrpTrainDirection, CombineAsyrpD
                     SaveAsyrpDirection)
 from .code_files import LoadLatentCode, SaveLatentCode
 from .cycle import DPMEncode, EmptyConditioning, ReplayLatentWithPrompt
+from .diffusers_ddpm import LoadDiffusersDDPM
 from .guidance_nodes import CLIPEnergy, CombineEnergies, LangevinLatentSampler, RandomLatentCode
 
 
@@ -27,4 +28,5 @@ class DPMLatentExtension(ComfyExtension):
             CombineAsyrpDirections,
             SaveAsyrpDirection,
             LoadAsyrpDirection,
+            LoadDiffusersDDPM,
         ]

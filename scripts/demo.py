@@ -118,6 +118,60 @@ def graph_translate(input_image="dpm_world_circles.png"):
     return g, saves, titles
 
 
+PIXEL_DDPM_A = "dpm_world_ddpm_circles"      # demo/models/diffusers/, trained by demo/train.py --parts ddpm
+PIXEL_DDPM_B = "dpm_world_ddpm_squares"
+PIXEL_SIZE = 32
+PIXEL_WORKFLOW = "cyclediffusion_translate_pixel_ddpm"
+
+
+def graph_translate_pixel_ddpm(input_image="dpm_world_circles.png", baselines=False, steps=STEPS, denoise=DENOISE):
+    """Two pixel-space DDPMs (diffusers): encode with A (circles), replay with B (squares).
+
+    ``baselines``: also the reconstruction (replay with A), SDEdit with B at the same strength
+    and the pixel VAE round trip (the demo row); the shipped workflow is the plain translation."""
+    from graphs import Graph
+
+    g = Graph()
+    m_a = g.node("LoadDiffusersDDPM", model_name=PIXEL_DDPM_A, clip_sample="scheduler config")
+    m_b = g.node("LoadDiffusersDDPM", model_name=PIXEL_DDPM_B, clip_sample="scheduler config")
+    img = g.node("LoadImage", image=input_image)
+    small = g.node("ImageScale", image=img.out(0), upscale_method="area", width=PIXEL_SIZE, height=PIXEL_SIZE,
+                   crop="disabled")
+    e_a = g.node("EmptyConditioning", model=m_a.out(0), tokens=1)
+    e_b = g.node("EmptyConditioning", model=m_b.out(0), tokens=1)
+    lat = g.node("VAEEncode", pixels=small.out(0), vae=m_a.out(1))
+    enc = g.node("DPMEncode", model=m_a.out(0), positive=e_a.out(0), negative=e_a.out(0), latent_image=lat.out(0),
+                 seed=0, steps=steps, scheduler="normal", denoise=denoise, eta=ETA, cfg=1.0)
+    tr = g.node("ReplayLatentWithPrompt", model=m_b.out(0), positive=e_b.out(0), negative=e_b.out(0),
+                latent_code=enc.out(0), cfg=1.0)
+    outs = [("translation", tr, m_b)]
+    titles = {m_a.id: "Pixel DDPM A: circles (diffusers)", m_b.id: "Pixel DDPM B: squares (diffusers)",
+              small.id: "To the DDPMs' 32 x 32", enc.id: "DPM Encode with A", tr.id: "Replay with B (translation)"}
+    if baselines:
+        rec = g.node("ReplayLatentWithPrompt", model=m_a.out(0), positive=e_a.out(0), negative=e_a.out(0),
+                     latent_code=enc.out(0), cfg=1.0)
+        sde = g.node("KSampler", model=m_b.out(0), positive=e_b.out(0), negative=e_b.out(0),
+                     latent_image=lat.out(0), seed=0, steps=steps, cfg=1.0, sampler_name="euler_ancestral",
+                     scheduler="normal", denoise=denoise)
+        outs += [("reconstruction", rec, m_a), ("sdedit_baseline", sde, m_b), ("vae_roundtrip", lat, m_a)]
+    saves = {}
+    for key, latent, vae in outs:
+        dec = g.node("VAEDecode", samples=latent.out(0), vae=vae.out(1))
+        saves[key] = g.node("SaveImage", images=dec.out(0), filename_prefix=f"dpm_pixel_ddpm/{key}").id
+    return g, saves, titles
+
+
+PIXEL_NOTE = (
+    "CycleDiffusion's own setting: unpaired image-to-image translation between two pixel-space DDPMs trained "
+    "independently (here: diffusers UNet2DModels trained on the demo world, A on circles, B on squares, 32 x 32).\n\n"
+    "Load Diffusers DDPM reads a diffusers folder from models/diffusers/ (unet/ + scheduler/, or a flat "
+    "config.json + diffusion_pytorch_model.safetensors + scheduler_config.json) and gives a MODEL and the pixel "
+    "VAE. The image is resized to the DDPMs' size, encoded by DPM Encode with A into the full random code of its "
+    "stochastic sampler, and that code is replayed by B: colour and position stay, the shape becomes B's.\n\n"
+    "The DDPMs are unconditional: Empty Conditioning and cfg 1. Change: denoise (strength of the change), "
+    "steps, seed; use your own google/ddpm-* style folders for A and B (same resolution).")
+
+
 def graph_clip_generation(batch=1, seed=0, colour=TARGET_COLOUR, langevin_steps=LANGEVIN_STEPS):
     from graphs import Graph
 
@@ -297,6 +351,7 @@ def write_workflows(server) -> list[Path]:
         path.write_text(json.dumps(wf, indent=1) + "\n")
         paths.append(path)
     paths += write_masked_workflows(info)
+    paths.append(write_pixel_ddpm_workflow(info))
     return paths
 
 
@@ -315,10 +370,22 @@ def write_masked_workflows(info: dict) -> list[Path]:
     return paths
 
 
+def write_pixel_ddpm_workflow(info) -> Path:
+    from ui_workflow import api_to_ui
+
+    g, _saves, titles = graph_translate_pixel_ddpm()
+    test = {"diffusers": {PIXEL_DDPM_A: "tiny_ddpm_eps", PIXEL_DDPM_B: "tiny_ddpm_eps_b"}}
+    wf = api_to_ui(g.prompt(), info, note=PIXEL_NOTE, titles=titles, extra={"dpm_latent_test": test})
+    path = WORKFLOWS / f"{PIXEL_WORKFLOW}.json"
+    path.write_text(json.dumps(wf, indent=1) + "\n")
+    return path
+
+
 # ----------------------------------------------------------------------------- running
 def install_demo_models(comfy_dir: Path) -> None:
     """Link the demo models into the host's model folders (so `serve` shows them too)."""
-    for sub, name in (("checkpoints", CKPT_A), ("checkpoints", CKPT_B), ("clip_energy", CLIP_NAME)):
+    for sub, name in (("checkpoints", CKPT_A), ("checkpoints", CKPT_B), ("clip_energy", CLIP_NAME),
+                      ("diffusers", PIXEL_DDPM_A), ("diffusers", PIXEL_DDPM_B)):
         src = MODELS / sub / name
         if not src.exists():
             raise SystemExit(f"demo model {src} is missing: run `python demo/train.py` (see demo/models/TRAINING.json)")
@@ -563,8 +630,77 @@ def measure(server, n: int = 64, seed: int = 0, langevin_steps: int = LANGEVIN_S
         "n": n_edit,
     }
     metrics["masked_translation"] = measure_masked(server, files["A"], images)
+    metrics["pixel_ddpm"], images["pixel_ddpm"] = measure_pixel_ddpm(server, n=n, seed=seed)
     add_rate_intervals(metrics)
     return metrics, images
+
+
+def wilson(k: int, n: int) -> list:
+    """Wilson 95 % interval of a rate k / n, as [low, high]."""
+    if n == 0:
+        return [float("nan"), float("nan")]
+    iv = rate_with_interval(k, n)
+    return [iv["low"], iv["high"]]
+
+
+def bootstrap_mean(values, reps: int = 2000, seed: int = 0) -> list:
+    """Percentile bootstrap 95 % interval of a mean (seeded)."""
+    import numpy as np
+
+    v = np.asarray([x for x in values if math.isfinite(x)], dtype=np.float64)
+    if len(v) == 0:
+        return [float("nan"), float("nan")]
+    idx = np.random.default_rng(seed).integers(0, len(v), size=(reps, len(v)))
+    means = v[idx].mean(1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def measure_pixel_ddpm(server, n: int = 64, seed: int = 0) -> tuple[dict, dict]:
+    """Pixel-space DDPMs (diffusers, 32 x 32): translation A -> B vs SDEdit with B, and reconstruction.
+
+    Inputs are world circles area-downsampled to 32 x 32; outputs are read by the world's readers
+    after a bilinear upsampling to 64 x 64 (centroids in 64-pixel units, like the flow demo)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    W = world()
+    imgs, attrs = W.sample_domain(n, seed + 2000, "A")
+    small = F.avg_pool2d(imgs, W.SIZE // PIXEL_SIZE)
+    frames = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for im in small]
+    tiff = "dpm_world_circles_32_batch.tiff"
+    frames[0].save(Path(server.input_dir) / tiff, save_all=True, append_images=frames[1:], compression="raw")
+    g, saves, _ = graph_translate_pixel_ddpm(input_image=tiff, baselines=True)
+    t = time.perf_counter()
+    entry = server.run(g.prompt(), timeout=3600)
+    dt = time.perf_counter() - t
+    out = {k: read_outputs(server, entry, v) for k, v in saves.items()}
+    big = {k: F.interpolate(v, size=(W.SIZE, W.SIZE), mode="bilinear", align_corners=False).clamp(0, 1)
+           for k, v in out.items()}
+    m: dict = {"n_images": n, "image_size": PIXEL_SIZE, "steps": STEPS, "denoise": DENOISE, "eta": ETA,
+               "seconds": dt}
+    m["reconstruction_psnr_vs_input_db"] = {
+        "worst": min(psnr(out["reconstruction"][i], out["vae_roundtrip"][i]) for i in range(n)),
+        "max_abs_error_255": float((out["reconstruction"] - out["vae_roundtrip"]).abs().max() * 255)}
+
+    def located(p):
+        return p["shape"] not in (None, "none") and math.isfinite(p["cx"]) and math.isfinite(p["cy"])
+
+    for key in ("translation", "sdedit_baseline", "vae_roundtrip"):
+        pred = W.read_attributes(big[key])
+        sq = sum(p["shape"] == "square" for p in pred)
+        col = sum(p["colour"] == a["colour"] for p, a in zip(pred, attrs))
+        circ = sum(p["shape"] == "circle" for p in pred)
+        errs = [math.hypot(p["cx"] - a["cx"], p["cy"] - a["cy"]) for p, a in zip(pred, attrs) if located(p)]
+        m[key] = {"square_rate": sq / n, "square_rate_ci95": wilson(sq, n),
+                  "circle_rate": circ / n, "circle_rate_ci95": wilson(circ, n),
+                  "colour_kept": col / n, "colour_kept_ci95": wilson(col, n),
+                  "centroid_error_px": float(np.mean(errs)) if errs else float("nan"),
+                  "centroid_error_px_ci95": bootstrap_mean(errs, seed=seed),
+                  "no_shape_rate": float(np.mean([not located(p) for p in pred]))}
+    images = {"input_small": small, **out}
+    return m, images
 
 
 def grid(images: dict, rows: int = 8):
@@ -633,7 +769,29 @@ def metrics_markdown(m: dict) -> str:
             f"{d['centroid_error_px']:.1f} px | ComfyUI inpainting {fmt_rate(b['colour_kept'])} / "
             f"{b['centroid_error_px']:.1f} px |",
         ]
+    if "pixel_ddpm" in m:
+        lines += pixel_ddpm_markdown(m["pixel_ddpm"])
     return "\n".join(lines)
+
+
+def pixel_ddpm_markdown(p: dict) -> list:
+    t, s = p["translation"], p["sdedit_baseline"]
+
+    def ci(x):
+        return f"[{x[0]:.2f}, {x[1]:.2f}]"
+
+    rec = p["reconstruction_psnr_vs_input_db"]
+    worst = f"{rec['worst']:.1f} dB" if math.isfinite(rec["worst"]) else "∞ (identical 8-bit images)"
+    return [
+        f"| pixel DDPMs (diffusers, {p['image_size']}²; n = {p['n_images']}): reconstruction vs input, worst PSNR / "
+        f"max error | {worst} / {rec['max_abs_error_255']:.0f}/255 | – |",
+        f"| pixel DDPMs A→B: square rate (95 % CI) | {t['square_rate']:.2f} {ci(t['square_rate_ci95'])} "
+        f"| SDEdit {s['square_rate']:.2f} {ci(s['square_rate_ci95'])} |",
+        f"| pixel DDPMs A→B: colour kept (95 % CI) | {t['colour_kept']:.2f} {ci(t['colour_kept_ci95'])} "
+        f"| SDEdit {s['colour_kept']:.2f} {ci(s['colour_kept_ci95'])} |",
+        f"| pixel DDPMs A→B: centroid error (95 % CI) | {t['centroid_error_px']:.1f} px {ci(t['centroid_error_px_ci95'])} "
+        f"| SDEdit {s['centroid_error_px']:.1f} px {ci(s['centroid_error_px_ci95'])} |",
+    ]
 
 
 def main(argv=None) -> int:
@@ -653,7 +811,8 @@ def main(argv=None) -> int:
     work = out / "server"
     work.mkdir(exist_ok=True)
     server = ComfyServer(comfy_dir, work, python=sys.executable,
-                         model_dirs={"checkpoints": MODELS / "checkpoints", "clip_energy": MODELS / "clip_energy"})
+                         model_dirs={"checkpoints": MODELS / "checkpoints", "clip_energy": MODELS / "clip_energy",
+                                     "diffusers": MODELS / "diffusers"})
     print(f"starting ComfyUI from {comfy_dir} ...", flush=True)
     server.start()
     try:

@@ -89,6 +89,14 @@ def model_dirs(tmp_path_factory):
     import tiny_clip
 
     tiny_clip.make_tiny_clip_folder(dirs["clip_energy"] / "tiny_clip", seed=0)
+    import tiny_ddpm
+
+    dirs["diffusers"] = root / "diffusers"
+    tiny_ddpm.make_ddpm_folder(dirs["diffusers"] / "tiny_ddpm_eps", seed=0, layout="pipeline")
+    tiny_ddpm.make_ddpm_folder(dirs["diffusers"] / "tiny_ddpm_eps_b", seed=1, layout="pipeline")
+    tiny_ddpm.make_ddpm_folder(dirs["diffusers"] / "tiny_ddpm_v", seed=2, prediction_type="v_prediction",
+                               layout="flat")
+    tiny_ddpm.make_bad_folders(dirs["diffusers"])
     return dirs
 
 

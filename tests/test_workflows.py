@@ -75,6 +75,11 @@ CHECKPOINTS = {
     "sd_xl_base_1.0.safetensors": "tiny_sdxl.safetensors",
     "sd3_medium_incl_clips.safetensors": "tiny_sd3.safetensors",
 }
+# Load Diffusers DDPM model_name -> folder that the model_dirs fixture builds in the diffusers model dir
+# (plus the workflow's own ``extra.dpm_latent_test.diffusers``)
+DIFFUSERS = {
+    "google/ddpm-cifar10-32": "tiny_ddpm_eps",
+}
 # tiny checkpoint -> how CLIP Text Encode is handled: "clip_l" (tiny CLIP-L) or "empty" (Empty Conditioning)
 TEXT = {
     "tiny_sd15.safetensors": "clip_l",
@@ -268,6 +273,7 @@ def _adapt(ui: dict, object_info: dict, image_name: str, stem: str):
 
     ckpt_map = {**CHECKPOINTS, **(cfg.get("checkpoints") or {})}
     clip_map = {**CLIP_ENERGY, **(cfg.get("clip_energy") or {})}
+    ddpm_map = {**DIFFUSERS, **(cfg.get("diffusers") or {})}
     chain_steps = STEPS
     if any(n["class_type"] == "LangevinLatentSampler" for n in api.values()):
         chain_steps = LANGEVIN_CHAIN
@@ -288,6 +294,12 @@ def _adapt(ui: dict, object_info: dict, image_name: str, stem: str):
                 f"{stem}: no tiny model for checkpoint {name!r}: add it to CHECKPOINTS in this test or to "
                 "extra.dpm_latent_test.checkpoints in the workflow")
             inp["ckpt_name"] = tiny[nid] = ckpt_map[name]
+        elif node["class_type"] == "LoadDiffusersDDPM":
+            name = inp["model_name"]
+            assert name in ddpm_map, (
+                f"{stem}: no tiny DDPM folder for model_name {name!r}: add it to DIFFUSERS in this test or to "
+                "extra.dpm_latent_test.diffusers in the workflow")
+            inp["model_name"] = ddpm_map[name]
         elif node["class_type"] == "LoadImage":
             inp["image"] = image_name
         elif node["class_type"] == "CLIPEnergy":
