@@ -9,7 +9,6 @@ installed on a private ``model.clone()``, so the caller's MODEL never carries it
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -30,6 +29,7 @@ from ..samplers import CodeError
 from ..samplers import asyrp as AS
 from ..samplers.artifact import load_artifact, save_artifact
 from . import _bridge as B
+from . import _files as F
 from ._autograd import UnsupportedWeights, alias_conds, gradients_through
 from ._types import CATEGORY, AsyrpDirectionIO, LatentCodeIO
 from .cycle import _conditioning_dims
@@ -633,16 +633,6 @@ def load_direction(path) -> AS.Direction:
     return direction_from_tensors(tensors, meta, os.path.basename(str(path)))
 
 
-def _input_direction_files() -> list[str]:
-    root = folder_paths.get_input_directory()
-    found = []
-    for dirpath, _dirs, files in B.walk_dirs(root):
-        for f in files:
-            if f.endswith(SUFFIX):
-                found.append(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
-    return sorted(found)
-
-
 class SaveAsyrpDirection(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -651,8 +641,8 @@ class SaveAsyrpDirection(io.ComfyNode):
             display_name="Save Asyrp Direction",
             category=CATEGORY,
             description=f"Saves a direction to ComfyUI's output folder as <prefix>_NNNNN_{SUFFIX} (safetensors "
-                        "with a SHA-256; records the model, h shape, schedule and texts). Copy it to the input "
-                        "folder to load it.",
+                        "with a SHA-256; records the model, h shape, schedule and texts). Load Asyrp Direction "
+                        "lists it as '<name> [output]'.",
             inputs=[
                 AsyrpDirectionIO.Input("direction", tooltip="The direction to save."),
                 io.String.Input("filename_prefix", default="dpm_latent/asyrp",
@@ -664,14 +654,7 @@ class SaveAsyrpDirection(io.ComfyNode):
 
     @classmethod
     def execute(cls, direction, filename_prefix) -> io.NodeOutput:
-        out_dir = folder_paths.get_output_directory()
-        full_dir, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
-        fname = f"{name}_{counter:05}_{SUFFIX}"
-        try:
-            save_direction(direction, os.path.join(full_dir, fname))
-        except CodeError as e:
-            raise B.code_error(e) from None
-        return io.NodeOutput(ui=ui.PreviewText(f"saved {os.path.join(subfolder, fname)}"))
+        return F.save(filename_prefix, SUFFIX, lambda path: save_direction(direction, path))
 
 
 class LoadAsyrpDirection(io.ComfyNode):
@@ -681,44 +664,25 @@ class LoadAsyrpDirection(io.ComfyNode):
             node_id="LoadAsyrpDirection",
             display_name="Load Asyrp Direction",
             category=CATEGORY,
-            description=f"Loads a direction ({SUFFIX}) from ComfyUI's input folder; checks its digest and every "
+            description=f"Loads a direction ({SUFFIX}) from ComfyUI's input folder, or from the output "
+                        "folder (names ending in ' [output]'); checks its digest and every "
                         "field, never unpickles.",
             inputs=[
-                io.Combo.Input("direction_file", options=_input_direction_files(),
-                               tooltip=f"A {SUFFIX} file in ComfyUI's input folder."),
+                io.Combo.Input("direction_file", options=F.file_options(SUFFIX),
+                               tooltip=f"A {SUFFIX} file in ComfyUI's input folder, or one Save Asyrp Direction "
+                                       "wrote to the output folder (listed with ' [output]')."),
             ],
             outputs=[AsyrpDirectionIO.Output(display_name="direction")],
         )
 
     @classmethod
-    def _path(cls, direction_file: str) -> str:
-        root = os.path.abspath(folder_paths.get_input_directory())
-        path = os.path.abspath(os.path.join(root, direction_file))
-        if os.path.commonpath([root, path]) != root:
-            raise B.NodeInputError(f"direction_file: {direction_file!r} is outside the input folder")
-        return path
-
-    @classmethod
     def validate_inputs(cls, direction_file):
-        try:
-            path = cls._path(direction_file)
-        except B.NodeInputError as e:
-            return str(e)
-        if not os.path.isfile(path):
-            return f"direction_file: {direction_file!r} is not in the input folder {folder_paths.get_input_directory()}"
-        return True
+        return F.validate(direction_file, "direction_file")
 
     @classmethod
     def fingerprint_inputs(cls, direction_file):
-        try:
-            with open(cls._path(direction_file), "rb") as f:
-                return hashlib.sha256(f.read()).hexdigest()
-        except (OSError, B.NodeInputError):
-            return direction_file
+        return F.fingerprint(direction_file, "direction_file")
 
     @classmethod
     def execute(cls, direction_file) -> io.NodeOutput:
-        try:
-            return io.NodeOutput(load_direction(cls._path(direction_file)))
-        except CodeError as e:
-            raise B.NodeInputError(f"direction_file: {e}") from None
+        return io.NodeOutput(F.load(direction_file, "direction_file", load_direction))

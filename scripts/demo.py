@@ -661,7 +661,6 @@ def measure_pixel_ddpm(server, n: int = 64, seed: int = 0) -> tuple[dict, dict]:
     Inputs are world circles area-downsampled to 32 x 32; outputs are read by the world's readers
     after a bilinear upsampling to 64 x 64 (centroids in 64-pixel units, like the flow demo)."""
     import numpy as np
-    import torch
     import torch.nn.functional as F
     from PIL import Image
 

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from comfy_server import ComfyServer, PromptError
+from comfy_server import ComfyServer
 from graphs import Graph, encode_graph, rel_err, saved_latents, write_latent
 
 CLIP_LOAD = "Requested to load ClipEnergyModel"

@@ -135,7 +135,7 @@ def test_bad_masks_give_clear_errors(server):
     from comfy_server import PromptError
 
     x0 = torch.randn(1, 16, 8, 8)
-    name = write_latent(server.input_dir, "masked_err", x0)
+    write_latent(server.input_dir, "masked_err", x0)
     g = Graph()
     ckpt = g.node("CheckpointLoaderSimple", ckpt_name="tiny_sd3.safetensors")
     e = g.node("EmptyConditioning", model=ckpt.out(0), tokens=8)
