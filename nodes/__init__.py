@@ -5,6 +5,7 @@ from comfy_api.latest import ComfyExtension, io
 from .code_files import LoadLatentCode, SaveLatentCode
 from .cycle import DPMEncode, EmptyConditioning, ReplayLatentWithPrompt
 from .guidance_nodes import CLIPEnergy, CombineEnergies, LangevinLatentSampler, RandomLatentCode
+from .sweep import DPMSweep, RankByCLIP
 
 
 class DPMLatentExtension(ComfyExtension):
@@ -19,4 +20,6 @@ class DPMLatentExtension(ComfyExtension):
             CLIPEnergy,
             CombineEnergies,
             LangevinLatentSampler,
+            DPMSweep,
+            RankByCLIP,
         ]

@@ -97,16 +97,24 @@ class ReplayLatentWithPrompt(io.ComfyNode):
                 LatentCodeIO.Input("latent_code", tooltip="From DPM Encode, Load Latent Code or Random Latent Code."),
                 io.Float.Input("cfg", default=3.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="CFG of the replay; the paper sweeps 1-5."),
+                io.String.Input("cfg_values", optional=True, force_input=True,
+                                tooltip="Optional cfg list as text ('1, 1.5, 2', e.g. DPM Sweep's cfg): replays the "
+                                        "code at every value as one batch (value-major) and overrides cfg."),
             ],
             outputs=[io.Latent.Output(display_name="LATENT", tooltip="The replayed latent image.")],
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, latent_code, cfg) -> io.NodeOutput:
+    def execute(cls, model, positive, negative, latent_code, cfg, cfg_values=None) -> io.NodeOutput:
         code = latent_code
         B.check_code_for_model(model, code)
         B.check_conditioning_batch(positive, code.batch_size, "positive")
         B.check_conditioning_batch(negative, code.batch_size, "negative")
+        if cfg_values is not None and cfg_values.strip():
+            from .sweep import parse_cfg_values, replay_at_cfgs
+
+            samples = replay_at_cfgs(model, positive, negative, code, parse_cfg_values(cfg_values))
+            return io.NodeOutput({"samples": samples})
         placeholder = torch.zeros(code.shape)
 
         def work(denoise_fn, _x0, callback, _guider):
