@@ -241,8 +241,13 @@ def api_to_ui(prompt: dict, object_info: dict, note: str | None = None, titles: 
         for name, spec in ordered_inputs(info):
             value = node["inputs"].get(name)
             if is_widget(spec):
-                if isinstance(value, list):
-                    raise WorkflowError(f"node {nid}: widget {name!r} fed by a link is not supported here")
+                if isinstance(value, list):  # a widget fed by a link: a socket that names its widget
+                    typ = _spec_type(spec)
+                    entry = {"name": name, "type": typ if isinstance(typ, str) else "COMBO",
+                             "widget": {"name": name}, "link": None}
+                    pending.append((str(value[0]), int(value[1]), nid, len(inputs), entry))
+                    inputs.append(entry)
+                    value = None
                 if value is None:
                     value = _spec_options(spec).get("default")
                 widgets.append(value)
