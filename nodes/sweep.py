@@ -150,17 +150,23 @@ def _flat_images(images, name: str) -> list[torch.Tensor]:
     return out
 
 
-def _labels(labels, n: int) -> list[str]:
+def _labels(labels, n: int, sizes: list[int]) -> list[str]:
+    """One label per image: given per image, or per list item (then suffixed [b] inside a batch)."""
     if not labels or all(x is None or str(x) == "" for x in labels):
         return [f"#{i}" for i in range(n)]
     items = [str(x) for x in labels]
     if len(items) == 1 and n > 1:
         items = [s.strip() for s in items[0].splitlines() if s.strip()]
-    if len(items) != n:
-        raise B.NodeInputError(
-            f"labels: {len(items)} labels for {n} images; connect DPM Sweep's label output (one per candidate) "
-            "or give one line per image")
-    return items
+    if len(items) == n:
+        return items
+    if len(items) == len(sizes):
+        return [f"{lab} [{b}]" if size > 1 else lab for lab, size in zip(items, sizes) for b in range(size)]
+    raise B.NodeInputError(
+        f"labels: {len(items)} labels for {n} images; connect DPM Sweep's label output (one per candidate) "
+        "or give one line per image")
+
+
+GROUPS = ("all images", "each batch index")
 
 
 class RankByCLIP(io.ComfyNode):
@@ -188,6 +194,10 @@ class RankByCLIP(io.ComfyNode):
                                        "selection): needs source_image and source_text."),
                 io.Int.Input("top_k", default=1, min=1, max=4096,
                              tooltip="How many of the best images to output (fewer if there are fewer)."),
+                io.Combo.Input("rank_within", options=list(GROUPS), default="all images",
+                               tooltip="all images: one ranking. each batch index: when every candidate is a batch "
+                                       "of B input images swept together, the best per input image (index b of "
+                                       "every batch); outputs top_k per input image, input image first."),
                 io.String.Input("source_text", multiline=True, default="", optional=True,
                                 tooltip="What the source image shows (the source prompt); for directional CLIP."),
                 io.Image.Input("source_image", optional=True,
@@ -199,7 +209,8 @@ class RankByCLIP(io.ComfyNode):
                 io.Image.Output(display_name="images", tooltip="The top_k images, best first."),
                 io.Float.Output(display_name="scores", is_output_list=True, tooltip="Their scores, best first."),
                 io.Int.Output(display_name="best_index",
-                              tooltip="Index of the best image among all candidates (0-based, input order)."),
+                              tooltip="Index of the best image among all candidates (0-based, input order; with "
+                                      "'each batch index', the best for input image 0)."),
                 io.Image.Output(display_name="contact_sheet",
                                 tooltip="All candidates in input order, with rank, score and label under each."),
                 io.String.Output(display_name="ranking", tooltip="One line per image, best first: rank, score, label."),
@@ -207,28 +218,45 @@ class RankByCLIP(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, images, clip_name, target_text, metric, top_k, source_text=None, source_image=None,
-                labels=None) -> io.NodeOutput:
+    def execute(cls, images, clip_name, target_text, metric, top_k, rank_within, source_text=None,
+                source_image=None, labels=None) -> io.NodeOutput:
         first = lambda v, d=None: v[0] if isinstance(v, list) and v else (d if isinstance(v, list) else v)  # noqa: E731
         clip_name, target_text, metric, top_k = first(clip_name), first(target_text), first(metric), first(top_k)
-        source_text = first(source_text, "")
+        rank_within, source_text = first(rank_within), first(source_text, "")
         cands = _flat_images(images, "images")
         if not cands:
             raise B.NodeInputError("images: no image to rank")
-        names = _labels(labels, len(cands))
+        sizes = [int(b.shape[0]) for b in images if b is not None]
+        n = len(cands)
+        names = _labels(labels, n, sizes)
         if metric not in METRICS:
             raise B.NodeInputError(f"metric: must be one of {METRICS}, got {metric!r}")
+        if rank_within not in GROUPS:
+            raise B.NodeInputError(f"rank_within: must be one of {GROUPS}, got {rank_within!r}")
         if not (target_text or "").strip():
             raise B.NodeInputError("target_text: give the target prompt")
+        bsz = sizes[0]
+        if rank_within == "each batch index":
+            if len(set(sizes)) != 1:
+                raise B.NodeInputError(f"rank_within: 'each batch index' needs batches of one size, got {sizes}")
+            groups = [list(range(b, n, bsz)) for b in range(bsz)]
+        else:
+            groups = [list(range(n))]
         src = _flat_images(source_image, "source_image")
         if metric == "directional CLIP":
             if not src or not (source_text or "").strip():
                 raise B.NodeInputError(
                     "source_image / source_text: directional CLIP needs both (the image before the edit and what "
                     "it shows); connect them, or choose metric 'CLIP score'")
-            if len(src) not in (1, len(cands)):
-                raise B.NodeInputError(f"source_image: {len(src)} images; give one, or one per candidate "
-                                       f"({len(cands)})")
+            if len(src) == n:
+                pass
+            elif len(src) == 1:
+                src = src * n
+            elif len(set(sizes)) == 1 and len(src) == bsz:
+                src = [src[i % bsz] for i in range(n)]  # one source per batch index
+            else:
+                raise B.NodeInputError(f"source_image: {len(src)} images; give one, one per batch index ({bsz}) "
+                                       f"or one per candidate ({n})")
         folders = clip_folders()
         if clip_name not in folders:
             raise B.NodeInputError(
@@ -238,36 +266,38 @@ class RankByCLIP(io.ComfyNode):
         except ClipFolderError as e:
             raise B.NodeInputError(f"clip_name: {e}") from None
 
-        def chw(ims):
-            return [im[None, :, :, :3].movedim(-1, 1) for im in ims]
+        def pixels(ims):
+            return torch.cat([bundle.resize(im[None, :, :, :3].movedim(-1, 1), center_crop=True).cpu() for im in ims])
 
-        src_t = None
-        if metric == "directional CLIP":
-            src_t = torch.cat([bundle.resize(x, center_crop=True).cpu() for x in chw(src)])
-        pix = torch.cat([bundle.resize(x, center_crop=True).cpu() for x in chw(cands)])
+        src_t = pixels(src) if metric == "directional CLIP" else None
         try:
-            scores = clip_scores(bundle, pix, target_text, metric, source_image=src_t, source_text=source_text)
+            scores = clip_scores(bundle, pixels(cands), target_text, metric, source_image=src_t,
+                                 source_text=source_text)
         except ValueError as e:
             raise B.NodeInputError(str(e)) from None
-        order = rank(scores)
-        k = min(int(top_k), len(cands))
-        best = order[:k]
+        pos, best, bests, lines = {}, [], [], []
+        for gi, members in enumerate(groups):
+            order = [members[j] for j in rank(scores[members])]
+            pos.update({i: r for r, i in enumerate(order)})
+            best.extend(order[:min(int(top_k), len(order))])
+            bests.append(order[0])
+            head = f"batch index {gi}: " if len(groups) > 1 else ""
+            lines += [f"{head}#{r + 1}  {float(scores[i]):.6f}  [{i}] {names[i]}" for r, i in enumerate(order)]
         shapes = {tuple(cands[i].shape) for i in best}
         if len(shapes) > 1:
-            raise B.NodeInputError(f"images: the top {k} images differ in size {sorted(shapes)}; use top_k 1 "
+            raise B.NodeInputError(f"images: the best images differ in size {sorted(shapes)}; use top_k 1 "
                                    "or candidates of one size")
         top = torch.stack([cands[i] for i in best]).clone()
-        pos = {i: r for r, i in enumerate(order)}
-        caps = [f"#{pos[i] + 1}  {float(scores[i]):.4f}\n{names[i]}" for i in range(len(cands))]
+        caps = [f"#{pos[i] + 1}  {float(scores[i]):.4f}\n{names[i]}" for i in range(n)]
         sheet = contact_sheet(torch.stack([c[..., :3] for c in cands]) if len({tuple(c.shape) for c in cands}) == 1
                               else _padded(cands), caps)
-        lines = [f"#{r + 1}  {float(scores[i]):.6f}  [{i}] {names[i]}" for r, i in enumerate(order)]
-        text = f"{metric}, best of {len(cands)}:\n" + "\n".join(lines)
-        return io.NodeOutput(top, [float(scores[i]) for i in best], int(order[0]), sheet, text,
-                             ui={"text": [text], "dpm_rank": [{"metric": metric, "best_index": int(order[0]),
-                                                               "best_label": names[order[0]],
-                                                               "best_score": float(scores[order[0]]),
-                                                               "scores": [float(s) for s in scores]}]})
+        text = f"{metric}, best of {len(groups[0])}" + (f" for each of {len(groups)} batch indices" if len(groups) > 1
+                                                         else "") + ":\n" + "\n".join(lines)
+        info = {"metric": metric, "best_index": int(bests[0]), "best_label": names[bests[0]],
+                "best_score": float(scores[bests[0]]), "scores": [float(x) for x in scores],
+                "best_indices": [int(i) for i in bests]}
+        return io.NodeOutput(top, [float(scores[i]) for i in best], int(bests[0]), sheet, text,
+                             ui={"text": [text], "dpm_rank": [info]})
 
 
 def _padded(cands: list[torch.Tensor]) -> torch.Tensor:

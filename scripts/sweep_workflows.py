@@ -23,7 +23,8 @@ DEMO_CLIP = "dpm_world_clip"
 
 
 def graph_best_of_n_demo(input_image="dpm_world_circles.png", seeds="0-3", denoise="0.6, 0.7, 0.8", cfg="1",
-                         chain_steps=28, source_text="a yellow circle", target_text="a yellow square", top_k=1):
+                         chain_steps=28, source_text="a yellow circle", target_text="a yellow square", top_k=1,
+                         rank_within="all images"):
     """Translation circles -> squares in the demo world, best of seeds x denoise by directional CLIP.
     chain_steps 28 with denoise 0.7 gives the demo's 20 steps."""
     from graphs import Graph
@@ -42,7 +43,8 @@ def graph_best_of_n_demo(input_image="dpm_world_circles.png", seeds="0-3", denoi
                  latent_code=enc.out(0), cfg=1.0, cfg_values=sw.out(3))
     dec = g.node("VAEDecode", samples=rep.out(0), vae=ck_b.out(2))
     rk = g.node("RankByCLIP", images=dec.out(0), clip_name=DEMO_CLIP, target_text=target_text,
-                metric="directional CLIP", top_k=top_k, source_text=source_text, source_image=img.out(0),
+                metric="directional CLIP", top_k=top_k, rank_within=rank_within, source_text=source_text,
+                source_image=img.out(0),
                 labels=sw.out(4))
     best = g.node("SaveImage", images=rk.out(0), filename_prefix="dpm_demo/best_of_n")
     sheet = g.node("SaveImage", images=rk.out(3), filename_prefix="dpm_demo/best_of_n_sheet")
@@ -73,6 +75,7 @@ def graph_best_of_n_sd15():
     dec = g.node("VAEDecode", samples=rep.out(0), vae=ck.out(2))
     rk = g.node("RankByCLIP", images=dec.out(0), clip_name="clip-vit-base-patch32",
                 target_text="a photo of a dog sitting on a sofa", metric="directional CLIP", top_k=1,
+                rank_within="all images",
                 source_text="a photo of a cat sitting on a sofa", source_image=scale.out(0), labels=sw.out(4))
     best = g.node("SaveImage", images=rk.out(0), filename_prefix="dpm_latent/best_of_n_sd15")
     sheet = g.node("PreviewImage", images=rk.out(3))

@@ -37,7 +37,7 @@ def _workflow(object_info) -> dict:
                  latent_code=enc.out(0), cfg=1.0)
     dec = g.node("VAEDecode", samples=rep.out(0), vae=ck.out(2))
     rk = g.node("RankByCLIP", images=dec.out(0), clip_name="tiny_clip", target_text="a photo", metric="CLIP score",
-                top_k=1)
+                top_k=1, rank_within="all images")
     g.node("SaveImage", images=rk.out(0), filename_prefix="batch/out")
     titles = {img.id: "Input image", enc.id: "DPM Encode", rep.id: "Replay"}
     return api_to_ui(g.prompt(), object_info, titles=titles)

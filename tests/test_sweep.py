@@ -162,7 +162,7 @@ def test_rank_node_in_process(pack):
     red, _ = w.render("square", "red", 30, 30, 10)
     batch1 = torch.stack([ci, red]).movedim(1, -1)
     batch2 = sq[None].movedim(1, -1)
-    res = nodes.RankByCLIP.execute([batch1, batch2], ["dpm_world_clip"], ["a blue square"], ["CLIP score"], [2],
+    res = nodes.RankByCLIP.execute([batch1, batch2], ["dpm_world_clip"], ["a blue square"], ["CLIP score"], [2], ["all images"],
                                    labels=["circle", "red sq", "blue sq"])
     top, scores, best, sheet, text = res.result
     assert best == 2 and top.shape == (2, 64, 64, 3) and torch.equal(top[0], batch2[0])
@@ -170,11 +170,18 @@ def test_rank_node_in_process(pack):
     assert sheet.shape == (1, 2 * (128 + 30), 2 * 128, 3) and float(sheet.std()) > 0.05
     assert text.splitlines()[1].endswith("[2] blue sq")
     with pytest.raises(ValueError, match="directional CLIP needs both"):
-        nodes.RankByCLIP.execute([batch1], ["dpm_world_clip"], ["a blue square"], ["directional CLIP"], [1])
-    with pytest.raises(ValueError, match="labels: 2 labels for 3 images"):
-        nodes.RankByCLIP.execute([batch1, batch2], ["dpm_world_clip"], ["x"], ["CLIP score"], [1], labels=["a", "b"])
+        nodes.RankByCLIP.execute([batch1], ["dpm_world_clip"], ["a blue square"], ["directional CLIP"], [1], ["all images"])
+    with pytest.raises(ValueError, match="labels: 4 labels for 3 images"):
+        nodes.RankByCLIP.execute([batch1, batch2], ["dpm_world_clip"], ["x"], ["CLIP score"], [1], ["all images"], labels=list("abcd"))
+    # a batch of 2 input images swept over 2 candidates: the best per input image
+    res = nodes.RankByCLIP.execute([torch.stack([ci, red]).movedim(1, -1), torch.stack([sq, ci]).movedim(1, -1)],
+                                   ["dpm_world_clip"], ["a square"], ["CLIP score"], [1], ["each batch index"],
+                                   labels=["cand A", "cand B"])
+    top, scores, best, _sheet, text = res.result
+    assert top.shape[0] == 2 and best == 2 and torch.equal(top[0], sq.movedim(0, -1)), text
+    assert torch.equal(top[1], red.movedim(0, -1)) and "[2] cand B [0]" in text
     with pytest.raises(ValueError, match="clip_name: no CLIP folder named 'nope'"):
-        nodes.RankByCLIP.execute([batch1], ["nope"], ["x"], ["CLIP score"], [1])
+        nodes.RankByCLIP.execute([batch1], ["nope"], ["x"], ["CLIP score"], [1], ["all images"])
 
 
 # ---------------------------------------------------------------------------- through a server
@@ -193,7 +200,8 @@ def sweep_graph(image: str, clip: str = "tiny_clip", seeds="0-1", denoise="0.5, 
                  latent_code=enc.out(0), cfg=1.0, cfg_values=sw.out(3))
     dec = g.node("VAEDecode", samples=rep.out(0), vae=ck.out(2))
     rk = g.node("RankByCLIP", images=dec.out(0), clip_name=clip, target_text="a photo of a square",
-                metric="directional CLIP", top_k=1, source_text="a photo of a disc", source_image=img.out(0),
+                metric="directional CLIP", top_k=1, rank_within="all images", source_text="a photo of a disc",
+                source_image=img.out(0),
                 labels=sw.out(4))
     best = g.node("SaveImage", images=rk.out(0), filename_prefix="sweep/best")
     sheet = g.node("SaveImage", images=rk.out(3), filename_prefix="sweep/sheet")
