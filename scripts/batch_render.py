@@ -328,7 +328,8 @@ class Output:
                     files.append(f"{d.name}/{name}")
                 os.replace(tmp, d)
             entry = {"row": result["row"], "params": result["params"], "files": files,
-                     "score": result.get("score"), "label": result.get("label"), "error": result["error"]}
+                     "score": result.get("score"), "label": result.get("label"), "error": result["error"],
+                     "finished": round(time.time(), 3)}
             line = (json.dumps(entry, ensure_ascii=False) + "\n").encode()
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
