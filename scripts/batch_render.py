@@ -34,6 +34,7 @@ import json
 import mimetypes
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -374,7 +375,8 @@ def host_comfy(comfyui: str | None) -> tuple[Path, str]:
     return comfy, str(python)
 
 
-def start_server(comfy: Path, python: str, workdir: Path, models: str | None, cpu: bool | None = None):
+def start_server(comfy: Path, python: str, workdir: Path, models: str | None, cpu: bool | None = None,
+                 threads: int | None = None):
     """A ComfyUI server with this pack, in its own work folder; returns the ComfyServer."""
     cs = comfy_server()
     model_dirs = {}
@@ -384,6 +386,10 @@ def start_server(comfy: Path, python: str, workdir: Path, models: str | None, cp
                 model_dirs[sub.name] = sub
     if cpu is None:
         cpu = not _cuda()
+    if cpu and threads and "OMP_NUM_THREADS" not in os.environ:
+        # CPU servers sharing a machine: torch's thread pools fighting each other cost far more
+        # than they give (measured up to 20x slower in the tests), so split the cores between them
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     srv = cs.ComfyServer(comfy, workdir, python=python, model_dirs=model_dirs, cpu=cpu)
     return srv.start()
 
@@ -426,7 +432,7 @@ def run_local(args, rows: dict[int, dict], out: Output, table_dir: Path) -> None
         client = Client(args.server)
     else:
         comfy, python = host_comfy(args.comfyui)
-        srv = start_server(comfy, python, out.folder / ".server" / "0", args.models)
+        srv = start_server(comfy, python, out.folder / ".server" / "0", args.models, threads=os.cpu_count() or 1)
         client = Client(srv.url, srv.alive)
     try:
         object_info = client.get_json("/object_info", timeout=120)
@@ -448,7 +454,7 @@ class Worker:
     """The body of a Ray actor: its own ComfyUI server (or a shared URL) and the workflow."""
 
     def __init__(self, index: int, workflow: str, table_dir: str, out_dir: str, server: str | None,
-                 comfyui: str | None, models: str | None, use_gpu: bool):
+                 comfyui: str | None, models: str | None, use_gpu: bool, threads: int = 1):
         self.index = index
         self.srv = None
         if server:
@@ -456,7 +462,7 @@ class Worker:
         else:
             comfy, python = host_comfy(comfyui)
             workdir = Path(out_dir) / ".server" / f"actor{index}_{uuid.uuid4().hex[:6]}"
-            self.srv = start_server(comfy, python, workdir, models, cpu=not use_gpu)
+            self.srv = start_server(comfy, python, workdir, models, cpu=not use_gpu, threads=threads)
             (Path(out_dir) / ".server" / f"actor{index}.pid").write_text(str(self.srv.proc.pid))
             self.client = Client(self.srv.url, self.srv.alive)
         self.object_info = self.client.get_json("/object_info", timeout=120)
@@ -495,7 +501,8 @@ def run_ray(args, rows: dict[int, dict], out: Output, table_dir: Path) -> None:
 
         def spawn(i):
             return Actor.remote(i, str(Path(args.workflow).resolve()), str(table_dir), str(out.folder.resolve()),
-                                args.server, args.comfyui, args.models, bool(gpus))
+                                args.server, args.comfyui, args.models, bool(gpus),
+                                max(1, int(ray.cluster_resources().get("CPU", 1)) // n))
 
         actors = {i: spawn(i) for i in range(n)}
         ready = {}
@@ -558,6 +565,19 @@ def run_ray(args, rows: dict[int, dict], out: Output, table_dir: Path) -> None:
         ray.shutdown()
 
 
+def _reexec_in_host(argv) -> None:
+    """Without --comfyui/COMFYUI_PATH the embedded host runs the servers: run this script with the
+    host's Python too (it has Pillow, tqdm and Ray), building the host if needed."""
+    if os.environ.get("DPM_LATENT_BATCH_IN_HOST") == "1":
+        return
+    host = _load("dpm_latent_comfy_host", REPO / "scripts" / "comfy_host.py")
+    _comfy, python = host.build()
+    if Path(sys.prefix).resolve() == Path(python).parent.parent.resolve():  # already the host's venv
+        return
+    env = dict(os.environ, DPM_LATENT_BATCH_IN_HOST="1")
+    os.execve(str(python), [str(python), str(Path(__file__).resolve()), *argv], env)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("workflow", type=Path, help="workflow JSON (UI format as saved by ComfyUI, or API format)")
@@ -576,6 +596,18 @@ def main(argv=None) -> int:
     ap.add_argument("--max-retries", type=int, default=2, help="times a row is retried after its worker died")
     ap.add_argument("--retry-errors", action="store_true", help="run rows again that the manifest records as failed")
     args = ap.parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():
+        return _run(args, argv)
+    old = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM stops the servers we started
+    try:
+        return _run(args, argv)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _run(args, argv) -> int:
+    if __name__ == "__main__" and not args.comfyui and not os.environ.get("COMFYUI_PATH"):
+        _reexec_in_host(sys.argv[1:] if argv is None else list(argv))
 
     table = read_table(args.table)
     out = Output(args.out or args.table.with_name(args.table.stem + "_renders"))
