@@ -223,3 +223,16 @@ def test_sweep_graph_runs_through_the_server(server):
     with Image.open(Path(server.output_dir) / f["subfolder"] / f["filename"]) as im:
         assert im.size == (3 * 128, 3 * (128 + 30))
     assert len(entry["outputs"][best]["images"]) == 1
+
+
+def test_schema_lists_and_tooltips(server):
+    info = server.object_info()
+    sw, rk = info["DPMSweep"], info["RankByCLIP"]
+    assert sw["output_is_list"] == [True, True, True, False, True, False]
+    assert rk["output_is_list"] == [False, True, False, False, False]
+    assert rk["output_node"] is True
+    assert "cfg_values" in info["ReplayLatentWithPrompt"]["input"]["optional"]
+    for n in ("DPMSweep", "RankByCLIP", "ReplayLatentWithPrompt"):
+        for group in ("required", "optional"):
+            for name, spec in info[n]["input"].get(group, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), (n, name)
