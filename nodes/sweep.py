@@ -2,6 +2,7 @@
 """Best-of-N nodes: DPM Sweep and Rank Images by CLIP; and the several-cfg replay of one code."""
 from __future__ import annotations
 
+from dataclasses import fields
 from dataclasses import replace as dc_replace
 
 import torch
@@ -80,12 +81,22 @@ def parse_cfg_values(text: str) -> list[float]:
 
 
 def tile_code(code: LatentCode, k: int) -> LatentCode:
-    """The code repeated k times along the batch (copy k: images k*B .. k*B+B-1)."""
+    """The code repeated k times along the batch (copy j: images j*B .. j*B+B-1). Every tensor field
+    is tiled: per-step stacks (noises, and any other (steps, batch, ...) field) along dim 1, batch-first
+    tensors along dim 0; the schedule is shared."""
     if k == 1:
         return code
-    cat0 = lambda t: torch.cat([t] * k, dim=0)  # noqa: E731
-    return dc_replace(code, start_mean=cat0(code.start_mean), start_noise=cat0(code.start_noise),
-                      residual=cat0(code.residual), noises=torch.cat([code.noises] * k, dim=1))
+    bsz = code.batch_size
+    changes = {}
+    for f in fields(code):
+        v = getattr(code, f.name)
+        if not isinstance(v, torch.Tensor) or f.name == "sigmas" or v.dim() == 0:
+            continue
+        if v.dim() == len(code.shape) + 1 and v.shape[1] == bsz and v.shape[2:] == code.shape[1:]:
+            changes[f.name] = torch.cat([v] * k, dim=1)  # (steps, batch, ...)
+        elif v.shape[0] == bsz:
+            changes[f.name] = torch.cat([v] * k, dim=0)
+    return dc_replace(code, **changes)
 
 
 def _per_image_cfg(model, scales: torch.Tensor):
