@@ -8,6 +8,7 @@ from .code_files import LoadLatentCode, SaveLatentCode
 from .cycle import DPMEncode, EmptyConditioning, ReplayLatentWithPrompt
 from .diffusers_ddpm import LoadDiffusersDDPM
 from .guidance_nodes import CLIPEnergy, CombineEnergies, LangevinLatentSampler, RandomLatentCode
+from .sweep import DPMSweep, RankByCLIP
 
 
 class DPMLatentExtension(ComfyExtension):
@@ -29,4 +30,6 @@ class DPMLatentExtension(ComfyExtension):
             SaveAsyrpDirection,
             LoadAsyrpDirection,
             LoadDiffusersDDPM,
+            DPMSweep,
+            RankByCLIP,
         ]

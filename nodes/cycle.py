@@ -110,12 +110,15 @@ class ReplayLatentWithPrompt(io.ComfyNode):
                               tooltip="Optional edit mask (white = may change), image-sized like any ComfyUI mask; "
                                       "overrides the mask stored in the code. Outside it the result is the encoded "
                                       "image at every step; soft values blend. Needs a code from DPM Encode."),
+                io.String.Input("cfg_values", optional=True, force_input=True,
+                                tooltip="Optional cfg list as text ('1, 1.5, 2', e.g. DPM Sweep's cfg): replays the "
+                                        "code at every value as one batch (value-major) and overrides cfg."),
             ],
             outputs=[io.Latent.Output(display_name="LATENT", tooltip="The replayed latent image.")],
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, latent_code, cfg, mask=None) -> io.NodeOutput:
+    def execute(cls, model, positive, negative, latent_code, cfg, mask=None, cfg_values=None) -> io.NodeOutput:
         code = latent_code
         B.check_code_for_model(model, code)
         if mask is not None:
@@ -126,6 +129,11 @@ class ReplayLatentWithPrompt(io.ComfyNode):
                 raise B.NodeInputError(msg if msg.startswith("mask") else f"mask: {msg}") from None
         B.check_conditioning_batch(positive, code.batch_size, "positive")
         B.check_conditioning_batch(negative, code.batch_size, "negative")
+        if cfg_values is not None and cfg_values.strip():
+            from .sweep import parse_cfg_values, replay_at_cfgs
+
+            samples = replay_at_cfgs(model, positive, negative, code, parse_cfg_values(cfg_values))
+            return io.NodeOutput({"samples": samples})
         placeholder = torch.zeros(code.shape)
 
         def work(denoise_fn, _x0, callback, _guider):

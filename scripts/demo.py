@@ -631,6 +631,7 @@ def measure(server, n: int = 64, seed: int = 0, langevin_steps: int = LANGEVIN_S
     }
     metrics["masked_translation"] = measure_masked(server, files["A"], images)
     metrics["pixel_ddpm"], images["pixel_ddpm"] = measure_pixel_ddpm(server, n=n, seed=seed)
+    metrics["best_of_n"] = measure_best_of_n(server, files["A"])
     add_rate_intervals(metrics)
     return metrics, images
 
@@ -702,6 +703,69 @@ def measure_pixel_ddpm(server, n: int = 64, seed: int = 0) -> tuple[dict, dict]:
     return m, images
 
 
+# ----------------------------------------------------------------------------- best of N
+BEST_OF_N = {"seeds": "0-2", "denoise": "0.6, 0.7, 0.8", "cfg": "1", "chain_steps": 28, "n_images": 16}
+DEFAULT_CANDIDATE = (0, 0.7)  # the single default-setting run: seed 0, denoise 0.7 (28 x 0.7 = the demo's 20 steps)
+
+
+def measure_best_of_n(server, circles, n_images: int = BEST_OF_N["n_images"]) -> dict:
+    """Translation circles -> squares: N candidates per image (seeds x denoise) ranked by directional CLIP
+    ('a circle' -> 'a square') with the demo CLIP, through the shipped best-of-N workflow; the selected
+    candidate against the default-setting candidate (seed 0, denoise 0.7) of the same sweep."""
+    import numpy as np
+    from PIL import Image
+
+    from conftest import load_module
+    from ui_workflow import ui_to_api
+
+    sweeps = load_module("dpm_latent_sweep_workflows", REPO / "scripts" / "sweep_workflows.py")
+    _tiff, imgs, attrs = circles
+    imgs, attrs = imgs[:n_images], attrs[:n_images]
+    frames = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for im in imgs]
+    name = "dpm_world_circles_best_of_n.tiff"
+    frames[0].save(Path(server.input_dir) / name, save_all=True, append_images=frames[1:], compression="raw")
+    c = BEST_OF_N
+    g, ids, _titles = sweeps.graph_best_of_n_demo(name, seeds=c["seeds"], denoise=c["denoise"], cfg=c["cfg"],
+                                                  chain_steps=c["chain_steps"], source_text="a circle",
+                                                  target_text="a square", rank_within="each batch index")
+    prompt = ui_to_api(json.loads((WORKFLOWS / "cyclediffusion_best_of_n_demo.json").read_text()),
+                       server.object_info())
+    for nid, node in g.prompt().items():  # the shipped workflow, with this run's values
+        prompt[nid]["inputs"].update({k: v for k, v in node["inputs"].items() if not isinstance(v, list)})
+    rank_in = prompt[ids["rank"]]["inputs"]
+    every = str(max(int(k) for k in prompt) + 1)  # also save every candidate, for the default-setting run
+    prompt[every] = {"class_type": "SaveImage", "inputs": {"images": rank_in["images"],
+                                                           "filename_prefix": "dpm_demo/best_of_n_all"}}
+    t = time.perf_counter()
+    entry = server.run(prompt, timeout=3600)
+    dt = time.perf_counter() - t
+    allc = read_outputs(server, entry, every)  # candidate-major: candidate j, image b at j * n + b
+    info = entry["outputs"][ids["rank"]]["dpm_rank"][0]
+    n = len(imgs)
+    sweep = load_module("dpm_latent_sweep_plan", REPO / "samplers" / "sweep.py").make_sweep(
+        c["seeds"], c["denoise"], c["cfg"])
+    assert allc.shape[0] == len(sweep.candidates) * n, (allc.shape, len(sweep.candidates), n)
+    j_default = next(j for j, (s, d, _c) in enumerate(sweep.candidates) if (s, d) == DEFAULT_CANDIDATE)
+    picks = {"selected": [int(i) for i in info["best_indices"]],
+             "default": [j_default * n + b for b in range(n)]}
+    read_attributes = world().read_attributes
+    out = {"n_images": n, "candidates_per_image": len(sweep.candidates), "seeds": c["seeds"],
+           "denoise": c["denoise"], "metric": "directional CLIP ('a circle' -> 'a square', demo CLIP)",
+           "seconds": dt}
+    for key, idx in picks.items():
+        pred = read_attributes(allc[idx])
+        sq = sum(p["shape"] == "square" for p in pred)
+        col = sum(p["colour"] == a["colour"] for p, a in zip(pred, attrs))
+        errs = [math.hypot(p["cx"] - a["cx"], p["cy"] - a["cy"]) for p, a in zip(pred, attrs)
+                if p["shape"] not in (None, "none") and math.isfinite(p["cx"]) and math.isfinite(p["cy"])]
+        out[key] = {"square_rate": sq / n, "square_rate_ci95": wilson(sq, n),
+                    "colour_kept": col / n, "colour_kept_ci95": wilson(col, n),
+                    "centroid_error_px": float(np.mean(errs)) if errs else float("nan"),
+                    "centroid_error_px_ci95": bootstrap_mean(errs), "located": len(errs),
+                    "mean_directional_clip": float(np.mean([info["scores"][i] for i in idx]))}
+    return out
+
+
 def grid(images: dict, rows: int = 8):
     """Columns: input | VAE round trip | replay A | replay B | SDEdit B || masked replay B | masked KSampler B
     || unguided | CLIP-guided || square | CLIP-edit."""
@@ -770,6 +834,7 @@ def metrics_markdown(m: dict) -> str:
         ]
     if "pixel_ddpm" in m:
         lines += pixel_ddpm_markdown(m["pixel_ddpm"])
+    lines += best_of_n_markdown(m.get("best_of_n"))
     return "\n".join(lines)
 
 
@@ -790,6 +855,24 @@ def pixel_ddpm_markdown(p: dict) -> list:
         f"| SDEdit {s['colour_kept']:.2f} {ci(s['colour_kept_ci95'])} |",
         f"| pixel DDPMs A→B: centroid error (95 % CI) | {t['centroid_error_px']:.1f} px {ci(t['centroid_error_px_ci95'])} "
         f"| SDEdit {s['centroid_error_px']:.1f} px {ci(s['centroid_error_px_ci95'])} |",
+    ]
+
+
+def best_of_n_markdown(b) -> list[str]:
+    if not b:
+        return []
+    s, d = b["selected"], b["default"]
+
+    def ci(x, k, fmt="{:.2f}"):
+        lo, hi = x[k + "_ci95"]
+        return f"{fmt.format(x[k])} [{fmt.format(lo)}, {fmt.format(hi)}]"
+
+    head = f"best of {b['candidates_per_image']} by directional CLIP (n = {b['n_images']}, 95 % CI)"
+    return [
+        f"| translation {head}: square rate | {ci(s, 'square_rate')} | default run {ci(d, 'square_rate')} |",
+        f"| translation {head}: colour kept | {ci(s, 'colour_kept')} | default run {ci(d, 'colour_kept')} |",
+        f"| translation {head}: centroid error (px) | {ci(s, 'centroid_error_px', '{:.1f}')} | "
+        f"default run {ci(d, 'centroid_error_px', '{:.1f}')} |",
     ]
 
 

@@ -39,12 +39,14 @@ def _free_port() -> int:
 
 class ComfyServer:
     def __init__(self, comfy_dir: Path, workdir: Path, python: str | None = None,
-                 model_dirs: dict[str, Path] | None = None, extra_args: list[str] | None = None):
+                 model_dirs: dict[str, Path] | None = None, extra_args: list[str] | None = None,
+                 cpu: bool = True):
         self.comfy_dir = Path(comfy_dir)
         self.workdir = Path(workdir)
         self.python = python or sys.executable
         self.model_dirs = model_dirs or {}
         self.extra_args = extra_args or []
+        self.cpu = cpu
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -65,7 +67,7 @@ class ComfyServer:
             lines.append(f"  {key}: {path}")
         cfg = self.workdir / "extra_model_paths.yaml"
         cfg.write_text("\n".join(lines) + "\n")
-        cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [self.python, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--dont-print-server",
                "--input-directory", str(self.input_dir), "--output-directory", str(self.output_dir),
                "--temp-directory", str(self.workdir / "temp"), "--user-directory", str(self.workdir / "user"),

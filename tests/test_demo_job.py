@@ -154,3 +154,20 @@ def test_grid_and_shipped_demo_workflows(demo, measured, tmp_path):
         wf = json.loads((REPO / "workflows" / name).read_text())
         types = {n["type"] for n in wf["nodes"]}
         assert {"Note", "SetLatentNoiseMask", "DPMEncode", "ReplayLatentWithPrompt", "LoadImage"} <= types
+
+
+def test_best_of_n_row(demo, measured):
+    """Best of N by directional CLIP against the default-setting candidate of the same sweep."""
+    m, _ = measured
+    b = m["best_of_n"]
+    s, d = b["selected"], b["default"]
+    assert b["n_images"] == 16 and b["candidates_per_image"] == 9
+    assert s["mean_directional_clip"] > d["mean_directional_clip"], b  # the selection does select
+    for x in (s, d):
+        for k in ("square_rate", "colour_kept", "centroid_error_px"):
+            lo, hi = x[k + "_ci95"]
+            assert lo <= x[k] <= hi, (k, x)
+    # what the selection buys on the world's readers (measured: see README); it must not lose squares
+    assert s["square_rate"] >= d["square_rate"] - 0.1 and s["colour_kept"] >= d["colour_kept"] - 0.1, b
+    assert s["colour_kept"] >= 0.6 and s["centroid_error_px"] <= 6.0, b
+    assert any("best of 9" in line for line in demo.best_of_n_markdown(b))

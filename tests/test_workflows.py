@@ -312,6 +312,9 @@ def _adapt(ui: dict, object_info: dict, image_name: str, stem: str):
         elif node["class_type"] == "AsyrpTrainDirection":
             name = inp["clip_name"]
             assert name in clip_map, f"{stem}: no tiny CLIP for clip_name {name!r} (see CLIP_ENERGY)"
+        elif node["class_type"] == "RankByCLIP":
+            name = inp["clip_name"]
+            assert name in clip_map, f"{stem}: no tiny CLIP for Rank by CLIP's clip_name {name!r}"
             inp["clip_name"] = clip_map[name]
         elif node["class_type"] == "RandomLatentCode":
             inp["width"] = inp["height"] = SIZE
@@ -370,7 +373,10 @@ def _adapt(ui: dict, object_info: dict, image_name: str, stem: str):
             continue  # the workflow's own reconstruction branch: checked as such below, not as an edit
         for did in [k for k, n in api.items()
                     if n["class_type"] == "VAEDecode" and n["inputs"]["samples"] == [rid, 0]]:
-            outs = [k for k, n in api.items() if n["class_type"] == "SaveImage" and n["inputs"]["images"] == [did, 0]]
+            # the decoded replay, saved directly or as the best of a Rank Images by CLIP
+            feeds = [[did, 0]] + [[k, 0] for k, n in api.items()
+                                  if n["class_type"] == "RankByCLIP" and n["inputs"]["images"] == [did, 0]]
+            outs = [k for k, n in api.items() if n["class_type"] == "SaveImage" and n["inputs"]["images"] in feeds]
             assert outs, f"{stem}: the decoded replay {did} is not saved"
             vae = api[did]["inputs"]["vae"]
             rec, rt = reconstruction(eid, vae)
@@ -440,11 +446,16 @@ def test_workflow_runs_and_reconstructs(path, server, object_info):
     entry = server.run(api, timeout=300)
 
     plots = {p for c in checks for p in c.get("plots", ())}
+    sheets = {k for k, n in api.items() if n["class_type"] in ("SaveImage", "PreviewImage")
+              and api.get(str(n["inputs"]["images"][0]), {}).get("class_type") == "RankByCLIP"
+              and n["inputs"]["images"][1] == 3}
     for nid, node in api.items():
         if node["class_type"] in ("SaveImage", "PreviewImage"):
             img = _png(server, entry, nid)
             if nid in plots:
                 assert img.shape == PLOT_SHAPE, (nid, img.shape)
+            elif nid in sheets:  # Rank Images by CLIP's contact sheet: 128 px cells with captions
+                assert img.shape[0] % (128 + 30) == 0 and img.shape[1] % 128 == 0, (nid, img.shape)
             else:
                 assert img.shape == (SIZE, SIZE, 3), (nid, img.shape)
             assert img.std() > 1.0, f"{path.name}: {node['class_type']} {nid} is (nearly) constant"
