@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
-import io
 import json
 import mimetypes
 import os
