@@ -12,7 +12,6 @@ import copy
 import json
 import math
 import os
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -359,16 +358,6 @@ def parse_strengths(text) -> list[float]:
     return vals
 
 
-def _tile_code(code, n: int):
-    """The code repeated ``n`` times along the batch (strength-major), as a new object."""
-    if n == 1:
-        return code
-    rep = lambda t: t.repeat(n, *([1] * (t.dim() - 1)))  # noqa: E731
-    return replace(code, start_mean=rep(code.start_mean), start_noise=rep(code.start_noise),
-                   noises=code.noises.repeat(1, n, *([1] * (code.noises.dim() - 2))),
-                   residual=rep(code.residual))
-
-
 def resolve_interval(direction: AS.Direction, t_edit: float, t_boost: float) -> tuple[float, float]:
     te = float(direction.meta.get("t_edit", 0.5)) if t_edit < 0 else float(t_edit)
     tb = float(direction.meta.get("t_boost", 0.0)) if t_boost < 0 else float(t_boost)
@@ -430,7 +419,7 @@ class AsyrpEdit(io.ComfyNode):
         te, tb = resolve_interval(direction, t_edit, t_boost)
         B.check_conditioning_batch(positive, code.batch_size, "positive")
         B.check_conditioning_batch(negative, code.batch_size, "negative")
-        full = _tile_code(code, len(strengths))
+        full = code.tiled(len(strengths))
         per_latent = torch.tensor(strengths, dtype=torch.float32).repeat_interleave(code.batch_size)
         any_edit = any(v != 0.0 for v in strengths) and AS.edited_steps(code.steps, te) > 0
         work_model, shift = patched(model)

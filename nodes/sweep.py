@@ -2,8 +2,6 @@
 """Best-of-N nodes: DPM Sweep and Rank Images by CLIP; and the several-cfg replay of one code."""
 from __future__ import annotations
 
-from dataclasses import fields
-from dataclasses import replace as dc_replace
 
 import torch
 from comfy_api.latest import io
@@ -80,25 +78,6 @@ def parse_cfg_values(text: str) -> list[float]:
         raise B.NodeInputError(f"{e} (or leave cfg_values unconnected to use cfg)") from None
 
 
-def tile_code(code: LatentCode, k: int) -> LatentCode:
-    """The code repeated k times along the batch (copy j: images j*B .. j*B+B-1). Every tensor field
-    is tiled: per-step stacks (noises, and any other (steps, batch, ...) field) along dim 1, batch-first
-    tensors along dim 0; the schedule is shared."""
-    if k == 1:
-        return code
-    bsz = code.batch_size
-    changes = {}
-    for f in fields(code):
-        v = getattr(code, f.name)
-        if not isinstance(v, torch.Tensor) or f.name == "sigmas" or v.dim() == 0:
-            continue
-        if v.dim() == len(code.shape) + 1 and v.shape[1] == bsz and v.shape[2:] == code.shape[1:]:
-            changes[f.name] = torch.cat([v] * k, dim=1)  # (steps, batch, ...)
-        elif v.shape[0] == bsz:
-            changes[f.name] = torch.cat([v] * k, dim=0)
-    return dc_replace(code, **changes)
-
-
 def _per_image_cfg(model, scales: torch.Tensor):
     """A model clone whose CFG uses one scale per image of the batch."""
     m = model.clone()
@@ -128,7 +107,7 @@ def replay_at_cfgs(model, positive, negative, code: LatentCode, values: list[flo
     elif others:
         groups.append((others, None))
     for idx, cfg in groups:
-        tiled = tile_code(code, len(idx))
+        tiled = code.tiled(len(idx))
         m = model
         if cfg is None:
             if len(idx) == 1:

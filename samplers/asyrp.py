@@ -53,7 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dpm_encoder import CodeError, LatentCode, alpha, check_family, replay_step, step_coefficients
+from .dpm_encoder import CodeError, LatentCode, alpha, blend, check_family, replay_step, step_coefficients
 
 Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
 KINDS = ("implicit function", "global direction")
@@ -229,17 +229,24 @@ def asyrp_replay(plain: Denoiser, edited: Optional[Denoiser], code: LatentCode, 
     n_edit = edited_steps(steps, t_edit)
     check_fraction(t_boost, "t_boost")
     gen = torch.Generator().manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
-    boosted_code = replace(code, eta=1.0)
+    # A masked code (see dpm_encoder's "Masked edits"): the step and its edit are made unmasked, then
+    # blended once with the source chain, so outside the mask every step stays the source's.
+    unmasked = replace(code, mask=None)
+    boosted_code = replace(unmasked, eta=1.0)
     x = code.x_start()
+    if code.mask is not None:
+        x = blend(code.mask, x, code.trajectory[0])
     for i in range(steps):
         s_from, s_to = float(code.sigmas[i]), float(code.sigmas[i + 1])
         if is_boosted(i, steps, t_boost):
             fresh = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.device, x.dtype)
             x_next, d = replay_step(plain, x, i, boosted_code, noise=fresh, residual=torch.zeros_like(x))
         else:
-            x_next, d = replay_step(plain, x, i, code)
+            x_next, d = replay_step(plain, x, i, unmasked)
         if edited is not None and i < n_edit:
             x_next = _edit_term(x_next, edited(x, s_from), d, s_to, code.family)
+        if code.mask is not None:
+            x_next = blend(code.mask, x_next, code.trajectory[i + 1])
         if callback is not None:
             callback(i, d, x, steps)
         x = x_next

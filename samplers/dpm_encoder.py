@@ -88,7 +88,7 @@ sampler does with its re-noised source).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Optional
 
 import torch
@@ -223,6 +223,25 @@ class LatentCode:
         return replace(self, start_mean=mv(self.start_mean), start_noise=mv(self.start_noise),
                        noises=mv(self.noises), residual=mv(self.residual), trajectory=mv(self.trajectory),
                        mask=mv(self.mask))
+
+    def tiled(self, k: int) -> "LatentCode":
+        """The code repeated ``k`` times along the batch (copy j: images j*B .. j*B+B-1), as a new object.
+
+        Every tensor field is tiled: per-step stacks (noises, trajectory: ``(steps, batch, ...)``) along
+        dim 1, batch-first tensors (a per-image mask too) along dim 0; the schedule is shared."""
+        if k == 1:
+            return self
+        bsz = self.batch_size
+        changes = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, torch.Tensor) or f.name == "sigmas" or v.dim() == 0:
+                continue
+            if v.dim() == len(self.shape) + 1 and v.shape[1] == bsz and v.shape[2:] == self.shape[1:]:
+                changes[f.name] = torch.cat([v] * k, dim=1)
+            elif v.shape[0] == bsz:
+                changes[f.name] = torch.cat([v] * k, dim=0)
+        return replace(self, **changes)
 
     def with_mask(self, mask: Optional[torch.Tensor]) -> "LatentCode":
         """The same code with another edit mask (None: no mask), checked; tensors are shared, not copied."""

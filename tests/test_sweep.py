@@ -90,7 +90,7 @@ def test_shared_sweep_saves_model_evaluations(mods, sd15):
     with torch.inference_mode():
         for s, d, n in zip(seeds, denoise, steps):
             code = cyc.DPMEncode.execute(ms, cond, cond, lat, s, n, "normal", d, 0.1, 1.0).result[0]
-            out_shared.append(cyc.ReplayLatentWithPrompt.execute(ms, pos, cond, code, 7.0, cfg_text).result[0]["samples"])
+            out_shared.append(cyc.ReplayLatentWithPrompt.execute(ms, pos, cond, code, 7.0, cfg_values=cfg_text).result[0]["samples"])
             for c in (1.0, 2.0, 3.0):  # the naive product: one encode per candidate
                 code_n = cyc.DPMEncode.execute(mn, cond, cond, lat, s, n, "normal", d, 0.1, 1.0).result[0]
                 out_naive.append(cyc.ReplayLatentWithPrompt.execute(mn, pos, cond, code_n, c).result[0]["samples"])
@@ -117,9 +117,9 @@ def test_replay_cfg_values_errors(mods, sd15):
     with torch.inference_mode():
         code = cyc.DPMEncode.execute(sd15, cond, cond, lat, 0, 2, "normal", 0.5, 0.1, 1.0).result[0]
         with pytest.raises(ValueError, match="cfg_values: 'x' is not a number"):
-            cyc.ReplayLatentWithPrompt.execute(sd15, cond, cond, code, 1.0, "1, x")
+            cyc.ReplayLatentWithPrompt.execute(sd15, cond, cond, code, 1.0, cfg_values="1, x")
         with pytest.raises(ValueError, match="cfg_values: 500 is outside"):
-            cyc.ReplayLatentWithPrompt.execute(sd15, cond, cond, code, 1.0, "500")
+            cyc.ReplayLatentWithPrompt.execute(sd15, cond, cond, code, 1.0, cfg_values="500")
 
 
 # ---------------------------------------------------------------------------- ranking
