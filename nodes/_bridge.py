@@ -116,6 +116,8 @@ def latent_space(model) -> tuple[str, float, str]:
     base = model.model
     config = type(getattr(base, "model_config", None)).__name__
     mtype = getattr(getattr(base, "model_type", None), "name", None)
+    if any(c.__name__ == "X0" for c in type(model.get_model_object("model_sampling")).__mro__):
+        mtype = "X0"  # ComfyUI has no X0 model type; x0-prediction lives in its sampling class
     kind = type(base).__name__ if config == "NoneType" else config
     return type(fmt).__name__, float(getattr(fmt, "scale_factor", 1.0)), f"{kind} ({mtype})" if mtype else kind
 

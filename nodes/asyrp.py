@@ -28,6 +28,7 @@ from ..samplers import CodeError
 from ..samplers import asyrp as AS
 from ..samplers.artifact import load_artifact, save_artifact
 from . import _bridge as B
+from . import _clip_management as CM
 from . import _files as F
 from ._autograd import UnsupportedWeights, alias_conds, gradients_through
 from ._types import CATEGORY, AsyrpDirectionIO, LatentCodeIO
@@ -262,16 +263,21 @@ class AsyrpTrainDirection(io.ComfyNode):
         pbar = comfy.utils.ProgressBar(1)
 
         def work(denoise_fn, x0, _callback, guider):
-            comfy.model_management.load_models_gpu([guider.model_patcher, vae.patcher])
-            device = x0.device
+            # The CLIP is read onto the offload device and loaded by ComfyUI's model management with the
+            # model and the VAE, as CLIP Energy's is (so it leaves VRAM when others need it).
             with torch.inference_mode(False):
                 try:
-                    bundle = load_clip_folder(folders[clip_name], device=device)
+                    bundle = load_clip_folder(folders[clip_name], device=CM.offload_device())
                 except ClipFolderError as e:
                     raise B.NodeInputError(f"clip_name: {e}") from None
+            clip = CM.patcher_for(bundle)
+            CM.load([clip], others=[guider.model_patcher, vae.patcher])
+            device = x0.device
+            bundle = bundle.at(CM.model_device(clip))
+            with torch.inference_mode(False):
                 text_dir = (bundle.text_embeds([target_text]) - bundle.text_embeds([source_text])).detach()
             try:
-                with gradients_through(guider.inner_model, vae.first_stage_model):
+                with gradients_through(guider.inner_model, vae.first_stage_model, clip.model):
                     alias_conds(guider.conds)
                     x0 = x0.float().clone()
                     with torch.no_grad():
@@ -317,6 +323,11 @@ class AsyrpTrainDirection(io.ComfyNode):
             except UnsupportedWeights as e:
                 raise B.NodeInputError(f"model: {e}") from None
             module = module.cpu().requires_grad_(False)
+            for name, t in module.state_dict().items():
+                if not torch.isfinite(t).all():
+                    raise B.NodeInputError(
+                        f"learning_rate: training diverged ({name} of the direction became NaN or infinite at "
+                        f"{learning_rate}); lower learning_rate or clip_weight, or train in fp32")
             result["module"], result["trace"], result["h_shape"] = module, trace, h_shape
             return x0
 
@@ -441,6 +452,7 @@ class AsyrpEdit(io.ComfyNode):
 
         samples = B.run_in_comfy(work_model, positive, negative, cfg, placeholder, code.sigmas, work, seed,
                                  code.steps)
+        B.check_finite(samples, "Asyrp Edit", "the edited latent", code.steps, code.steps)
         return io.NodeOutput({"samples": samples})
 
 
@@ -521,6 +533,7 @@ class AsyrpEditDDIM(io.ComfyNode):
         err = result["err"]
         text = (f"DDIM inversion, {steps} steps: plain reconstruction off the input by "
                 f"{sum(err) / len(err):.4g} (mean relative L2 in latent space; max {max(err):.4g}, n = {len(err)})")
+        B.check_finite(out, "Asyrp Edit (DDIM Inversion)", "the edited latent", steps, steps)
         return io.NodeOutput({"samples": out}, ui=ui.PreviewText(text))
 
 
@@ -614,6 +627,10 @@ def direction_from_tensors(tensors: dict, meta: dict, name: str) -> AS.Direction
 
 def save_direction(direction: AS.Direction, path):
     tensors, meta = direction_tensors(direction)
+    bad = [k for k, t in tensors.items() if t.dtype.is_floating_point and not torch.isfinite(t).all()]
+    if bad:
+        raise CodeError(f"the direction holds NaN or infinity in {bad}; it cannot be saved (train it again with "
+                        "a lower learning_rate)")
     return save_artifact(path, tensors, meta)
 
 

@@ -223,10 +223,20 @@ def check_unet_folder(unet_dir: Path) -> dict:
     return config
 
 
+def _diffusers():
+    """The diffusers package, or a node error that says how to install it."""
+    try:
+        import diffusers
+    except ImportError:
+        raise B.NodeInputError(
+            "model_name: Load Diffusers DDPM needs the diffusers package, which this ComfyUI lacks; install it "
+            "into ComfyUI's Python with `pip install -r custom_nodes/dpm-latent/requirements.txt`") from None
+    return diffusers
+
+
 def schedule_from_config(sched_path: Path):
     """(alphas_cumprod float64, prediction_type, clip range or None, ComfyUI sampling_settings)."""
-    from diffusers import DDPMScheduler
-
+    DDPMScheduler = _diffusers().DDPMScheduler
     raw = _read_json(sched_path, "scheduler config")
     pred = raw.get("prediction_type", "epsilon")
     if pred not in ("epsilon", "v_prediction", "sample"):
@@ -278,8 +288,7 @@ def load_ddpm(folder: Path, clip_mode: str = CLIP_CHOICES[0]):
     elif clip_mode != CLIP_CHOICES[0]:
         raise B.NodeInputError(f"clip_sample: {clip_mode!r} is not one of {CLIP_CHOICES}")
 
-    from diffusers import UNet2DModel
-
+    UNet2DModel = _diffusers().UNet2DModel
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
     dtype = comfy.model_management.unet_dtype(supported_dtypes=[torch.float16, torch.bfloat16, torch.float32])
