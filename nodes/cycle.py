@@ -133,6 +133,7 @@ class ReplayLatentWithPrompt(io.ComfyNode):
             from .sweep import parse_cfg_values, replay_at_cfgs
 
             samples = replay_at_cfgs(model, positive, negative, code, parse_cfg_values(cfg_values))
+            B.check_finite(samples, "Replay Latent with Prompt", "the replayed latent", code.steps, code.steps)
             return io.NodeOutput({"samples": samples})
         placeholder = torch.zeros(code.shape)
 
