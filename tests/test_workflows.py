@@ -309,12 +309,9 @@ def _adapt(ui: dict, object_info: dict, image_name: str, stem: str):
                 "extra.dpm_latent_test.clip_energy in the workflow")
             inp["clip_name"] = clip_map[name]
             inp["augmentations"] = min(inp["augmentations"], AUGMENTATIONS)
-        elif node["class_type"] == "AsyrpTrainDirection":
+        elif node["class_type"] in ("AsyrpTrainDirection", "RankByCLIP"):
             name = inp["clip_name"]
-            assert name in clip_map, f"{stem}: no tiny CLIP for clip_name {name!r} (see CLIP_ENERGY)"
-        elif node["class_type"] == "RankByCLIP":
-            name = inp["clip_name"]
-            assert name in clip_map, f"{stem}: no tiny CLIP for Rank by CLIP's clip_name {name!r}"
+            assert name in clip_map, f"{stem}: no tiny CLIP for {node['class_type']}'s clip_name {name!r} (see CLIP_ENERGY)"
             inp["clip_name"] = clip_map[name]
         elif node["class_type"] == "RandomLatentCode":
             inp["width"] = inp["height"] = SIZE
