@@ -90,15 +90,10 @@ def fmt_rate(iv: dict) -> str:
 
 # ----------------------------------------------------------------------------- graphs
 def graph_translate(input_image="dpm_world_circles.png"):
-    from graphs import Graph
+    from graphs import Graph, two_checkpoints_and_image
 
     g = Graph()
-    ck_a = g.node("CheckpointLoaderSimple", ckpt_name=CKPT_A)
-    ck_b = g.node("CheckpointLoaderSimple", ckpt_name=CKPT_B)
-    img = g.node("LoadImage", image=input_image)
-    e_a = g.node("EmptyConditioning", model=ck_a.out(0), tokens=1)
-    e_b = g.node("EmptyConditioning", model=ck_b.out(0), tokens=1)
-    lat = g.node("VAEEncode", pixels=img.out(0), vae=ck_a.out(2))
+    ck_a, ck_b, img, e_a, e_b, lat = two_checkpoints_and_image(g, CKPT_A, CKPT_B, input_image)
     enc = g.node("DPMEncode", model=ck_a.out(0), positive=e_a.out(0), negative=e_a.out(0), latent_image=lat.out(0),
                  seed=0, steps=STEPS, scheduler="simple", denoise=DENOISE, eta=ETA, cfg=1.0)
     rec = g.node("ReplayLatentWithPrompt", model=ck_a.out(0), positive=e_a.out(0), negative=e_a.out(0),
@@ -223,15 +218,10 @@ def graph_masked_edit(input_image="dpm_world_circles_masked.png"):
     """Translation A -> B inside a mask: Load Image (its alpha is the mask, as the mask editor paints it)
     -> VAE Encode -> Set Latent Noise Mask -> DPM Encode with A -> Replay with B; and ComfyUI's own
     inpainting route on the same masked latent: KSampler with B at the same denoise."""
-    from graphs import Graph
+    from graphs import Graph, two_checkpoints_and_image
 
     g = Graph()
-    ck_a = g.node("CheckpointLoaderSimple", ckpt_name=CKPT_A)
-    ck_b = g.node("CheckpointLoaderSimple", ckpt_name=CKPT_B)
-    img = g.node("LoadImage", image=input_image)
-    e_a = g.node("EmptyConditioning", model=ck_a.out(0), tokens=1)
-    e_b = g.node("EmptyConditioning", model=ck_b.out(0), tokens=1)
-    lat = g.node("VAEEncode", pixels=img.out(0), vae=ck_a.out(2))
+    ck_a, ck_b, img, e_a, e_b, lat = two_checkpoints_and_image(g, CKPT_A, CKPT_B, input_image)
     masked = g.node("SetLatentNoiseMask", samples=lat.out(0), mask=img.out(1))
     enc = g.node("DPMEncode", model=ck_a.out(0), positive=e_a.out(0), negative=e_a.out(0),
                  latent_image=masked.out(0), seed=0, steps=STEPS, scheduler="simple", denoise=DENOISE, eta=ETA,

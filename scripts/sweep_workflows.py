@@ -27,15 +27,10 @@ def graph_best_of_n_demo(input_image="dpm_world_circles.png", seeds="0-3", denoi
                          rank_within="all images"):
     """Translation circles -> squares in the demo world, best of seeds x denoise by directional CLIP.
     chain_steps 28 with denoise 0.7 gives the demo's 20 steps."""
-    from graphs import Graph
+    from graphs import Graph, two_checkpoints_and_image
 
     g = Graph()
-    ck_a = g.node("CheckpointLoaderSimple", ckpt_name=DEMO_CKPT_A)
-    ck_b = g.node("CheckpointLoaderSimple", ckpt_name=DEMO_CKPT_B)
-    img = g.node("LoadImage", image=input_image)
-    e_a = g.node("EmptyConditioning", model=ck_a.out(0), tokens=1)
-    e_b = g.node("EmptyConditioning", model=ck_b.out(0), tokens=1)
-    lat = g.node("VAEEncode", pixels=img.out(0), vae=ck_a.out(2))
+    ck_a, ck_b, img, e_a, e_b, lat = two_checkpoints_and_image(g, DEMO_CKPT_A, DEMO_CKPT_B, input_image)
     sw = g.node("DPMSweep", seeds=seeds, denoise_values=denoise, cfg_values=cfg, chain_steps=chain_steps)
     enc = g.node("DPMEncode", model=ck_a.out(0), positive=e_a.out(0), negative=e_a.out(0), latent_image=lat.out(0),
                  seed=sw.out(0), steps=sw.out(2), scheduler="simple", denoise=sw.out(1), eta=0.1, cfg=1.0)

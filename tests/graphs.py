@@ -47,6 +47,18 @@ def encode_graph(g: Graph, ckpt_name: str, latent_name: str, tokens: int = 77, *
     return ckpt, cond, lat, enc
 
 
+def two_checkpoints_and_image(g: Graph, ckpt_a: str, ckpt_b: str, input_image: str):
+    """The start of every two-model demo graph: checkpoints A and B, Load Image, an Empty Conditioning
+    (one token) per model and the image VAE-encoded with A. Returns (ck_a, ck_b, img, e_a, e_b, lat)."""
+    ck_a = g.node("CheckpointLoaderSimple", ckpt_name=ckpt_a)
+    ck_b = g.node("CheckpointLoaderSimple", ckpt_name=ckpt_b)
+    img = g.node("LoadImage", image=input_image)
+    e_a = g.node("EmptyConditioning", model=ck_a.out(0), tokens=1)
+    e_b = g.node("EmptyConditioning", model=ck_b.out(0), tokens=1)
+    lat = g.node("VAEEncode", pixels=img.out(0), vae=ck_a.out(2))
+    return ck_a, ck_b, img, e_a, e_b, lat
+
+
 def write_latent(input_dir: Path, name: str, samples: torch.Tensor) -> str:
     """A .latent file as ComfyUI's SaveLatent writes it (LoadLatent reads it back unscaled)."""
     fname = f"{name}.latent"
