@@ -254,6 +254,20 @@ def encode_latents(vae, imgs, model):
     return torch.cat(out)
 
 
+def _step_with_ema(opt, params, ema, loss, step, steps, lr, ema_decay):
+    """One optimiser step of a diffusion model (cosine lr with warm-up, clipped gradients) and its EMA update
+    (decay warmed up as (1 + step) / (10 + step))."""
+    set_lr(opt, cosine_lr(step, steps, lr, warmup=100, final=0.1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    d = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            e.lerp_(p.detach(), 1 - d)
+
+
 def train_flow(domain, vae, steps, seed, n_images, batch=128, lr=6e-4, ema_decay=0.999):
     t0 = time.time()
     torch.manual_seed(seed)
@@ -291,15 +305,7 @@ def train_flow(domain, vae, steps, seed, n_images, batch=128, lr=6e-4, ema_decay
         denoised = model.apply_model(x, sigma, c_crossattn=ctx, y=pooled)
         v_err = (denoised - x0) / s4                      # = v_target - v_pred
         loss = v_err.pow(2).mean()
-        set_lr(opt, cosine_lr(step, steps, lr, warmup=100, final=0.1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        d = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.lerp_(p.detach(), 1 - d)
+        _step_with_ema(opt, params, ema, loss, step, steps, lr, ema_decay)
         if step % 200 == 0 or step == steps - 1:
             log(f"flow {domain} step {step}/{steps} loss {loss.item():.4f}")
         if step % 50 == 49 and (WORK_DIR / "stop_flow").exists():
@@ -668,15 +674,7 @@ def train_ddpm(domain, steps, seed, n_images, batch=32, lr=2e-3, ema_decay=0.995
         a = abar[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         loss = F.mse_loss(unet(xt, t).sample, eps)
-        set_lr(opt, cosine_lr(step, steps, lr, warmup=100, final=0.1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        d = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.lerp_(p.detach(), 1 - d)
+        _step_with_ema(opt, params, ema, loss, step, steps, lr, ema_decay)
         if step % 100 == 0 or step == steps - 1:
             log(f"ddpm {domain} step {step}/{steps} loss {loss.item():.4f}")
         if stop_after is not None and step + 1 >= stop_after:
