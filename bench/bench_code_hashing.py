@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import setup
+from _common import setup, timed_round_robin
 
 
 def main(steps: int = 100, repeats: int = 7) -> None:
@@ -51,13 +51,7 @@ def main(steps: int = 100, repeats: int = 7) -> None:
         def full():
             fmt.load_code(path)
 
-        fns = [verified, unverified, st, full]
-        best = [float("inf")] * len(fns)
-        for _ in range(repeats):
-            for k, fn in enumerate(fns):
-                t = time.perf_counter()
-                fn()
-                best[k] = min(best[k], time.perf_counter() - t)
+        best = timed_round_robin([verified, unverified, st, full], repeats)
     mb = len(raw) / 2 ** 20
     v, u, s, f = best
     print(f"code: {steps} steps, latent 1x4x128x128, file {mb:.1f} MiB; torch {torch.__version__}, "

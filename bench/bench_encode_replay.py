@@ -10,9 +10,8 @@ from __future__ import annotations
 import importlib
 import sys
 import tempfile
-import time
 
-from _common import peak_rss_mb, setup
+from _common import peak_rss_mb, setup, timed_round_robin
 
 
 def main(steps: int = 12, size: int = 24, batch: int = 1, repeats: int = 3) -> None:
@@ -36,16 +35,6 @@ def main(steps: int = 12, size: int = 24, batch: int = 1, repeats: int = 3) -> N
         guider.set_cfg(1.0)
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps).cpu()
 
-        def timed_round_robin(fns):
-            """Best of ``repeats`` for each, interleaved so that a busy machine hurts all alike."""
-            best = [float("inf")] * len(fns)
-            for _ in range(repeats):
-                for k, fn in enumerate(fns):
-                    t = time.perf_counter()
-                    fn()
-                    best[k] = min(best[k], time.perf_counter() - t)
-            return best
-
         def ours():
             code = cyc.DPMEncode.execute(model, cond, cond, latent, 0, steps, "normal", 1.0, 0.1, 1.0).result[0]
             cyc.ReplayLatentWithPrompt.execute(model, cond, cond, code, 1.0)
@@ -68,7 +57,7 @@ def main(steps: int = 12, size: int = 24, batch: int = 1, repeats: int = 3) -> N
                 guider.sample(torch.randn_like(latent["samples"]), latent["samples"], s, sigmas)
 
         ours(); bare()  # warm-up
-        t_ours, t_bare, t_ks = timed_round_robin([ours, bare, ksampler])
+        t_ours, t_bare, t_ks = timed_round_robin([ours, bare, ksampler], repeats)
     print(f"tiny SD1.5, latent {batch}x4x{size}x{size}, {steps} steps, best of {repeats} (interleaved)")
     print(f"  encode + replay          {t_ours:8.3f} s")
     print(f"  2x{steps} bare guider calls  {t_bare:8.3f} s   ratio {t_ours / t_bare:.3f}  (target <= 1.05)")

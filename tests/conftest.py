@@ -100,6 +100,18 @@ def model_dirs(tmp_path_factory):
     return dirs
 
 
+@pytest.fixture(scope="module")
+def gn(pack, model_dirs):
+    """nodes/guidance_nodes.py, with the tiny CLIP's folder on ComfyUI's clip_energy path (in-process tests)."""
+    mod = importlib.import_module("dpm_latent.nodes.guidance_nodes")
+    import folder_paths
+
+    paths = folder_paths.folder_names_and_paths["clip_energy"][0]
+    if str(model_dirs["clip_energy"]) not in paths:
+        paths.append(str(model_dirs["clip_energy"]))
+    return mod
+
+
 @pytest.fixture(scope="session")
 def server(model_dirs, tmp_path_factory):
     from comfy_server import ComfyServer

@@ -119,17 +119,6 @@ def comfy_models(model_dirs):
     return model, vae
 
 
-@pytest.fixture(scope="module")
-def gn(pack, model_dirs):
-    mod = importlib.import_module("dpm_latent.nodes.guidance_nodes")
-    import folder_paths
-
-    paths = folder_paths.folder_names_and_paths["clip_energy"][0]
-    if str(model_dirs["clip_energy"]) not in paths:
-        paths.append(str(model_dirs["clip_energy"]))
-    return mod
-
-
 def test_langevin_node_under_inference_mode_lowers_clip_energy(comfy_models, gn):
     """The hard part: autograd through models loaded under inference mode, run under inference mode."""
     model, vae = comfy_models

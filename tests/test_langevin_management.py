@@ -11,17 +11,6 @@ import torch
 
 
 @pytest.fixture(scope="module")
-def gn(pack, model_dirs):
-    mod = importlib.import_module("dpm_latent.nodes.guidance_nodes")
-    import folder_paths
-
-    paths = folder_paths.folder_names_and_paths["clip_energy"][0]
-    if str(model_dirs["clip_energy"]) not in paths:
-        paths.append(str(model_dirs["clip_energy"]))
-    return mod
-
-
-@pytest.fixture(scope="module")
 def sd15(model_dirs):
     import comfy.sd
 
