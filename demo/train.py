@@ -648,7 +648,7 @@ def ddpm_sample_check(unet, sched_config, n=64, seed=0, steps=50):
     return W.read_attributes(img), img
 
 
-def train_ddpm(domain, steps, seed, n_images, batch=32, lr=2e-3, ema_decay=0.995, stop_after=None):
+def train_ddpm(domain, steps, seed, n_images, batch=32, lr=2e-3, ema_decay=0.999, stop_after=None):
     """Standard DDPM training (epsilon MSE, uniform t) of a diffusers UNet2DModel on one domain.
 
     The learning rate follows a cosine over ``steps``; ``stop_after`` ends the run earlier on the
@@ -807,7 +807,7 @@ def main(argv=None):
     ap.add_argument("--flow-steps", type=int, default=3096)
     ap.add_argument("--flow-images", type=int, default=3000)
     ap.add_argument("--clip-steps", type=int, default=1500)
-    ap.add_argument("--ddpm-steps", type=int, default=800)
+    ap.add_argument("--ddpm-steps", type=int, default=4000)
     ap.add_argument("--ddpm-images", type=int, default=1000)
     ap.add_argument("--ddpm-stop-after", type=int, default=None,
                     help="end the DDPM runs after this many steps of the --ddpm-steps schedule")
