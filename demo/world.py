@@ -180,7 +180,7 @@ def read_attributes(images) -> List[dict]:
     ``area`` (foreground pixels), ``fill`` (area / bounding-box area),
     ``top_corners`` / ``bottom_corners`` (foreground share of the bounding box's
     corner cells), ``colour_distance`` (distance of the mean foreground colour to
-    the chosen palette colour).
+    the chosen palette colour), ``rgb`` (that mean foreground colour).
     """
     x = _as_batch(images)
     weight, bg = foreground(x)
@@ -236,7 +236,7 @@ def read_attributes(images) -> List[dict]:
         out.append({"shape": shape, "colour": COLOURS[j], "cx": cx, "cy": cy,
                     "size": 0.25 * (bw + bh), "area": area, "fill": fill,
                     "top_corners": float(top), "bottom_corners": float(bottom),
-                    "colour_distance": float(d[j])})
+                    "colour_distance": float(d[j]), "rgb": [float(v) for v in mean_col]})
     return out
 
 

@@ -43,31 +43,73 @@ FROM_DIRECTION = -1.0
 
 # ---------------------------------------------------------------- model record and the h patch
 
-def model_record(model) -> dict:
-    """What a direction must match: architecture, U-Net layout, latent format, h channels, family."""
-    base = model.model
+UNET_SITE = "unet middle block"     # ComfyUI's output_block_patch at ("output", 0): the bottleneck h
+DIT_SITE = "dit middle joint block"  # patches_replace["dit"][("double_block", i)], image tokens of block i
+
+
+def _h_site(base) -> tuple[str, int | None, dict, int]:
+    """(site, block index, layout, h channels) of a diffusion network, or a clear node error.
+
+    U-Nets (the paper's h-space): ComfyUI's ``UNetModel`` and the pack's diffusers ``UNet2DModel``
+    wrapper, h = the middle-block output.  Beyond the paper, the joint-attention transformers whose
+    block loop honours ``patches_replace["dit"]`` (read in the host's ``mmdit.py`` and
+    ``flux/model.py``): h = the image-token output of the middle joint block, ``depth // 2``, as a
+    ``(B, hidden, tokens, 1)`` map so the same direction modules apply."""
+    from comfy.ldm.flux.model import Flux
+    from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
+
+    from .diffusers_ddpm import DiffusersUNet
+
     net = getattr(base, "diffusion_model", None)
-    if not isinstance(net, UNetModel):
-        raise B.NodeInputError(
-            f"model: Asyrp edits the U-Net bottleneck (h-space, the middle-block output); this "
-            f"{type(base).__name__} model is a {type(net).__name__} with no U-Net middle block. Supported: "
-            "SD1.x, SD2 and SDXL U-Nets (eps or v); DiT/MMDiT models (SD3, Flux) are not supported yet.")
-    cfg = getattr(base.model_config, "unet_config", {}) or {}
-    layout = {k: cfg.get(k) for k in ("model_channels", "channel_mult", "context_dim", "num_res_blocks",
-                                        "transformer_depth_middle", "adm_in_channels")}
+    if isinstance(net, UNetModel):
+        # the same layout record as directions saved before DiT support, so they still match
+        cfg = getattr(base.model_config, "unet_config", {}) or {}
+        layout = {k: cfg.get(k) for k in ("model_channels", "channel_mult", "context_dim", "num_res_blocks",
+                                            "transformer_depth_middle", "adm_in_channels")}
+        return UNET_SITE, None, layout, int(cfg.get("model_channels", 0)) * int((cfg.get("channel_mult") or [1])[-1])
+    if isinstance(net, DiffusersUNet):
+        c = net.unet.config
+        layout = {"diffusers": "UNet2DModel", **{k: c.get(k) for k in (
+            "block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "in_channels",
+            "out_channels", "add_attention")}}
+        return UNET_SITE, None, layout, int(c.get("block_out_channels")[-1])
+    if type(net) is OpenAISignatureMMDITWrapper:
+        n = len(net.joint_blocks)
+        return DIT_SITE, n // 2, {"mmdit": "SD3", "depth": n, "hidden_size": int(net.hidden_size)}, int(net.hidden_size)
+    if type(net) is Flux:
+        n = len(net.double_blocks)
+        return (DIT_SITE, n // 2, {"flux": "double_blocks", "double_blocks": n, "single_blocks": len(net.single_blocks),
+                                   "hidden_size": int(net.hidden_size)}, int(net.hidden_size))
+    raise B.NodeInputError(
+        f"model: Asyrp edits h-space, the U-Net bottleneck (or, beyond the paper, the middle joint block of "
+        f"SD3 / Flux transformers); this {type(base).__name__} model's network is a {type(net).__name__}, "
+        "which has neither. "
+        "Supported: SD1.x, SD2, SDXL U-Nets (eps or v), diffusers UNet2DModel pixel DDPMs (Load Diffusers "
+        "DDPM), SD3 MMDiT and Flux.1.")
+
+
+def model_record(model) -> dict:
+    """What a direction must match: architecture, network layout, latent format, h site and channels, family."""
+    base = model.model
+    site, block, layout, channels = _h_site(base)
     return {
         "architecture": type(base).__name__,
         "unet": json.dumps(layout, sort_keys=True, default=str),
         "latent_format": type(model.get_model_object("latent_format")).__name__,
-        "h_channels": int(cfg.get("model_channels", 0)) * int((cfg.get("channel_mult") or [1])[-1]),
+        "h_channels": int(channels),
+        "h_site": site,
+        "h_block": block,
         "family": B.family_of(model),
     }
 
 
 def check_direction_for_model(model, direction: AS.Direction, what: str = "direction") -> dict:
     rec = model_record(model)
-    meta = direction.meta
-    for key, label in (("architecture", "model type"), ("unet", "U-Net layout"), ("latent_format", "latent format")):
+    meta = dict(direction.meta)
+    meta.setdefault("h_site", UNET_SITE)   # directions saved before DiT support are all U-Net ones
+    meta.setdefault("h_block", None)
+    for key, label in (("architecture", "model type"), ("unet", "network layout"), ("latent_format", "latent format"),
+                       ("h_site", "h site"), ("h_block", "h block")):
         if meta.get(key) != rec[key]:
             raise B.NodeInputError(
                 f"{what}: it was trained on a model with {label} {meta.get(key)!r}, this model has {rec[key]!r}; "
@@ -80,7 +122,8 @@ def check_direction_for_model(model, direction: AS.Direction, what: str = "direc
 
 
 class HShift:
-    """output_block_patch that adds ``strength * delta_h`` to h at ("output", 0) while active.
+    """Adds ``strength * delta_h`` to h while active; installed as ComfyUI's output_block_patch (U-Net,
+    block ("output", 0)) or as a ``patches_replace["dit"]`` double-block wrapper (SD3 / Flux).
 
     Stateful and shared on purpose: ComfyUI deep-copies model_options when it clones a patcher,
     and the sampling loop must still reach this one object."""
@@ -95,12 +138,11 @@ class HShift:
     def __deepcopy__(self, memo):
         return self
 
-    def __call__(self, h, hsp, transformer_options):
-        if transformer_options.get("block") != ("output", 0):
-            return h, hsp
+    def shift(self, h, transformer_options):
+        """h: (B, C, H, W); records its shape and, while active, returns h + k * delta_h."""
         self.h_shape = tuple(h.shape[1:])
         if not self.active:
-            return h, hsp
+            return h
         delta = self.direction.delta(h, self.level)
         k = self.strengths.to(device=h.device, dtype=h.dtype)
         chunks = max(len(transformer_options.get("cond_or_uncond", [0])), 1)
@@ -110,7 +152,21 @@ class HShift:
             k = k[:1].expand(h.shape[0])
         else:
             raise RuntimeError(f"Asyrp: h batch {h.shape[0]} does not split into {chunks} x {k.numel()} latents")
-        return h + k.view(-1, *([1] * (h.dim() - 1))) * delta, hsp
+        return h + k.view(-1, *([1] * (h.dim() - 1))) * delta
+
+    def __call__(self, h, hsp, transformer_options):
+        if transformer_options.get("block") != ("output", 0):
+            return h, hsp
+        return self.shift(h, transformer_options), hsp
+
+    def dit_block(self, args, extra):
+        """patches_replace["dit"] wrapper: the original joint block, then h = its image tokens
+        (B, L, D), seen as a (B, D, L, 1) map."""
+        out = dict(extra["original_block"](args))
+        img = out["img"]
+        h = img.transpose(1, 2).unsqueeze(-1)
+        out["img"] = self.shift(h, args.get("transformer_options") or {}).squeeze(-1).transpose(1, 2)
+        return out
 
     def run(self, denoise_fn, x, sigma, family):
         self.level = AS.noise_level(sigma, family)
@@ -122,10 +178,14 @@ class HShift:
 
 
 def patched(model):
-    """A clone of ``model`` carrying a fresh HShift patch; the caller's model is untouched."""
+    """A clone of ``model`` carrying a fresh HShift patch at its h site; the caller's model is untouched."""
+    rec = model_record(model)
     shift = HShift()
     m = model.clone()
-    m.set_model_output_block_patch(shift)
+    if rec["h_site"] == UNET_SITE:
+        m.set_model_output_block_patch(shift)
+    else:
+        m.set_model_patch_replace(shift.dit_block, "dit", "double_block", rec["h_block"])
     return m, shift
 
 
@@ -220,6 +280,10 @@ class AsyrpTrainDirection(io.ComfyNode):
                                tooltip="'implicit function': the paper's f_t(h, t), a small network (recommended; "
                                        "works at any image size). 'global direction': one delta_h per step "
                                        "(only at the trained image size)."),
+                io.Conditioning.Input("conditioning", optional=True,
+                                      tooltip="Optional prompt the model runs under while training (and then "
+                                              "editing). Unconnected: zero conditioning (Empty Conditioning "
+                                              "with 77 tokens), the paper's unconditional setting."),
                 io.Latent.Input("validation_latents", optional=True,
                                 tooltip="Optional held-out images (not trained on): their directional CLIP loss "
                                         "of P_t is measured before and after training, shown on the plot and "
@@ -233,7 +297,8 @@ class AsyrpTrainDirection(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, latents, clip_name, source_text, target_text, steps, t_edit, iterations,
-                learning_rate, clip_weight, l1_weight, seed, kind, validation_latents=None) -> io.NodeOutput:
+                learning_rate, clip_weight, l1_weight, seed, kind, conditioning=None,
+                validation_latents=None) -> io.NodeOutput:
         samples = latents["samples"]
         val = None
         if validation_latents is not None:
@@ -258,7 +323,9 @@ class AsyrpTrainDirection(io.ComfyNode):
         sigmas = B.schedule(model, "normal", steps, 1.0)
         family = rec["family"]
         work_model, shift = patched(model)
-        cond = _empty_cond(model)
+        if conditioning is not None:
+            B.check_conditioning_batch(conditioning, 1, "conditioning")
+        cond = _empty_cond(model) if conditioning is None else conditioning
         result = {}
         pbar = comfy.utils.ProgressBar(1)
 
@@ -332,7 +399,7 @@ class AsyrpTrainDirection(io.ComfyNode):
             return x0
 
         B.run_in_comfy(work_model, cond, cond, 1.0, samples, sigmas, work, seed, None)
-        meta = {k: rec[k] for k in ("architecture", "unet", "latent_format", "family")}
+        meta = {k: rec[k] for k in ("architecture", "unet", "latent_format", "family", "h_site", "h_block")}
         meta.update(h_shape=list(result["h_shape"]), sigmas=[float(s) for s in sigmas], steps=int(steps),
                     source_text=source_text, target_text=target_text, t_edit=float(t_edit), t_boost=0.0,
                     kind=kind, clip_name=clip_name, iterations=int(iterations), learning_rate=float(learning_rate),

@@ -1,0 +1,172 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Asyrp beyond the paper's U-Nets, in-process with ComfyUI's own networks: h-space at the middle joint
+block of SD3's MMDiT (patches_replace["dit"]) and of Flux.1, and at the middle block of a diffusers
+UNet2DModel pixel DDPM (Load Diffusers DDPM)."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def AN(pack, model_dirs):
+    import folder_paths
+
+    folder_paths.add_model_folder_path("diffusers", str(model_dirs["diffusers"]))
+    return importlib.import_module("dpm_latent.nodes.asyrp")
+
+
+@pytest.fixture(scope="module")
+def nodes(pack):
+    return (importlib.import_module("dpm_latent.nodes.cycle"), importlib.import_module("dpm_latent.nodes._bridge"),
+            importlib.import_module("dpm_latent.nodes.diffusers_ddpm"))
+
+
+@pytest.fixture(scope="module")
+def models(model_dirs, nodes):
+    import comfy.sd
+
+    out = {}
+    with torch.inference_mode():
+        for name in ("tiny_sd3", "tiny_sd15"):
+            m, _c, vae, _ = comfy.sd.load_checkpoint_guess_config(
+                str(model_dirs["checkpoints"] / f"{name}.safetensors"), output_vae=True, output_clip=False)
+            out[name] = m
+        out["tiny_ddpm_eps"] = nodes[2].LoadDiffusersDDPM.execute("tiny_ddpm_eps").result[0]
+    return out
+
+
+def _random_direction(AN, rec, h_shape, std=0.5, seed=0):
+    AS = importlib.import_module("dpm_latent.samplers.asyrp")
+    torch.manual_seed(seed)
+    blk = AS.DeltaBlock(h_shape[0])
+    torch.nn.init.normal_(blk.conv_out.weight, std=std)
+    meta = {k: rec[k] for k in ("architecture", "unet", "latent_format", "family", "h_site", "h_block")}
+    meta.update(h_shape=list(h_shape), t_edit=0.5, t_boost=0.0)
+    return AS.Direction([blk], [1.0], meta)
+
+
+def test_model_records_name_the_h_site(AN, models):
+    sd3 = AN.model_record(models["tiny_sd3"])
+    net = models["tiny_sd3"].model.diffusion_model
+    assert sd3["h_site"] == AN.DIT_SITE and sd3["h_block"] == len(net.joint_blocks) // 2
+    assert sd3["h_channels"] == net.hidden_size and sd3["family"] == "flow"
+    sd15 = AN.model_record(models["tiny_sd15"])
+    assert sd15["h_site"] == AN.UNET_SITE and sd15["h_block"] is None
+    ddpm = AN.model_record(models["tiny_ddpm_eps"])
+    unet = models["tiny_ddpm_eps"].model.diffusion_model.unet
+    assert ddpm["h_site"] == AN.UNET_SITE and ddpm["h_channels"] == unet.config.block_out_channels[-1]
+
+
+def test_unsupported_networks_get_an_error_naming_their_type(AN, models):
+    m = models["tiny_sd3"].clone()
+    real = m.model.diffusion_model
+    try:
+        m.model.diffusion_model = torch.nn.Linear(2, 2)
+        with pytest.raises(Exception, match="Linear") as err:
+            AN.model_record(m)
+        assert "SD3 MMDiT" in str(err.value) and "model:" in str(err.value)
+    finally:
+        m.model.diffusion_model = real
+
+
+@pytest.mark.parametrize("name", ["tiny_sd3", "tiny_ddpm_eps"])
+def test_patch_sees_h_and_zero_strength_is_bit_exact(AN, nodes, models, name):
+    """The patched clone computes exactly what the model computes until the shift is active; an active
+    shift changes the output; the caller's model never carries the patch."""
+    cyc, B, _ = nodes
+    model = models[name]
+    before = dict(model.model_options)
+    work, shift = AN.patched(model)
+    assert model.model_options == before
+    cond = cyc.EmptyConditioning.execute(model, 1).result[0]
+    x = torch.randn(2, *((16, 8, 8) if name == "tiny_sd3" else (3, 16, 16)), generator=torch.Generator().manual_seed(0))
+    family = B.family_of(model)
+    sigmas = B.schedule(model, "normal", 4, 1.0)
+    out = {}
+
+    def work_fn(denoise_fn, x0, _cb, _g):
+        s = float(sigmas[1])
+        out["plain"] = denoise_fn(x0, s)
+        rec = AN.model_record(model)
+        shift.direction = _random_direction(AN, rec, shift.h_shape)
+        shift.strengths = torch.zeros(x0.shape[0])
+        out["zero"] = shift.run(denoise_fn, x0, s, family)
+        shift.strengths = torch.tensor([1.0, -1.0])
+        out["edit"] = shift.run(denoise_fn, x0, s, family)
+        out["after"] = denoise_fn(x0, s)
+        return x0
+
+    with torch.inference_mode():
+        B.run_in_comfy(work, cond, cond, 1.0, x, sigmas, work_fn, 0, None)
+    if name == "tiny_sd3":
+        net = model.model.diffusion_model
+        tokens = (8 // 2) * (8 // 2)
+        assert shift.h_shape == (net.hidden_size, tokens, 1)
+    assert torch.equal(out["zero"], out["plain"]) and torch.equal(out["after"], out["plain"])
+    d_plus, d_minus = out["edit"][0] - out["plain"][0], out["edit"][1] - out["plain"][1]
+    assert d_plus.abs().max() > 1e-4 and d_minus.abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", ["tiny_sd3", "tiny_ddpm_eps"])
+def test_asyrp_edit_strength_zero_is_the_replay_and_directions_check_the_site(AN, nodes, models, name):
+    cyc, B, _ = nodes
+    model = models[name]
+    cond = cyc.EmptyConditioning.execute(model, 1).result[0]
+    shape = (2, 16, 8, 8) if name == "tiny_sd3" else (2, 3, 16, 16)
+    lat = {"samples": torch.randn(*shape, generator=torch.Generator().manual_seed(1))}
+    rec = AN.model_record(model)
+    h_shape = (rec["h_channels"], 16, 1) if name == "tiny_sd3" else (rec["h_channels"], 4, 4)
+    direction = _random_direction(AN, rec, h_shape, std=0.02)   # small: the linear regime, where -1 reverses
+    with torch.inference_mode():
+        code = cyc.DPMEncode.execute(model, cond, cond, lat, 0, 6, "normal", 1.0, 0.1, 1.0).result[0]
+        replay = cyc.ReplayLatentWithPrompt.execute(model, cond, cond, code, 1.0).result[0]["samples"]
+        zero = AN.AsyrpEdit.execute(model, cond, cond, 1.0, code, direction, "0", 0.5, 0.0, 0).result[0]["samples"]
+        both = AN.AsyrpEdit.execute(model, cond, cond, 1.0, code, direction, "1, -1", 0.5, 0.0, 0).result[0]["samples"]
+    assert torch.equal(zero, replay)
+    plus, minus = both[:2] - replay, both[2:] - replay
+    assert plus.abs().max() > 1e-5 and float((plus * minus).sum()) < 0   # -1 moves the other way
+    # a direction of another h site / model is refused by name
+    other = models["tiny_sd15"]
+    with pytest.raises(Exception, match="direction: it was trained on a model with (model type|network layout)"):
+        AN.check_direction_for_model(other, direction)
+
+
+def test_flux_double_block_patch(AN):
+    """Flux.1's own network (ComfyUI's flux/model.py, tiny random weights): the patch at the middle double
+    block sees the image tokens as (hidden, tokens, 1) and an inactive or zero shift changes no bit."""
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux
+
+    torch.manual_seed(0)
+    net = Flux(in_channels=4, out_channels=4, vec_in_dim=8, context_in_dim=8, hidden_size=32, mlp_ratio=2.0,
+               num_heads=2, depth=3, depth_single_blocks=1, axes_dim=[4, 6, 6], theta=10000, patch_size=2,
+               qkv_bias=True, guidance_embed=False, operations=comfy.ops.disable_weight_init)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.05)
+    assert AN._h_site(type("Base", (), {"diffusion_model": net})())[:2] == (AN.DIT_SITE, 1)
+    shift = AN.HShift()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    ctx = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(3))
+    y = torch.randn(2, 8, generator=torch.Generator().manual_seed(4))
+    t = torch.tensor([0.5, 0.5])
+
+    def run(patch):
+        opts = {"patches_replace": {"dit": {("double_block", 1): shift.dit_block}}} if patch else {}
+        with torch.no_grad():
+            return net(x, t, ctx, y=y, transformer_options=opts)
+
+    plain, inactive = run(False), run(True)
+    assert shift.h_shape == (32, 16, 1) and torch.equal(plain, inactive)
+    AS = importlib.import_module("dpm_latent.samplers.asyrp")
+    blk = AS.DeltaBlock(32)
+    torch.nn.init.normal_(blk.conv_out.weight, std=0.5)
+    shift.direction = AS.Direction([blk], [1.0], {})
+    shift.active, shift.level = True, 0.0
+    shift.strengths = torch.zeros(2)
+    assert torch.equal(run(True), plain)
+    shift.strengths = torch.ones(2)
+    assert (run(True) - plain).abs().max() > 1e-4
