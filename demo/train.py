@@ -9,6 +9,9 @@ Writes to ``demo/models`` (next to this file):
   (squares), trained independently from another seed;
 * ``clip_energy/dpm_world_clip/`` -- a tiny transformers CLIP (+ tokenizer and
   preprocessor config) trained contrastively on world images and captions;
+* ``diffusers/dpm_world_ddpm_{circles,squares}/`` -- pixel-space diffusers DDPMs (32x32), A and B;
+* ``asyrp/*.asyrp.safetensors`` -- Asyrp directions "red -> blue" for the DDPM A and flow model B,
+  and a channel-permuted random control of each;
 * ``TRAINING.json`` -- seeds, step counts, wall times and quality numbers.
 
 The VAE is ComfyUI's TAESD layout with 16 latent channels (8x downsampling,
@@ -30,7 +33,10 @@ Usage (the ComfyUI folder comes from --comfyui, DPM_LATENT_COMFYUI or COMFYUI_PA
     python demo/train.py --parts vae      # one part; later parts reuse saved earlier ones
     python demo/train.py --parts verify   # only re-measure the shipped models
 
-Parts: ``vae``, ``flow_a``, ``flow_b``, ``clip``, ``verify`` (default: all, in order).
+Parts: ``vae``, ``flow_a``, ``flow_b``, ``clip``, ``ddpm_a``, ``ddpm_b`` (alias ``ddpm``),
+``asyrp_ddpm``, ``asyrp_flow`` (alias ``asyrp``: the Asyrp h-space directions of ``asyrp/``, trained
+through the pack's own Asyrp Train Direction node on the shipped models, with their random-direction
+controls) and ``verify`` (default: all, in order).
 """
 from __future__ import annotations
 
@@ -734,6 +740,100 @@ def ddpm_part(domain, args, common):
     save_part(f"ddpm_{domain}", info)
 
 
+# ---------------------------------------------------------------- Asyrp directions (h-space)
+
+ASYRP_DIR = MODELS / "asyrp"
+# One direction per h-space the demo measures: the paper's own (a pixel U-Net DDPM, h = the middle
+# block) and the SD3-layout flow model's (h = image tokens of the middle joint block). Settings were
+# chosen by a small sweep on training images (lr, t_edit); held-out images are never trained on.
+ASYRP_RUNS = {
+    # DDPM: a sweep on 8-16 training images (lr 0.5-30, l1 0.3-3, t_edit 0.3-0.5) found the paper's l1 weight
+    # 3.0 too strong for this tiny U-Net (colour moves 0.09 of the way at strength 1); 0.3 turns circles blue.
+    "ddpm": {"file": "dpm_world_ddpm_red_to_blue", "loader": "diffusers", "model": "dpm_world_ddpm_circles",
+             "domain": "A", "shape": "circle", "steps": 20, "t_edit": 0.5, "iterations": 3,
+             "learning_rate": 2.0, "l1_weight": 0.3, "n_train": 16},
+    # flow: no setting of the same sweep moved colour along red -> blue; the paper's l1 3.0 at least keeps shapes
+    "flow": {"file": "dpm_world_flow_red_to_blue", "loader": "checkpoint", "model": "dpm_world_squares.safetensors",
+             "domain": "B", "shape": "square", "steps": 20, "t_edit": 0.2, "iterations": 2,
+             "learning_rate": 0.05, "l1_weight": 3.0, "n_train": 16},
+}
+ASYRP_SUFFIX = ".asyrp.safetensors"
+
+
+def _pack(comfyui=None):
+    """The pack imported as ComfyUI imports it (tests/conftest.py), plus the demo's model folders."""
+    if comfyui:
+        os.environ["DPM_LATENT_COMFYUI"] = comfyui
+    tests = str(REPO / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    import importlib
+
+    import conftest
+    conftest.import_pack()
+    import folder_paths
+    folder_paths.add_model_folder_path("clip_energy", str(MODELS / "clip_energy"))
+    folder_paths.add_model_folder_path("diffusers", str(DDPM_DIR))
+    return {k: importlib.import_module(f"dpm_latent.nodes.{k}") for k in ("asyrp", "cycle", "diffusers_ddpm")}
+
+
+def asyrp_model(run, nodes):
+    """(MODEL, VAE, image -> model input resize) of a demo Asyrp run, loaded by ComfyUI / the pack."""
+    if run["loader"] == "diffusers":
+        model, vae = nodes["diffusers_ddpm"].LoadDiffusersDDPM.execute(run["model"]).result
+        return model, vae, lambda imgs: F.avg_pool2d(imgs, W.SIZE // DDPM_SIZE)
+    import comfy.sd
+    model, _clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(CKPT_DIR / run["model"]), output_vae=True,
+                                                                 output_clip=False)
+    return model, vae, lambda imgs: imgs
+
+
+def channel_permuted(direction, seed):
+    """The random-direction control: the trained f_t with its output channels permuted, so delta_h
+    has the same norm at every position and level but points elsewhere in h-space."""
+    import copy
+    term = copy.deepcopy(direction.terms[0])
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(term.conv_out.weight.shape[0], generator=g)
+    with torch.no_grad():
+        term.conv_out.weight.copy_(term.conv_out.weight[perm])
+        term.conv_out.bias.copy_(term.conv_out.bias[perm])
+    meta = dict(direction.meta, source_text="control", target_text=f"random: output channels permuted (seed {seed})")
+    return type(direction)([term], [1.0], meta)
+
+
+def asyrp_part(which, args, common):
+    run = ASYRP_RUNS[which]
+    nodes = _pack(args.comfyui)
+    AN, CY = nodes["asyrp"], nodes["cycle"]
+    t0 = time.time()
+    model, vae, resize = asyrp_model(run, nodes)
+    seed = args.seed + {"ddpm": 700, "flow": 800}[which]
+    train, _ = W.sample_domain(run["n_train"], seed, run["domain"])
+    held, _ = W.sample_domain(16, seed + 1, run["domain"])
+    with torch.inference_mode():
+        lat = {"samples": vae.encode(resize(train).permute(0, 2, 3, 1))}
+        val = {"samples": vae.encode(resize(held).permute(0, 2, 3, 1))}
+        cond = CY.EmptyConditioning.execute(model, 1).result[0]
+    src, trg = f"a red {run['shape']}", f"a blue {run['shape']}"
+    direction, _plot = AN.AsyrpTrainDirection.execute(
+        model, vae, lat, "dpm_world_clip", src, trg, run["steps"], run["t_edit"], run["iterations"],
+        run["learning_rate"], 1.0, run["l1_weight"], 0, "implicit function", conditioning=cond,
+        validation_latents=val).result
+    wall = time.time() - t0
+    ASYRP_DIR.mkdir(parents=True, exist_ok=True)
+    AN.save_direction(direction, ASYRP_DIR / (run["file"] + ASYRP_SUFFIX))
+    AN.save_direction(channel_permuted(direction, seed), ASYRP_DIR / (run["file"] + "_random" + ASYRP_SUFFIX))
+    m = direction.meta
+    info = {**{k: v for k, v in run.items()}, "seed": seed, "source_text": src, "target_text": trg,
+            "h_site": m["h_site"], "h_shape": m["h_shape"], "held_out_images": 16,
+            "held_out_clip_loss_before": m["held_out_clip_loss_before"],
+            "held_out_clip_loss_after": m["held_out_clip_loss_after"], "loss_curve": m["loss_curve"],
+            "wall_s": wall, **common}
+    log(f"asyrp {which}: {json.dumps(info)}")
+    save_part(f"asyrp_{which}", info)
+
+
 # ---------------------------------------------------------------- main
 
 def save_part(name, info):
@@ -790,6 +890,7 @@ def run_parallel(args, ap, stages=None):
     stage(["vae", "clip"])
     stage(["flow_a", "flow_b"])
     stage(["ddpm_a", "ddpm_b"])
+    stage(["asyrp_ddpm", "asyrp_flow"])
     stage(["verify"])
     log(f"all parts done in {time.time() - t0:.0f}s")
 
@@ -797,7 +898,7 @@ def run_parallel(args, ap, stages=None):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--comfyui", default=None)
-    ap.add_argument("--parts", default="vae,flow_a,flow_b,clip,ddpm_a,ddpm_b,verify")
+    ap.add_argument("--parts", default="vae,flow_a,flow_b,clip,ddpm_a,ddpm_b,asyrp_ddpm,asyrp_flow,verify")
     ap.add_argument("--quick", action="store_true", help="short smoke-test training")
     ap.add_argument("--seed", type=int, default=20231)
     ap.add_argument("--threads", type=int, default=1,
@@ -819,13 +920,16 @@ def main(argv=None):
         return run_parallel(args, ap)
     if not args.serial and args.parts == "ddpm":
         return run_parallel(args, ap, stages=[["ddpm_a", "ddpm_b"]])
+    if not args.serial and args.parts == "asyrp":
+        return run_parallel(args, ap, stages=[["asyrp_ddpm", "asyrp_flow"]])
     if args.quick:
         args.vae_steps32, args.vae_steps64 = 60, 10
         args.flow_steps, args.flow_images = 60, 300
         args.clip_steps = 40
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    parts = [q for p in parts for q in (("ddpm_a", "ddpm_b") if p == "ddpm" else (p,))]
-    if any(not p.startswith("ddpm_") for p in parts):   # the diffusers DDPMs need no ComfyUI
+    parts = [q for p in parts for q in (("ddpm_a", "ddpm_b") if p == "ddpm" else
+                                         tuple(f"asyrp_{w}" for w in ASYRP_RUNS) if p == "asyrp" else (p,))]
+    if any(not p.startswith(("ddpm_", "asyrp_")) for p in parts):   # these two need no ComfyUI set-up here
         setup_comfy(args.comfyui)
     common = {"base_seed": args.seed, "quick": args.quick, "torch": torch.__version__,
               "threads": args.threads}
@@ -863,6 +967,9 @@ def main(argv=None):
     for domain, part in (("A", "ddpm_a"), ("B", "ddpm_b")):
         if part in parts:
             ddpm_part(domain, args, common)
+    for which in ASYRP_RUNS:
+        if f"asyrp_{which}" in parts:
+            asyrp_part(which, args, common)
     if "clip" in parts:
         info = train_clip(args.clip_steps, args.seed + 400, pool_n=1000 if args.quick else 4000)
         info.update(common)

@@ -342,7 +342,19 @@ def write_workflows(server) -> list[Path]:
         paths.append(path)
     paths += write_masked_workflows(info)
     paths.append(write_pixel_ddpm_workflow(info))
+    paths.append(write_asyrp_workflow(info))
     return paths
+
+
+def write_asyrp_workflow(info) -> Path:
+    from ui_workflow import api_to_ui
+
+    g, _saves, titles = graph_asyrp("ddpm")
+    test = {"diffusers": {PIXEL_DDPM_A: "tiny_ddpm_eps"}}
+    wf = api_to_ui(g.prompt(), info, note=ASYRP_NOTE, titles=titles, extra={"dpm_latent_test": test})
+    path = WORKFLOWS / ASYRP_WORKFLOW
+    path.write_text(json.dumps(wf, indent=1) + "\n")
+    return path
 
 
 def write_masked_workflows(info: dict) -> list[Path]:
@@ -389,6 +401,7 @@ def install_demo_models(comfy_dir: Path) -> None:
             dst.unlink()
         dst.symlink_to(src, target_is_directory=src.is_dir())
     write_sample_inputs(Path(comfy_dir) / "input")
+    install_asyrp_directions(Path(comfy_dir) / "input")
 
 
 def write_sample_inputs(input_dir: Path) -> None:
@@ -622,6 +635,8 @@ def measure(server, n: int = 64, seed: int = 0, langevin_steps: int = LANGEVIN_S
     metrics["masked_translation"] = measure_masked(server, files["A"], images)
     metrics["pixel_ddpm"], images["pixel_ddpm"] = measure_pixel_ddpm(server, n=n, seed=seed)
     metrics["best_of_n"] = measure_best_of_n(server, files["A"])
+    metrics["asyrp"], asyrp_images = measure_asyrp(server, seed=seed)
+    images.update(asyrp_images)
     add_rate_intervals(metrics)
     return metrics, images
 
@@ -693,6 +708,173 @@ def measure_pixel_ddpm(server, n: int = 64, seed: int = 0) -> tuple[dict, dict]:
     return m, images
 
 
+# ----------------------------------------------------------------------------- Asyrp (h-space)
+ASYRP = {  # the directions demo/train.py --parts asyrp trains (demo/models/asyrp/), one per h-space
+    "ddpm": {"title": "pixel DDPM A (U-Net; h = middle block, the paper's h-space)", "loader": "diffusers",
+             "model": PIXEL_DDPM_A, "domain": "A", "shape": "circle", "scheduler": "normal",
+             "direction": "dpm_world_ddpm_red_to_blue.asyrp.safetensors"},
+    "flow": {"title": "flow model B (SD3 MMDiT; h = image tokens of the middle joint block)", "loader": "checkpoint",
+             "model": CKPT_B, "domain": "B", "shape": "square", "scheduler": "simple",
+             "direction": "dpm_world_flow_red_to_blue.asyrp.safetensors"},
+}
+ASYRP_STRENGTHS = [0.0, 0.5, 1.0, 2.0, -1.0]
+ASYRP_CONTROL_STRENGTHS = [1.0, 2.0]
+ASYRP_STEPS = 20
+ASYRP_WORKFLOW = "asyrp_demo.json"
+ASYRP_NOTE = (
+    "Asyrp (Kwon et al., ICLR 2023) on the demo world: an edit in the model's h-space, here a pixel-space "
+    "U-Net DDPM (diffusers) trained on circles, h = its middle-block output.\n\n"
+    "The direction 'a red circle' -> 'a blue circle' was trained by Asyrp Train Direction with the world's tiny "
+    "CLIP on 16 training circles (demo/train.py --parts asyrp; models/asyrp/ in the pack, copied to the input "
+    "folder). DPM Encode turns the input into its full code; Asyrp Edit replays it with h + strength * delta_h in "
+    "the predicted-x0 term only, for the steps in [T, t_edit]. The strength list gives one image per value: 0 is "
+    "the plain replay (the input back), 0.5 / 1 / 2 scale the edit, -1 reverses it.\n\n"
+    "Change: strength (any comma-separated list), t_edit / t_boost (-1: the direction's), the input image "
+    "(32 x 32 after the resize), or train your own direction with Asyrp Train Direction.")
+
+
+def graph_asyrp(which="ddpm", input_image="dpm_world_circles.png", direction=None, control=None,
+                strengths=None):
+    """Encode an image batch with DPM Encode and replay it with Asyrp Edit at several strengths.
+    ``control``: also the channel-permuted random direction (the demo row's baseline)."""
+    from graphs import Graph
+
+    a = ASYRP[which]
+    g = Graph()
+    if a["loader"] == "diffusers":
+        m = g.node("LoadDiffusersDDPM", model_name=a["model"], clip_sample="scheduler config")
+        model, vae = m.out(0), m.out(1)
+    else:
+        m = g.node("CheckpointLoaderSimple", ckpt_name=a["model"])
+        model, vae = m.out(0), m.out(2)
+    img = g.node("LoadImage", image=input_image)
+    pixels = img.out(0)
+    titles = {m.id: a["title"]}
+    if a["loader"] == "diffusers":
+        small = g.node("ImageScale", image=img.out(0), upscale_method="area", width=PIXEL_SIZE, height=PIXEL_SIZE,
+                       crop="disabled")
+        pixels = small.out(0)
+        titles[small.id] = "To the DDPM's 32 x 32"
+    e = g.node("EmptyConditioning", model=model, tokens=1)
+    lat = g.node("VAEEncode", pixels=pixels, vae=vae)
+    enc = g.node("DPMEncode", model=model, positive=e.out(0), negative=e.out(0), latent_image=lat.out(0),
+                 seed=0, steps=ASYRP_STEPS, scheduler=a["scheduler"], denoise=1.0, eta=ETA, cfg=1.0)
+    strengths = ASYRP_STRENGTHS if strengths is None else strengths
+    branches = [("edit", direction or a["direction"], strengths)]
+    if control:
+        branches.append(("control", control, ASYRP_CONTROL_STRENGTHS))
+    saves = {}
+    for key, fname, values in branches:
+        d = g.node("LoadAsyrpDirection", direction_file=fname)
+        ed = g.node("AsyrpEdit", model=model, positive=e.out(0), negative=e.out(0), cfg=1.0, latent_code=enc.out(0),
+                    direction=d.out(0), strength=", ".join(f"{v:g}" for v in values), t_edit=-1.0, t_boost=0.0,
+                    seed=0)
+        dec = g.node("VAEDecode", samples=ed.out(0), vae=vae)
+        saves[key] = g.node("SaveImage", images=dec.out(0), filename_prefix=f"dpm_asyrp/{which}_{key}").id
+        titles.update({d.id: "Load Asyrp Direction" + (" (random control)" if key == "control" else ""),
+                       ed.id: "Asyrp Edit: one image per strength"})
+    titles[enc.id] = "DPM Encode (the image's full code)"
+    return g, saves, titles
+
+
+def install_asyrp_directions(input_dir: Path) -> None:
+    """The demo's trained directions (and their random controls) into ComfyUI's input folder."""
+    import shutil
+
+    src = MODELS / "asyrp"
+    if not src.is_dir():
+        raise SystemExit(f"{src} is missing: run `python demo/train.py --parts asyrp`")
+    input_dir.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.glob("*.asyrp.safetensors")):
+        dst = input_dir / f.name
+        if not dst.exists() or dst.read_bytes() != f.read_bytes():
+            shutil.copyfile(f, dst)
+
+
+def colour_shift(pred, base, source: str, target: str) -> list:
+    """Per image, the move of the mean foreground colour along source -> target palette colour, in units of
+    that distance (0: unchanged, 1: a full source-to-target move), against the same image's plain replay."""
+    import numpy as np
+
+    W = world()
+    axis = np.array(W.PALETTE[target]) - np.array(W.PALETTE[source])
+    return [float((np.array(p["rgb"]) - np.array(b["rgb"])) @ axis / (axis @ axis))
+            for p, b in zip(pred, base) if "rgb" in p and "rgb" in b]
+
+
+def measure_asyrp(server, n: int = 32, seed: int = 0) -> tuple[dict, dict]:
+    """Asyrp edits 'red -> blue' of held-out world images (encoded with DPM Encode) at strengths 0 / 0.5 / 1 / 2 /
+    -1, on the pixel DDPM's U-Net h-space and on the flow model's MMDiT h-space; baselines: strength 0 (the plain
+    replay, i.e. CycleDiffusion's replay without a change) and the channel-permuted random direction of the same
+    norm at strengths 1 and 2."""
+    import numpy as np
+    import torch.nn.functional as F
+    from PIL import Image
+
+    W = world()
+    install_asyrp_directions(Path(server.input_dir))
+    out_m: dict = {"n_images": n, "steps": ASYRP_STEPS, "strengths": ASYRP_STRENGTHS,
+                   "control_strengths": ASYRP_CONTROL_STRENGTHS, "source": "red", "target": "blue"}
+    images = {}
+    for which, a in ASYRP.items():
+        imgs, attrs = W.sample_domain(n, seed + 4000, a["domain"])
+        frames = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for im in imgs]
+        tiff = f"dpm_world_asyrp_{which}_batch.tiff"
+        frames[0].save(Path(server.input_dir) / tiff, save_all=True, append_images=frames[1:], compression="raw")
+        control = a["direction"].replace(".asyrp.", "_random.asyrp.")
+        g, saves, _ = graph_asyrp(which, input_image=tiff, control=control)
+        t = time.perf_counter()
+        entry = server.run(g.prompt(), timeout=3600)
+        dt = time.perf_counter() - t
+        rows = {}
+        for key, values in (("edit", ASYRP_STRENGTHS), ("control", ASYRP_CONTROL_STRENGTHS)):
+            out = read_outputs(server, entry, saves[key])
+            if out.shape[-1] != W.SIZE:
+                out = F.interpolate(out, size=(W.SIZE, W.SIZE), mode="bilinear", align_corners=False).clamp(0, 1)
+            for k, v in enumerate(values):
+                images[f"asyrp_{which}_{key}_{v:g}"] = out[k * n:(k + 1) * n]
+                rows[(key, v)] = W.read_attributes(out[k * n:(k + 1) * n])
+        base = rows[("edit", 0.0)]
+        m = {"title": a["title"], "seconds": dt, "rows": {}}
+        for (key, v), pred in rows.items():
+            blue = sum(p["colour"] == "blue" for p in pred)
+            kept = sum(p["shape"] == a["shape"] for p in pred)
+            errs = [math.hypot(p["cx"] - t["cx"], p["cy"] - t["cy"]) for p, t in zip(pred, attrs)
+                    if p["shape"] != "none" and math.isfinite(p["cx"])]
+            shift = colour_shift(pred, base, "red", "blue")
+            m["rows"][f"{key} {v:g}"] = {
+                "kind": key, "strength": v,
+                "target_rate": blue / n, "target_rate_ci95": wilson(blue, n),
+                "shape_kept": kept / n, "shape_kept_ci95": wilson(kept, n),
+                "centroid_error_px": float(np.mean(errs)) if errs else float("nan"),
+                "centroid_error_px_ci95": bootstrap_mean(errs, seed=seed),
+                "colour_shift": float(np.mean(shift)) if shift else float("nan"),
+                "colour_shift_ci95": bootstrap_mean(shift, seed=seed)}
+        out_m[which] = m
+    return out_m, images
+
+
+def asyrp_markdown(a) -> list[str]:
+    if not a:
+        return []
+
+    def ci(x, k, fmt="{:.2f}"):
+        lo, hi = x[k + "_ci95"]
+        return f"{fmt.format(x[k])} [{fmt.format(lo)}, {fmt.format(hi)}]"
+
+    lines = ["| Asyrp 'red → blue' (n held-out images; 95 % CI) | blue rate | colour shift red→blue (1 = all "
+             "the way) | shape kept | centroid error (px) |", "|---|---|---|---|---|"]
+    for which in ASYRP:
+        m = a[which]
+        lines.append(f"| **{m['title']}** (n = {a['n_images']}), strength: | | | | |")
+        for name, r in m["rows"].items():
+            label = {"edit 0": "0 (plain replay: the baseline)"}.get(name, name.replace("edit ", "")
+                                                                       .replace("control ", "random direction ×"))
+            lines.append(f"| {label} | {ci(r, 'target_rate')} | {ci(r, 'colour_shift')} | {ci(r, 'shape_kept')} | "
+                         f"{ci(r, 'centroid_error_px', '{:.1f}')} |")
+    return lines
+
+
 # ----------------------------------------------------------------------------- best of N
 BEST_OF_N = {"seeds": "0-2", "denoise": "0.6, 0.7, 0.8", "cfg": "1", "chain_steps": 28, "n_images": 16}
 DEFAULT_CANDIDATE = (0, 0.7)  # the single default-setting run: seed 0, denoise 0.7 (28 x 0.7 = the demo's 20 steps)
@@ -758,7 +940,8 @@ def measure_best_of_n(server, circles, n_images: int = BEST_OF_N["n_images"]) ->
 
 def grid(images: dict, rows: int = 8):
     """Columns: input | VAE round trip | replay A | replay B | SDEdit B || masked replay B | masked KSampler B
-    || unguided | CLIP-guided || square | CLIP-edit."""
+    || unguided | CLIP-guided || square | CLIP-edit || Asyrp on the DDPM's U-Net, one per strength || Asyrp on the
+    flow model's MMDiT, one per strength."""
     import numpy as np
     from PIL import Image, ImageDraw
 
@@ -767,6 +950,9 @@ def grid(images: dict, rows: int = 8):
             ("mask B", "masked_translation"), ("inpaint B", "masked_inpaint_baseline"), None,
             ("unguided", "generation_unguided"), (f"CLIP {TARGET_COLOUR}", "generation_guided"), None,
             ("input", "input_squares"), (f"CLIP {EDIT_COLOUR}", "clip_edit")]
+    for which, label in (("ddpm", "U-Net"), ("flow", "MMDiT")):  # Asyrp: one column per strength
+        cols.append(None)
+        cols += [(f"{label} {v:g}", f"asyrp_{which}_edit_{v:g}") for v in ASYRP_STRENGTHS]
     cell, gap, head = 64, 12, 16
     width = sum(cell if c else gap for c in cols)
     canvas = Image.new("RGB", (width, head + rows * cell), (255, 255, 255))
@@ -825,6 +1011,9 @@ def metrics_markdown(m: dict) -> str:
     if "pixel_ddpm" in m:
         lines += pixel_ddpm_markdown(m["pixel_ddpm"])
     lines += best_of_n_markdown(m.get("best_of_n"))
+    asyrp = asyrp_markdown(m.get("asyrp"))
+    if asyrp:
+        lines += [""] + asyrp
     return "\n".join(lines)
 
 

@@ -29,7 +29,8 @@ def demo_server(demo, tmp_path_factory):
     from conftest import comfy_dir
 
     for sub, name in (("checkpoints", demo.CKPT_A), ("checkpoints", demo.CKPT_B), ("clip_energy", demo.CLIP_NAME),
-                      ("diffusers", demo.PIXEL_DDPM_A), ("diffusers", demo.PIXEL_DDPM_B)):
+                      ("diffusers", demo.PIXEL_DDPM_A), ("diffusers", demo.PIXEL_DDPM_B),
+                      *(("asyrp", a["direction"]) for a in demo.ASYRP.values())):
         assert (MODELS / sub / name).exists(), f"shipped demo model {sub}/{name} is missing"
     srv = ComfyServer(comfy_dir(), tmp_path_factory.mktemp("demo"), python=sys.executable,
                       model_dirs={"checkpoints": MODELS / "checkpoints", "clip_energy": MODELS / "clip_energy",
@@ -134,11 +135,11 @@ def test_pixel_ddpm_translation_and_reconstruction(measured):
     t, s, rt = p["translation"], p["sdedit_baseline"], p["vae_roundtrip"]
     assert p["reconstruction_psnr_vs_input_db"]["max_abs_error_255"] <= 2.0, p
     assert rt["circle_rate"] >= 0.9, rt            # the readers see the 32 x 32 inputs as circles
-    # B changes some circles (n = 64: 0.31 squares; the CPU-trained DDPMs are weak at this)
-    assert t["circle_rate"] <= rt["circle_rate"] - 0.15, (t, rt)
+    # B turns the circles into squares (n = 64: 0.98, as SDEdit with B does)
+    assert t["square_rate"] >= 0.8 and t["circle_rate"] <= rt["circle_rate"] - 0.6, (t, rt)
     # the shared code keeps colour and position far better than SDEdit with B at the same strength
-    assert t["colour_kept"] >= 0.8 and t["colour_kept"] >= s["colour_kept"] + 0.3, (t, s)
-    assert t["centroid_error_px"] <= 4.0 and t["centroid_error_px"] < 0.5 * s["centroid_error_px"], (t, s)
+    assert t["colour_kept"] >= 0.7 and t["colour_kept"] >= s["colour_kept"] + 0.3, (t, s)
+    assert t["centroid_error_px"] <= 6.0 and t["centroid_error_px"] < 0.5 * s["centroid_error_px"], (t, s)
 
 
 def test_grid_and_shipped_demo_workflows(demo, measured, tmp_path):
@@ -171,3 +172,31 @@ def test_best_of_n_row(demo, measured):
     assert s["square_rate"] >= d["square_rate"] - 0.1 and s["colour_kept"] >= d["colour_kept"] - 0.1, b
     assert s["colour_kept"] >= 0.6 and s["centroid_error_px"] <= 6.0, b
     assert any("best of 9" in line for line in demo.best_of_n_markdown(b))
+
+
+def test_asyrp_row(demo, measured):
+    """Asyrp 'red -> blue' on held-out images. U-Net h-space (the pixel DDPM, the paper's setting): the edit
+    moves colour towards blue, -1 reverses it, and it beats a random direction of the same norm; position is
+    not kept (README). MMDiT h-space (the flow model): no move towards blue (the README's negative result)."""
+    m, images = measured
+    a = m["asyrp"]
+    for which in demo.ASYRP:
+        rows = a[which]["rows"]
+        zero = rows["edit 0"]
+        # strength 0 is the plain replay: the input back
+        assert zero["shape_kept"] >= 0.95 and zero["centroid_error_px"] <= 0.5 and zero["colour_shift"] == 0.0, zero
+        for r in rows.values():
+            for k in ("target_rate", "shape_kept", "colour_shift", "centroid_error_px"):
+                lo, hi = r[k + "_ci95"]
+                assert lo - 1e-9 <= r[k] <= hi + 1e-9, (which, k, r)
+        assert images[f"asyrp_{which}_edit_1"].shape[0] == a["n_images"]
+    u = a["ddpm"]["rows"]
+    assert u["edit 0.5"]["colour_shift"] > 0.1 and u["edit 1"]["colour_shift"] > 0.15, u
+    assert u["edit -1"]["colour_shift"] < -0.1, u                      # -1 reverses the edit
+    assert u["edit -1"]["target_rate"] <= u["edit 0"]["target_rate"], u
+    assert u["edit 1"]["colour_shift"] > u["control 1"]["colour_shift"] + 0.1, u   # not any push of that size
+    assert u["edit 1"]["target_rate"] > u["control 1"]["target_rate"], u
+    f = a["flow"]["rows"]
+    assert f["edit 1"]["colour_shift"] < 0.15 and f["edit 2"]["colour_shift"] < 0.15, f
+    md = "\n".join(demo.asyrp_markdown(a))
+    assert "random direction ×1" in md and "plain replay" in md
