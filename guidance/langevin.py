@@ -151,6 +151,7 @@ class LangevinTrace:
     energy: list[list[float]] = field(default_factory=list)
     prior: list[list[float]] = field(default_factory=list)   # ‖z‖² / dim: ≈ 1 in the typical set
     dim: int = 0
+    gradient: str = ""   # how the host took the gradient through the chain (recomputed or kept), for the log
 
 
 def langevin(denoise: Denoiser, decode: Decoder, energy: Energy, code: LatentCode, steps: int,

@@ -147,3 +147,25 @@ def test_langevin_node_under_inference_mode_lowers_clip_energy(comfy_models, gn)
         assert id(p) == before[n][0], n
         assert p.is_inference()
         assert torch.equal(p, before[n][1])
+
+
+def test_memory_modes_give_the_same_sample(comfy_models, gn):
+    """'low' (recompute each step) and 'fast' (keep the whole chain) take the same gradient, so the same
+    Langevin sample up to float rounding; 'auto' keeps the chain of a tiny model, and a bad mode is refused."""
+    model, vae = comfy_models
+    cond = [[torch.zeros(1, 8, 32), {"pooled_output": torch.zeros(1, 32)}]]
+    with torch.inference_mode():
+        code = gn.RandomLatentCode.execute(model, 32, 32, 2, 0, 4, "simple", 0.3).result[0]
+        energy = gn.CLIPEnergy.execute("tiny_clip", "a red square", 500.0, 2, False, False, False, False).result[0]
+        out = {}
+        for mode in gn.MEMORY_MODES:
+            new, lat, _plot, trace = gn.run_langevin(model, cond, cond, 1.0, vae, energy, code, 3, 0.05, 0,
+                                                     "all components", mode)
+            out[mode] = (new.start_noise, lat["samples"], trace.gradient)
+    low, fast, auto = (out[m] for m in ("low: recompute each step", "fast: keep the whole chain", "auto"))
+    assert low[2].startswith("recomputed per step") and fast[2].startswith("whole chain kept"), (low[2], fast[2])
+    assert auto[2].startswith("whole chain kept (auto: the whole chain's graph, estimated"), auto[2]
+    assert not torch.equal(low[0], code.start_noise)          # it moved
+    assert torch.allclose(low[0], fast[0], atol=1e-4, rtol=0) and torch.allclose(low[1], fast[1], atol=1e-4, rtol=0)
+    with pytest.raises(Exception, match="memory: 'huge' is not one of"):
+        gn.run_langevin(model, cond, cond, 1.0, vae, energy, code, 1, 0.05, 0, "all components", "huge")
