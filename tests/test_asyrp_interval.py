@@ -94,3 +94,35 @@ def test_outputs_are_fractions_for_every_crossing(A):
             t_edit, t_boost, _ = A.interval_from_curves(_curves(A, vals, vals), 0.5, 0.5)
             assert 0.0 <= t_edit < 1.0 and 0.0 <= t_boost < 1.0
             assert A.edited_steps(n, t_edit) == i + 1
+
+
+def test_lpips_only_from_weights_on_disk(pack, tmp_path, monkeypatch):
+    """Runs where the lpips package is installed (not on the test host): the backbone comes from an
+    AlexNet file in the torch hub cache and nothing is downloaded. The file here holds a seeded random
+    AlexNet in torchvision's format, so the check is that every backbone weight is the file's."""
+    pytest.importorskip("lpips")
+    import torchvision
+
+    node = importlib.import_module("dpm_latent.nodes.asyrp_interval")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(node, "_LPIPS", {})
+
+    def no_download(*a, **k):
+        raise AssertionError("LPIPS tried to download weights")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    assert "not on disk" in node.lpips_unavailable()
+    torch.manual_seed(0)
+    state = torchvision.models.alexnet().state_dict()
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(state, tmp_path / "checkpoints" / node.ALEXNET_FILE)
+    assert node.lpips_unavailable() is None
+    net = node.load_lpips("cpu")
+    loaded = dict(net.net.named_parameters())
+    assert len(loaded) == 10  # five convolutions, weight and bias
+    for name, p in loaded.items():
+        _s, k, leaf = name.split(".")
+        assert torch.equal(p, state[f"features.{k}.{leaf}"]), name
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    y = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    same, diff = net(x, x).flatten(), net(x, y).flatten()
+    assert same.abs().max() < 1e-6 and bool((diff > 0).all())
