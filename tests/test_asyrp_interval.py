@@ -126,3 +126,18 @@ def test_lpips_only_from_weights_on_disk(pack, tmp_path, monkeypatch):
     y = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
     same, diff = net(x, x).flatten(), net(x, y).flatten()
     assert same.abs().max() < 1e-6 and bool((diff > 0).all())
+
+
+def test_clip_normalisation_cache_survives_a_no_grad_first_caller(pack, tmp_path):
+    """Asyrp Editing Interval embeds images under inference mode; an Asyrp training run after it reuses
+    the same cached CLIP bundle and must still differentiate through its normalisation."""
+    from tiny_clip import make_tiny_clip_folder
+
+    guidance = importlib.import_module("dpm_latent.guidance")
+    bundle = guidance.load_clip_folder(make_tiny_clip_folder(tmp_path / "clip"), device="cpu")
+    img = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        bundle.normalize(bundle.resize(img))
+    x = img.clone().requires_grad_(True)
+    bundle.image_embeds(bundle.normalize(bundle.resize(x))).sum().backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
