@@ -272,24 +272,34 @@ class AsyrpInterval(io.ComfyNode):
             raise B.NodeInputError("latents: the measured distances are not finite (NaN in the model or VAE "
                                    "output); check the model and the latents")
         if used == "lpips":
-            edit_th, boost_th = float(edit_threshold) * cos, float(boost_threshold)
+            def thresholds(c):
+                return float(edit_threshold) * cos, float(boost_threshold)
+            edit_th, boost_th = thresholds(curves)
             rule = (f"edit threshold {edit_threshold:g} x cos {cos:.3f} = {edit_th:.4g}; "
                     f"boost threshold {boost_threshold:g}")
             label = "LPIPS"
         else:
+            def thresholds(c):
+                return (float(clip_edit_fraction) * cos * c.to_prediction[0],
+                        float(clip_boost_fraction) * c.to_noisy[0])
             at_t_p, at_t_x = curves.to_prediction[0], curves.to_noisy[0]
-            edit_th = float(clip_edit_fraction) * cos * at_t_p
-            boost_th = float(clip_boost_fraction) * at_t_x
+            edit_th, boost_th = thresholds(curves)
             rule = (f"edit threshold {clip_edit_fraction:g} x cos {cos:.3f} x {at_t_p:.4g} (value at T) = "
                     f"{edit_th:.4g}; boost threshold {clip_boost_fraction:g} x {at_t_x:.4g} (value at T) = "
                     f"{boost_th:.4g}")
             label = "CLIP"
         t_edit, t_boost, notes = AS.interval_from_curves(curves, edit_th, boost_th)
+        spread = ""
+        if curves.n >= 2:
+            b = AS.bootstrap_interval(curves, thresholds, reps=1000, seed=0)
+            spread = (f"95 % bootstrap intervals over the images ({b['reps']} resamples of n = {b['n']}): "
+                      f"t_edit [{b['t_edit'][0]:.3f}, {b['t_edit'][1]:.3f}], "
+                      f"t_boost [{b['t_boost'][0]:.3f}, {b['t_boost'][1]:.3f}].\n")
         name = ("LPIPS (AlexNet, v0.1)" if used == "lpips" else
                 f"CLIP image distance 1 - cos(E(x0), E(.)) with {clip_name}"
                 + ("" if distance == "clip" else f" (LPIPS unavailable: {why})"))
         text = (f"distance: {name}; n = {curves.n} images, {curves.steps} steps.\n{rule}.\n"
-                f"t_edit = {t_edit:.4f}, t_boost = {t_boost:.4f} (fractions of the chain, 1 = T).\n"
+                f"t_edit = {t_edit:.4f}, t_boost = {t_boost:.4f} (fractions of the chain, 1 = T).\n{spread}"
                 f"{label}(x0, P_t) from T: " + ", ".join(f"{v:.3g}" for v in curves.to_prediction) + "\n"
                 f"{label}(x0, x_t) from T: " + ", ".join(f"{v:.3g}" for v in curves.to_noisy)
                 + "".join(f"\nnote: {n}" for n in notes))

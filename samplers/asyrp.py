@@ -537,3 +537,30 @@ def interval_from_curves(curves: IntervalCurves, edit_threshold: float,
     else:
         t_boost = 1.0 - (j + 1) / n
     return t_edit, t_boost, notes
+
+
+def bootstrap_interval(curves: IntervalCurves, thresholds: Callable[[IntervalCurves], tuple[float, float]],
+                       reps: int = 1000, seed: int = 0) -> dict:
+    """95 % percentile-bootstrap intervals of t_edit and t_boost over the images.
+
+    Each replicate resamples the n images with replacement, averages their per-image curves,
+    recomputes the thresholds with ``thresholds(curves) -> (edit, boost)`` (they may depend on the
+    curves, e.g. on their value at T) and picks t as ``interval_from_curves`` does."""
+    per_p = torch.tensor(curves.per_image_prediction, dtype=torch.float64)  # (steps, n)
+    per_x = torch.tensor(curves.per_image_noisy, dtype=torch.float64)
+    n = per_p.shape[1] if per_p.dim() == 2 else 0
+    if n < 2:
+        raise CodeError("a bootstrap over images needs at least 2 images")
+    gen = torch.Generator().manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+    edits, boosts = [], []
+    for _ in range(int(reps)):
+        idx = torch.randint(0, n, (n,), generator=gen)
+        c = IntervalCurves(list(curves.positions), per_p[:, idx].mean(1).tolist(), per_x[:, idx].mean(1).tolist())
+        te, tb, _ = interval_from_curves(c, *thresholds(c))
+        edits.append(te)
+        boosts.append(tb)
+
+    def ci(v):
+        s = sorted(v)
+        return [s[int(0.025 * (len(s) - 1))], s[int(round(0.975 * (len(s) - 1)))]]
+    return {"t_edit": ci(edits), "t_boost": ci(boosts), "reps": int(reps), "n": n}

@@ -141,3 +141,22 @@ def test_clip_normalisation_cache_survives_a_no_grad_first_caller(pack, tmp_path
     x = img.clone().requires_grad_(True)
     bundle.image_embeds(bundle.normalize(bundle.resize(x))).sum().backward()
     assert x.grad is not None and float(x.grad.abs().sum()) > 0
+
+
+def test_bootstrap_interval_over_images(A):
+    # 4 images: two cross 0.5 at step 1, two at step 3; the mean crosses at step 2 (mean 0.55 there)
+    early = [0.9, 0.6, 0.3, 0.1, 0.0]
+    late = [0.9, 0.9, 0.8, 0.6, 0.1]
+    rows = [list(v) for v in zip(early, early, late, late)]
+    c = A.IntervalCurves([1 - i / 5 for i in range(5)], [sum(r) / 4 for r in rows], [sum(r) / 4 for r in rows],
+                         rows, rows)
+    assert A.interval_from_curves(c, 0.5, 0.5)[0] == pytest.approx(0.4)
+    b = A.bootstrap_interval(c, lambda _c: (0.5, 0.5), reps=400, seed=0)
+    # all-early resamples pick step 1 (t = 0.6), all-late step 3 (t = 0.2): the interval spans them
+    assert b["t_edit"] == [pytest.approx(0.2), pytest.approx(0.6)] and b["t_boost"] == b["t_edit"]
+    assert b["n"] == 4 and b["reps"] == 400
+    # identical images: no spread
+    same = A.IntervalCurves(c.positions, early, early, [[v, v] for v in early], [[v, v] for v in early])
+    assert A.bootstrap_interval(same, lambda _c: (0.5, 0.5), reps=50)["t_edit"] == [pytest.approx(0.6)] * 2
+    with pytest.raises(A.CodeError, match="at least 2"):
+        A.bootstrap_interval(_curves(A, early, early), lambda _c: (0.5, 0.5))

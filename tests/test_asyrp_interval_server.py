@@ -71,6 +71,11 @@ def test_clip_fallback_measures_and_chooses_by_its_stated_thresholds(server, lat
     want_e, want_b, _ = A.interval_from_curves(c, th_e, th_b)
     assert (te, tb) == (pytest.approx(want_e, abs=1e-4), pytest.approx(want_b, abs=1e-4))
     assert 0.0 <= te < 1.0 and 0.0 <= tb <= 1.0
+    # the spread over the images (n = 2) is stated with the point estimates
+    boot = text.split("95 % bootstrap intervals over the images (1000 resamples of n = 2): ", 1)[1].split("\n")[0]
+    lo_e, hi_e = (float(v) for v in boot.split("t_edit [", 1)[1].split("]")[0].split(", "))
+    lo_b, hi_b = (float(v) for v in boot.split("t_boost [", 1)[1].split("]")[0].split(", "))
+    assert 0.0 <= lo_e <= hi_e < 1.0 and 0.0 <= lo_b <= hi_b <= 1.0
     # x_t is pure noise at T and the image at the last step: the x_t curve falls
     assert x[0] > x[-1] and x[-1] < 0.5 * x[0]
     f = entry["outputs"][save.id]["images"][0]
