@@ -83,8 +83,8 @@ LOAD_NOTE = (
     "that Save Asyrp Direction wrote to the output folder (listed with ' [output]'). It checks the file's digest "
     "and every field and never unpickles; a direction trained on another model family is a clear error.\n"
     "Asyrp Edit replays a DPM Encode code with h + strength * delta_h inside [T, t_edit] (-1: the direction's "
-    "own t_edit); negative reverses it, and a list such as '-1, 1' gives both edits side by side. Asyrp Edit (DDIM Inversion) is "
-    "the paper's own route (not exact; it reports how far its plain reconstruction lands).")
+    "own t_edit); negative reverses it, and a list such as '-1, 1' gives both edits side by side. "
+    "Asyrp Edit (DDIM Inversion) is the paper's own route (not exact; it reports how far its plain reconstruction lands).")
 
 DIRECTION_FILE = "asyrp_example.asyrp.safetensors"
 

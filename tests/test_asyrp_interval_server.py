@@ -17,7 +17,8 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def latent(server):
-    return write_latent(server.input_dir, "interval", torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5)))
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    return write_latent(server.input_dir, "interval", x)
 
 
 def _interval(g, latent, **over):
