@@ -210,8 +210,11 @@ class ClipBundle:
     def _mean_std(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         key = (str(device), dtype)
         if key not in self._stats:
-            mean = torch.tensor(self.mean, dtype=dtype, device=device).view(1, 3, 1, 1)
-            std = torch.tensor(self.std, dtype=dtype, device=device).view(1, 3, 1, 1)
+            # cached for every later caller: made outside inference mode, or a first call from a node that
+            # needs no gradient would hand inference tensors to a later one that trains through them
+            with torch.inference_mode(False):
+                mean = torch.tensor(self.mean, dtype=dtype, device=device).view(1, 3, 1, 1)
+                std = torch.tensor(self.std, dtype=dtype, device=device).view(1, 3, 1, 1)
             self._stats[key] = (mean, std)
         return self._stats[key]
 

@@ -4,6 +4,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .asyrp import (AsyrpEdit, AsyrpEditDDIM, AsyrpTrainDirection, CombineAsyrpDirections, LoadAsyrpDirection,
                     SaveAsyrpDirection)
+from .asyrp_interval import AsyrpInterval
 from .code_files import LoadLatentCode, SaveLatentCode
 from .cycle import DPMEncode, EmptyConditioning, ReplayLatentWithPrompt
 from .diffusers_ddpm import LoadDiffusersDDPM
@@ -29,6 +30,7 @@ class DPMLatentExtension(ComfyExtension):
             CombineAsyrpDirections,
             SaveAsyrpDirection,
             LoadAsyrpDirection,
+            AsyrpInterval,
             LoadDiffusersDDPM,
             DPMSweep,
             RankByCLIP,

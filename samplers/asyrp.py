@@ -426,3 +426,141 @@ def train_direction(plain: Denoiser, edited_with: Callable[[torch.Tensor, float,
         trace.held_out_after = evaluate_direction(plain, edited_with, module, held_out, sigmas, family,
                                                   embed_images, text_dir, t_edit)
     return trace
+
+
+# ---------------------------------------------------------------- the editing interval by measure
+
+Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class IntervalCurves:
+    """The two curves the paper picks its interval from, one value per step of the chain.
+
+    ``positions[i] = 1 - i/N`` is where step ``i`` starts (1 = T).  ``to_prediction[i]`` is the
+    mean distance(x0, P_t) with P_t the plain model's predicted x0 at the start of step ``i`` of the
+    deterministic DDIM chain from the DDIM-inverted x_T; ``to_noisy[i]`` the mean distance(x0, x_t)
+    with x_t = alpha x0 + sigma n the forward-noised image at the level where that step starts (fresh
+    seeded noise n: the quantity is how much noise x_t holds, which quality boosting is about; the
+    DDIM-inverted chain keeps x0's structure in its "noise" and is not monotone), taken in
+    variance-preserving scale (the paper's
+    ``sqrt(abar) x0 + sqrt(1 - abar) n``: ``x / sqrt(1 + sigma^2)`` for the ``ve`` family, ``x`` itself
+    for ``flow``), so that x_T compares as pure noise, not as noise of size sigma_max.
+    ``per_image_*`` keep the per-image values (one row of n per step)."""
+
+    positions: list
+    to_prediction: list
+    to_noisy: list
+    per_image_prediction: list = field(default_factory=list)
+    per_image_noisy: list = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return len(self.positions)
+
+    @property
+    def n(self) -> int:
+        return len(self.per_image_prediction[0]) if self.per_image_prediction else 0
+
+
+def vp_scale(sigma: float, family: str) -> float:
+    """Factor that brings a latent at ``sigma`` to variance-preserving scale (signal + noise ~ 1)."""
+    check_family(family)
+    return 1.0 / math.sqrt(1.0 + float(sigma) ** 2) if family == "ve" else 1.0
+
+
+def interval_curves(plain: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, family: str, distance: Distance,
+                    callback=None, seed: int = 0) -> IntervalCurves:
+    """Measure distance(x0, P_t) along the plain DDIM chain (eta = 0) that starts at the DDIM
+    inversion of ``x0``, and distance(x0, x_t) for x_t forward-noised with noise drawn from ``seed``
+    (on the CPU: the same bits on every device).  ``distance(a, b) -> (B,)`` compares two batches
+    of latents (e.g. LPIPS of their decoded images); no edit is applied anywhere."""
+    s = [float(v) for v in sigmas]
+    steps = len(s) - 1
+    gen = torch.Generator().manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+    noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(x0.device, x0.dtype)
+    with torch.no_grad():
+        x = ddim_invert(plain, x0, sigmas, family)
+        pos, to_p, to_x, per_p, per_x = [], [], [], [], []
+        for i in range(steps):
+            d = plain(x, s[i])
+            dp = distance(x0, d).detach().float().flatten().cpu()
+            x_t = (alpha(s[i], family) * x0 + s[i] * noise) * vp_scale(s[i], family)
+            dx = distance(x0, x_t).detach().float().flatten().cpu()
+            pos.append(1.0 - i / steps)
+            to_p.append(float(dp.mean()))
+            to_x.append(float(dx.mean()))
+            per_p.append(dp.tolist())
+            per_x.append(dx.tolist())
+            a, b, _c = step_coefficients(s[i], s[i + 1], 0.0, family)
+            x = a * x + b * d
+            if callback is not None:
+                callback(i, d, x, steps)
+    return IntervalCurves(pos, to_p, to_x, per_p, per_x)
+
+
+def first_reaching(values: Sequence[float], threshold: float) -> Optional[int]:
+    """Index ``i`` of the step where the curve first reaches ``threshold`` scanning from t = 0 upward
+    (i.e. from the last step back to the first), or None if it never does."""
+    for i in range(len(values) - 1, -1, -1):
+        if float(values[i]) >= float(threshold):
+            return i
+    return None
+
+
+def interval_from_curves(curves: IntervalCurves, edit_threshold: float,
+                         boost_threshold: float) -> tuple[float, float, list]:
+    """(t_edit, t_boost, notes) as fractions in this module's convention.
+
+    The paper edits every t >= t_edit and boosts every t < t_boost, where t_edit (t_boost) is the
+    first t, scanning up from 0, where distance(x0, P_t) (distance(x0, x_t)) reaches its threshold.
+    With the crossing at step ``i`` both come out as ``1 - (i + 1)/N``, the end of that step: step
+    ``i`` is then edited (start above t_edit) and not boosted, every later step is boosted.
+    A curve that never reaches its threshold gives t_edit = 0 (edit the whole chain) and
+    t_boost = 1 (boost the whole chain), with a note saying so."""
+    n = curves.steps
+    if n < 1:
+        raise CodeError("the curves are empty: at least one step is needed")
+    notes = []
+    i = first_reaching(curves.to_prediction, edit_threshold)
+    if i is None:
+        t_edit = 0.0
+        notes.append(f"distance(x0, P_t) never reaches {edit_threshold:.4g} (max {max(curves.to_prediction):.4g}): "
+                     "t_edit = 0 edits the whole chain")
+    else:
+        t_edit = 1.0 - (i + 1) / n
+    j = first_reaching(curves.to_noisy, boost_threshold)
+    if j is None:
+        t_boost = 1.0
+        notes.append(f"distance(x0, x_t) never reaches {boost_threshold:.4g} (max {max(curves.to_noisy):.4g}): "
+                     "t_boost = 1 boosts the whole chain; set t_boost 0 in Asyrp Edit to keep it off")
+    else:
+        t_boost = 1.0 - (j + 1) / n
+    return t_edit, t_boost, notes
+
+
+def bootstrap_interval(curves: IntervalCurves, thresholds: Callable[[IntervalCurves], tuple[float, float]],
+                       reps: int = 1000, seed: int = 0) -> dict:
+    """95 % percentile-bootstrap intervals of t_edit and t_boost over the images.
+
+    Each replicate resamples the n images with replacement, averages their per-image curves,
+    recomputes the thresholds with ``thresholds(curves) -> (edit, boost)`` (they may depend on the
+    curves, e.g. on their value at T) and picks t as ``interval_from_curves`` does."""
+    per_p = torch.tensor(curves.per_image_prediction, dtype=torch.float64)  # (steps, n)
+    per_x = torch.tensor(curves.per_image_noisy, dtype=torch.float64)
+    n = per_p.shape[1] if per_p.dim() == 2 else 0
+    if n < 2:
+        raise CodeError("a bootstrap over images needs at least 2 images")
+    gen = torch.Generator().manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+    edits, boosts = [], []
+    for _ in range(int(reps)):
+        idx = torch.randint(0, n, (n,), generator=gen)
+        c = IntervalCurves(list(curves.positions), per_p[:, idx].mean(1).tolist(), per_x[:, idx].mean(1).tolist())
+        te, tb, _ = interval_from_curves(c, *thresholds(c))
+        edits.append(te)
+        boosts.append(tb)
+
+    def ci(v):
+        s = sorted(v)
+        return [s[int(0.025 * (len(s) - 1))], s[int(round(0.975 * (len(s) - 1)))]]
+    return {"t_edit": ci(edits), "t_boost": ci(boosts), "reps": int(reps), "n": n}

@@ -309,7 +309,7 @@ def _adapt(ui: dict, object_info: dict, image_name: str, stem: str):
                 "extra.dpm_latent_test.clip_energy in the workflow")
             inp["clip_name"] = clip_map[name]
             inp["augmentations"] = min(inp["augmentations"], AUGMENTATIONS)
-        elif node["class_type"] in ("AsyrpTrainDirection", "RankByCLIP"):
+        elif node["class_type"] in ("AsyrpTrainDirection", "RankByCLIP", "AsyrpInterval"):
             name = inp["clip_name"]
             assert name in clip_map, f"{stem}: no tiny CLIP for {node['class_type']}'s clip_name {name!r} (see CLIP_ENERGY)"
             inp["clip_name"] = clip_map[name]
@@ -402,11 +402,17 @@ def _adapt(ui: dict, object_info: dict, image_name: str, stem: str):
                                               filename_prefix=f"wf_test/{stem}_unguided")
             checks.append(check)
     # Asyrp: the edited image against the reconstruction of the code it edits; the loss plot is shown
+    # (and the plot of an Asyrp Editing Interval, also 512 x 320)
+    asyrp_plots = {(k, 1) for k, n in api.items() if n["class_type"] == "AsyrpTrainDirection"}
+    asyrp_plots |= {(k, 2) for k, n in api.items() if n["class_type"] == "AsyrpInterval"}
     for aid in [k for k, n in api.items() if n["class_type"] == "AsyrpEdit"]:
         src = api[aid]["inputs"]["latent_code"][0]
         train = api[aid]["inputs"]["direction"][0]
         plots = [k for k, n in api.items()
                  if n["class_type"] in ("SaveImage", "PreviewImage") and n["inputs"]["images"] == [train, 1]]
+        plots += [k for k, n in api.items() if n["class_type"] in ("SaveImage", "PreviewImage")
+                  and isinstance(n["inputs"]["images"], list) and tuple(n["inputs"]["images"]) in asyrp_plots
+                  and k not in plots]
         for did in [k for k, n in api.items()
                     if n["class_type"] == "VAEDecode" and n["inputs"]["samples"] == [aid, 0]]:
             outs = [k for k, n in api.items() if n["class_type"] == "SaveImage" and n["inputs"]["images"] == [did, 0]]
@@ -415,6 +421,35 @@ def _adapt(ui: dict, object_info: dict, image_name: str, stem: str):
             check["reconstruction"], check["round_trip"] = reconstruction(src, api[did]["inputs"]["vae"])
             checks.append(check)
     return api, checks
+
+
+def _prepare_asyrp_directions(server, api: dict, image_name: str, stem: str) -> None:
+    """Load Asyrp Direction reads a file from the input folder: train one on the tiny checkpoint of the
+    node that uses it and put it there under the workflow's name (a short run, as the workflows' tests do)."""
+    import shutil
+
+    from graphs import Graph
+
+    for nid, node in api.items():
+        if node["class_type"] != "LoadAsyrpDirection":
+            continue
+        target = Path(server.input_dir) / node["inputs"]["direction_file"]
+        users = [n for n in api.values() if n["class_type"] in ("AsyrpEdit", "AsyrpEditDDIM")
+                 and n["inputs"].get("direction") == [nid, 0]]
+        assert users, f"{stem}: Load Asyrp Direction {nid} feeds no Asyrp Edit"
+        ckpt = api[users[0]["inputs"]["model"][0]]
+        assert ckpt["class_type"] == "CheckpointLoaderSimple", f"{stem}: extend _prepare_asyrp_directions"
+        g = Graph()
+        m = g.node("CheckpointLoaderSimple", ckpt_name=ckpt["inputs"]["ckpt_name"])
+        lat = g.node("VAEEncode", pixels=g.node("LoadImage", image=image_name).out(0), vae=m.out(2))
+        d = g.node("AsyrpTrainDirection", model=m.out(0), vae=m.out(2), latents=lat.out(0), clip_name="tiny_clip",
+                   source_text="a red circle", target_text="a blue circle", steps=STEPS, t_edit=0.5, iterations=2,
+                   learning_rate=20.0, clip_weight=1.0, l1_weight=0.3, seed=0, kind="global direction")
+        save = g.node("SaveAsyrpDirection", direction=d.out(0), filename_prefix=f"wf_test/{stem}_direction")
+        entry = server.run(g.prompt(), timeout=300)
+        rel = entry["outputs"][save.id]["text"][0].split("saved ", 1)[1]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(server.output_dir) / rel, target)
 
 
 def _png(server, entry: dict, nid: str) -> np.ndarray:
@@ -440,6 +475,7 @@ def test_workflow_runs_and_reconstructs(path, server, object_info):
     api, checks = _adapt(_load(path), object_info, image_name, path.stem)
     assert checks, (f"{path.name}: no DPM Encode -> Replay -> VAE Decode -> Save Image chain "
                     "and no Langevin Latent Sampler -> VAE Decode -> Save Image chain")
+    _prepare_asyrp_directions(server, api, image_name, path.stem)
     entry = server.run(api, timeout=300)
 
     plots = {p for c in checks for p in c.get("plots", ())}
