@@ -564,8 +564,8 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
-def measure(server, n: int = 64, seed: int = 0, langevin_steps: int = LANGEVIN_STEPS, gen_batch: int = 16,
-            edit_batch: int = 16) -> tuple[dict, dict]:
+def measure(server, n: int = 64, seed: int = 0, langevin_steps: int = LANGEVIN_STEPS, gen_batch: int = 12,
+            edit_batch: int = 12) -> tuple[dict, dict]:
     import numpy as np
 
     read_attributes = world().read_attributes
@@ -718,7 +718,7 @@ ASYRP = {  # the directions demo/train.py --parts asyrp trains (demo/models/asyr
              "direction": "dpm_world_flow_red_to_blue.asyrp.safetensors"},
 }
 ASYRP_STRENGTHS = [0.0, 0.5, 1.0, 2.0, -1.0]
-ASYRP_CONTROL_STRENGTHS = [1.0, 2.0]
+ASYRP_CONTROL_STRENGTHS = [1.0]
 ASYRP_STEPS = 20
 ASYRP_WORKFLOW = "asyrp_demo.json"
 ASYRP_NOTE = (
@@ -802,11 +802,11 @@ def colour_shift(pred, base, source: str, target: str) -> list:
             for p, b in zip(pred, base) if "rgb" in p and "rgb" in b]
 
 
-def measure_asyrp(server, n: int = 32, seed: int = 0) -> tuple[dict, dict]:
+def measure_asyrp(server, n: int = 24, seed: int = 0) -> tuple[dict, dict]:
     """Asyrp edits 'red -> blue' of held-out world images (encoded with DPM Encode) at strengths 0 / 0.5 / 1 / 2 /
     -1, on the pixel DDPM's U-Net h-space and on the flow model's MMDiT h-space; baselines: strength 0 (the plain
     replay, i.e. CycleDiffusion's replay without a change) and the channel-permuted random direction of the same
-    norm at strengths 1 and 2."""
+    norm at strength 1."""
     import numpy as np
     import torch.nn.functional as F
     from PIL import Image
