@@ -350,7 +350,9 @@ def write_asyrp_workflow(info) -> Path:
     from ui_workflow import api_to_ui
 
     g, _saves, titles = graph_asyrp("ddpm")
-    test = {"diffusers": {PIXEL_DDPM_A: "tiny_ddpm_eps"}}
+    # the workflow test checks one saved image per node against the code's reconstruction: one strength there
+    test = {"diffusers": {PIXEL_DDPM_A: "tiny_ddpm_eps"},
+            "widgets": {nid: {"strength": "1"} for nid, node in g.prompt().items() if node["class_type"] == "AsyrpEdit"}}
     wf = api_to_ui(g.prompt(), info, note=ASYRP_NOTE, titles=titles, extra={"dpm_latent_test": test})
     path = WORKFLOWS / ASYRP_WORKFLOW
     path.write_text(json.dumps(wf, indent=1) + "\n")

@@ -437,12 +437,17 @@ def _prepare_asyrp_directions(server, api: dict, image_name: str, stem: str) -> 
         users = [n for n in api.values() if n["class_type"] in ("AsyrpEdit", "AsyrpEditDDIM")
                  and n["inputs"].get("direction") == [nid, 0]]
         assert users, f"{stem}: Load Asyrp Direction {nid} feeds no Asyrp Edit"
-        ckpt = api[users[0]["inputs"]["model"][0]]
-        assert ckpt["class_type"] == "CheckpointLoaderSimple", f"{stem}: extend _prepare_asyrp_directions"
+        loader = api[users[0]["inputs"]["model"][0]]
         g = Graph()
-        m = g.node("CheckpointLoaderSimple", ckpt_name=ckpt["inputs"]["ckpt_name"])
-        lat = g.node("VAEEncode", pixels=g.node("LoadImage", image=image_name).out(0), vae=m.out(2))
-        d = g.node("AsyrpTrainDirection", model=m.out(0), vae=m.out(2), latents=lat.out(0), clip_name="tiny_clip",
+        if loader["class_type"] == "CheckpointLoaderSimple":
+            m = g.node("CheckpointLoaderSimple", ckpt_name=loader["inputs"]["ckpt_name"])
+            model, vae = m.out(0), m.out(2)
+        else:
+            assert loader["class_type"] == "LoadDiffusersDDPM", f"{stem}: extend _prepare_asyrp_directions"
+            m = g.node("LoadDiffusersDDPM", model_name=loader["inputs"]["model_name"], clip_sample="scheduler config")
+            model, vae = m.out(0), m.out(1)
+        lat = g.node("VAEEncode", pixels=g.node("LoadImage", image=image_name).out(0), vae=vae)
+        d = g.node("AsyrpTrainDirection", model=model, vae=vae, latents=lat.out(0), clip_name="tiny_clip",
                    source_text="a red circle", target_text="a blue circle", steps=STEPS, t_edit=0.5, iterations=2,
                    learning_rate=20.0, clip_weight=1.0, l1_weight=0.3, seed=0, kind="global direction")
         save = g.node("SaveAsyrpDirection", direction=d.out(0), filename_prefix=f"wf_test/{stem}_direction")
