@@ -78,11 +78,16 @@ def chain_value_and_grad(denoise: Denoiser, decode: Decoder, energy: Energy, cod
         with torch.enable_grad():
             zs = start_noise.detach().requires_grad_(True)
             zn = noises.detach().requires_grad_(noise_grad)
-            images = decode(replay_differentiable(denoise, code, zs, zn))
+            images = decode(replay_differentiable(denoise, code, zs, zn, check))
         e, g_img = energy_value_and_grad(energy, images, generator)
+        if not torch.isfinite(e).all() or not torch.isfinite(g_img).all():
+            raise FloatingPointError("the energy or its gradient is NaN/infinite")
         wrt = [zs, zn] if noise_grad else [zs]
         grads = torch.autograd.grad(images, wrt, g_img, allow_unused=True)
         grads = [torch.zeros_like(w) if gr is None else gr for gr, w in zip(grads, wrt)]
+        if not all(bool(torch.isfinite(gr).all()) for gr in grads):
+            raise FloatingPointError("the gradient through the chain became NaN/infinite (the whole chain's graph "
+                                     "was kept, so the step is not known: memory 'low' names it)")
         return e, images.detach(), grads[0], (grads[1] if noise_grad else None)
     s = [float(v) for v in code.sigmas]
     steps = len(s) - 1
@@ -130,15 +135,21 @@ def chain_value_and_grad(denoise: Denoiser, decode: Decoder, energy: Energy, cod
 
 
 def replay_differentiable(denoise: Denoiser, code: LatentCode, start_noise: torch.Tensor,
-                          noises: torch.Tensor) -> torch.Tensor:
+                          noises: torch.Tensor, check: Optional[Callable[[], None]] = None) -> torch.Tensor:
     """The sampler of ``samplers.replay`` with plain autograd through every step (keeps every
-    activation: the reference that ``chain_value_and_grad`` is tested against)."""
+    activation: the reference that ``chain_value_and_grad`` is tested against, and its path when
+    the whole graph is kept). ``check()`` runs before every step; a NaN prediction names its step."""
     m, traj = code.mask, code.trajectory
     x = blend(m, code.start_mean + code.start_scale * start_noise, None if m is None else traj[0])
     s = [float(v) for v in code.sigmas]
-    for i in range(len(s) - 1):
+    steps = len(s) - 1
+    for i in range(steps):
+        if check is not None:
+            check()
         a, b, c = step_coefficients(s[i], s[i + 1], code.eta, code.family)
         d = denoise(x, s[i])
+        if not bool(torch.isfinite(d.detach()).all()):
+            raise FloatingPointError(f"the model's prediction became NaN/infinite at chain step {i + 1} of {steps}")
         x = d + code.residual if c == 0.0 else a * x + b * d + c * noises[i]
         x = blend(m, x, None if m is None else traj[i + 1])
     return x

@@ -13,10 +13,8 @@ import json
 import math
 import os
 
-import numpy as np
 import torch
 from comfy_api.latest import io, ui
-from PIL import Image, ImageDraw
 
 import comfy.model_management
 import comfy.utils
@@ -30,6 +28,7 @@ from ..samplers.artifact import load_artifact, save_artifact
 from . import _bridge as B
 from . import _clip_management as CM
 from . import _files as F
+from . import _plot as P
 from ._autograd import UnsupportedWeights, alias_conds, gradients_through
 from ._types import CATEGORY, AsyrpDirectionIO, LatentCodeIO
 from .cycle import _conditioning_dims
@@ -204,34 +203,6 @@ def _empty_cond(model):
     ctx, pooled = _conditioning_dims(model)
     extra = {} if pooled is None else {"pooled_output": torch.zeros(1, pooled)}
     return [[torch.zeros(1, 77, ctx), extra]]
-
-
-def _plot(series: dict, size=(512, 320), title="loss per iteration") -> torch.Tensor:
-    w, h = size
-    img = Image.new("RGB", (w, h), (255, 255, 255))
-    d = ImageDraw.Draw(img)
-    left, top, right, bottom = 60, 20, w - 10, h - 24
-    d.rectangle([left, top, right, bottom], outline=(0, 0, 0))
-    d.text((left + 4, 4), title, fill=(0, 0, 0))
-    vals = [v for ys in series.values() for v in ys if math.isfinite(v)]
-    if vals:
-        lo, hi = min(vals), max(vals)
-        if hi - lo < 1e-12:
-            lo, hi = lo - 0.5, hi + 0.5
-        d.text((2, top), f"{hi:.4g}", fill=(0, 0, 0))
-        d.text((2, bottom - 10), f"{lo:.4g}", fill=(0, 0, 0))
-        colors = [(200, 40, 40), (40, 80, 200), (40, 160, 60)]
-        for k, (label, ys) in enumerate(series.items()):
-            n = max(len(ys) - 1, 1)
-            pts = [(left + (right - left) * i / n, bottom - (bottom - top) * (y - lo) / (hi - lo))
-                   for i, y in enumerate(ys)]
-            c = colors[k % len(colors)]
-            if len(pts) > 1:
-                d.line(pts, fill=c, width=2)
-            for x, y in pts:
-                d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=c)
-            d.text((left + 8 + 150 * k, bottom + 6), label, fill=c)
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
 
 
 # ---------------------------------------------------------------- training
@@ -413,7 +384,8 @@ class AsyrpTrainDirection(io.ComfyNode):
                         held_out_images=int(val.shape[0]))
             title += f"; held-out CLIP loss {trace.held_out_before:.4f} -> {trace.held_out_after:.4f}"
         direction = AS.Direction([result["module"]], [1.0], meta)
-        plot = _plot({"total": trace.losses, "clip": trace.clip_losses, "l1": trace.l1_losses}, title=title)
+        plot = P.paint([P.Panel(title, [("total", trace.losses, None), ("clip", trace.clip_losses, None),
+                                        ("l1", trace.l1_losses, None)], legend=True)])
         return io.NodeOutput(direction, plot)
 
 

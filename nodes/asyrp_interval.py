@@ -17,10 +17,8 @@ from __future__ import annotations
 import math
 import os
 
-import numpy as np
 import torch
 from comfy_api.latest import io, ui
-from PIL import Image, ImageDraw
 
 import comfy.utils
 import folder_paths
@@ -30,6 +28,7 @@ from ..samplers import CodeError
 from ..samplers import asyrp as AS
 from . import _bridge as B
 from . import _clip_management as CM
+from . import _plot as P
 from ._types import CATEGORY
 from .asyrp import _empty_cond
 from .guidance_nodes import _vae_decoder, clip_folders
@@ -98,41 +97,13 @@ def interval_plot(curves: AS.IntervalCurves, edit_th: float, boost_th: float, t_
                   label: str, size=PLOT_SIZE) -> torch.Tensor:
     """Two panels (distance to P_t, distance to x_t) against the chain position (1 = T on the left),
     each with its threshold (dashed) and the chosen t (vertical line)."""
-    w, h = size
-    img = Image.new("RGB", (w, h), (255, 255, 255))
-    d = ImageDraw.Draw(img)
-    panels = [(f"{label}(x0, P_t); t_edit = {t_edit:.3f}", curves.to_prediction, edit_th, t_edit, (200, 40, 40)),
-              (f"{label}(x0, x_t); t_boost = {t_boost:.3f}", curves.to_noisy, boost_th, t_boost, (40, 80, 200))]
-    ph = (h - 30) // 2
-    for k, (title, ys, th, t, color) in enumerate(panels):
-        top = 8 + k * (ph + 12)
-        left, right, bottom = 60, w - 10, top + ph - 12
-        d.rectangle([left, top, right, bottom], outline=(0, 0, 0))
-        d.text((left + 4, top + 2), title, fill=color)
-        vals = [v for v in list(ys) + [th] if math.isfinite(v)]
-        lo, hi = min(vals), max(vals)
-        if hi - lo < 1e-12:
-            lo, hi = lo - 0.5, hi + 0.5
-        d.text((2, top), f"{hi:.3g}", fill=(0, 0, 0))
-        d.text((2, bottom - 10), f"{lo:.3g}", fill=(0, 0, 0))
-
-        def px(pos):  # chain position 1 (T) on the left, 0 on the right
-            return left + (right - left) * (1.0 - pos)
-
-        def py(v):
-            return bottom - (bottom - top) * (v - lo) / (hi - lo)
-
-        pts = [(px(p), py(v)) for p, v in zip(curves.positions, ys)]
-        if len(pts) > 1:
-            d.line(pts, fill=color, width=2)
-        for x, y in pts:
-            d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
-        ty = py(th)
-        for x in range(left, right, 8):
-            d.line([(x, ty), (min(x + 4, right), ty)], fill=(90, 90, 90))
-        d.line([(px(t), top), (px(t), bottom)], fill=(30, 150, 60), width=2)
-    d.text((60, h - 16), "chain position: 1 = T (left) ... 0 (right)", fill=(0, 0, 0))
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+    pos = list(curves.positions)
+    return P.paint([
+        P.Panel(f"{label}(x0, P_t); t_edit = {t_edit:.3f}", [("P_t", curves.to_prediction, (200, 40, 40))], xs=pos,
+                x_range=(1.0, 0.0), threshold=edit_th, marker=t_edit),
+        P.Panel(f"{label}(x0, x_t); t_boost = {t_boost:.3f}", [("x_t", curves.to_noisy, (40, 80, 200))], xs=pos,
+                x_range=(1.0, 0.0), threshold=boost_th, marker=t_boost)],
+        size, footer="chain position: 1 = T (left) ... 0 (right)")
 
 
 # ---------------------------------------------------------------- the node

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import torch
 from comfy_api.latest import io
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import comfy.model_management
 import comfy.utils
@@ -19,6 +19,7 @@ from ..guidance.langevin import langevin
 from ..samplers import CodeError, prior_code, replay
 from . import _bridge as B
 from . import _clip_management as CM
+from . import _plot as P
 from ._autograd import UnsupportedWeights, alias_conds, control_modules, gradients_through
 from ._types import CATEGORY, EnergyIO, LatentCodeIO
 
@@ -204,35 +205,12 @@ def _vae_decoder(vae, model_wrap):
     return decode
 
 
-def _plot(energy: list[list[float]], prior: list[list[float]], size=(512, 320)) -> torch.Tensor:
+def _plot(energy: list[list[float]], prior: list[list[float]], size=P.SIZE) -> torch.Tensor:
     """Energy (top) and prior ||z||^2/dim (bottom) per Langevin step, batch mean, as an IMAGE."""
-    w, h = size
-    img = Image.new("RGB", (w, h), (255, 255, 255))
-    d = ImageDraw.Draw(img)
-    panels = [("energy (weighted)", [float(np.mean(v)) for v in energy], (200, 40, 40)),
-              ("prior |z|^2/dim", [float(np.mean(v)) for v in prior], (40, 80, 200))]
-    ph = (h - 20) // 2
-    for k, (label, ys, color) in enumerate(panels):
-        top = 10 + k * (ph + 10)
-        left, right, bottom = 60, w - 10, top + ph - 14
-        d.rectangle([left, top, right, bottom], outline=(0, 0, 0))
-        d.text((left + 4, top + 2), label, fill=color)
-        if not ys:
-            continue
-        lo, hi = min(ys), max(ys)
-        if hi - lo < 1e-12:
-            lo, hi = lo - 0.5, hi + 0.5
-        d.text((2, top), f"{hi:.4g}", fill=(0, 0, 0))
-        d.text((2, bottom - 10), f"{lo:.4g}", fill=(0, 0, 0))
-        n = max(len(ys) - 1, 1)
-        pts = [(left + (right - left) * i / n, bottom - (bottom - top - 14) * (y - lo) / (hi - lo)) for i, y in
-               enumerate(ys)]
-        if len(pts) > 1:
-            d.line(pts, fill=color, width=2)
-        else:
-            d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=color)
-        d.text((left + 4, bottom + 1), f"step 1 .. {len(ys)}", fill=(0, 0, 0))
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+    e, q = [float(np.mean(v)) for v in energy], [float(np.mean(v)) for v in prior]
+    steps = f"step 1 .. {len(e)}"
+    return P.paint([P.Panel("energy (weighted)", [("energy", e, (200, 40, 40))], footer=steps),
+                    P.Panel("prior |z|^2/dim", [("prior", q, (40, 80, 200))], footer=steps)], size)
 
 
 MEMORY_MODES = ["auto", "low: recompute each step", "fast: keep the whole chain"]
