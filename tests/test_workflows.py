@@ -166,9 +166,11 @@ def test_langevin_node_widgets_are_what_the_workflows_store(object_info):
     assert not is_widget(ce["image"]) and "image" in object_info["CLIPEnergy"]["input"]["optional"]
     assert sum(extra_widget_values(n, ce[n]) for n in ce if is_widget(ce[n])) == 0
     lv = dict(ordered_inputs(object_info["LangevinLatentSampler"]))
-    assert _widget_names(object_info, "LangevinLatentSampler") == ["cfg", "steps", "step_size", "seed", "update"]
-    assert extra_widget_values("seed", lv["seed"]) == 1 and is_combo(lv["update"])
-    assert extra_widget_values("update", lv["update"]) == 0
+    assert _widget_names(object_info, "LangevinLatentSampler") == ["cfg", "steps", "step_size", "seed", "update",
+                                                                    "memory"]
+    assert extra_widget_values("seed", lv["seed"]) == 1 and is_combo(lv["update"]) and is_combo(lv["memory"])
+    assert extra_widget_values("update", lv["update"]) == 0 and extra_widget_values("memory", lv["memory"]) == 0
+    assert "memory" in object_info["LangevinLatentSampler"]["input"]["optional"]
     rc = dict(ordered_inputs(object_info["RandomLatentCode"]))
     assert _widget_names(object_info, "RandomLatentCode") == [
         "width", "height", "batch_size", "seed", "steps", "scheduler", "eta"]
@@ -199,9 +201,10 @@ def test_langevin_workflow_widgets_convert(path, object_info):
     lv_ui = by_type["LangevinLatentSampler"][0]
     lv = api[str(lv_ui["id"])]["inputs"]
     v = lv_ui["widgets_values"]
-    assert len(v) == 6 and v[4] in CONTROL_MODES
-    assert {k: lv[k] for k in ("cfg", "steps", "step_size", "seed", "update")} == {
-        "cfg": v[0], "steps": v[1], "step_size": v[2], "seed": v[3], "update": v[5]}
+    assert len(v) == 7 and v[4] in CONTROL_MODES
+    assert {k: lv[k] for k in ("cfg", "steps", "step_size", "seed", "update", "memory")} == {
+        "cfg": v[0], "steps": v[1], "step_size": v[2], "seed": v[3], "update": v[5], "memory": v[6]}
+    assert lv["memory"] == "auto"
     assert lv["steps"] == 50 and lv["step_size"] == 0.05
     # an encoded code keeps its wide per-step noises; a prior code samples every component
     want_update = "start only" if api[lv["latent_code"][0]]["class_type"] == "DPMEncode" else "all components"
