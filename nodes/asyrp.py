@@ -133,6 +133,7 @@ class HShift:
         self.level = 0.0
         self.active = False
         self.h_shape = None
+        self.inner = None      # a replace patch that was already on the DiT block: it runs first
 
     def __deepcopy__(self, memo):
         return self
@@ -161,7 +162,7 @@ class HShift:
     def dit_block(self, args, extra):
         """patches_replace["dit"] wrapper: the original joint block, then h = its image tokens
         (B, L, D), seen as a (B, D, L, 1) map."""
-        out = dict(extra["original_block"](args))
+        out = dict(self.inner(args, extra) if self.inner is not None else extra["original_block"](args))
         img = out["img"]
         h = img.transpose(1, 2).unsqueeze(-1)
         out["img"] = self.shift(h, args.get("transformer_options") or {}).squeeze(-1).transpose(1, 2)
@@ -184,7 +185,9 @@ def patched(model):
     if rec["h_site"] == UNET_SITE:
         m.set_model_output_block_patch(shift)
     else:
-        m.set_model_patch_replace(shift.dit_block, "dit", "double_block", rec["h_block"])
+        key = ("double_block", rec["h_block"])
+        shift.inner = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {}).get(key)
+        m.set_model_patch_replace(shift.dit_block, "dit", *key)
     return m, shift
 
 
@@ -252,8 +255,8 @@ class AsyrpTrainDirection(io.ComfyNode):
                                        "works at any image size). 'global direction': one delta_h per step "
                                        "(only at the trained image size)."),
                 io.Conditioning.Input("conditioning", optional=True,
-                                      tooltip="Optional prompt the model runs under while training (and then "
-                                              "editing). Unconnected: zero conditioning (Empty Conditioning "
+                                      tooltip="Optional prompt the model runs under while training (Asyrp Edit "
+                                              "takes its own). Unconnected: zero conditioning (Empty Conditioning "
                                               "with 77 tokens), the paper's unconditional setting."),
                 io.Latent.Input("validation_latents", optional=True,
                                 tooltip="Optional held-out images (not trained on): their directional CLIP loss "

@@ -219,8 +219,10 @@ MEMORY_MODES = ["auto", "low: recompute each step", "fast: keep the whole chain"
 def _keep_whole_chain(memory, guider, code, cfg, need: int, device) -> tuple[bool, str]:
     """Whether the gradient keeps the chain's whole autograd graph (one forward + one backward per step)
     instead of recomputing each step (memory flat in the chain length, about 1.6x slower on the demo
-    model). ``auto`` keeps it when a generous estimate of the graph, every step's activations, fits in
-    half of the device's free memory."""
+    model). ``auto`` keeps it when a rough estimate of the graph (16 x ComfyUI's inference estimate per
+    chain step: the activations autograd keeps are several times what inference needs; not calibrated
+    on a GPU) fits in half of the device's free memory; if it still runs out of memory the node falls
+    back to recomputing."""
     if isinstance(memory, bool):  # the benchmarks' and tests' use_checkpoint flag
         return (not memory), "fixed by the caller"
     if memory == MEMORY_MODES[1]:
@@ -232,11 +234,19 @@ def _keep_whole_chain(memory, guider, code, cfg, need: int, device) -> tuple[boo
         per_step = guider.model_patcher.model.memory_required([shape[0] * (2 if cfg != 1.0 else 1), *shape[1:]])
     except Exception:
         return False, "auto: no memory estimate for this model, recomputing each step"
-    graph = 4 * code.steps * per_step + need
+    graph = 16 * code.steps * per_step + need
     free = comfy.model_management.get_free_memory(device)
     keep = graph < 0.5 * free
     return keep, (f"auto: the whole chain's graph, estimated {graph / 2**20:.0f} MB, "
                   f"{'fits' if keep else 'does not fit'} in half of {free / 2**20:.0f} MB free")
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(e, oom):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
 
 
 def run_langevin(model, positive, negative, cfg, vae, energy, latent_code, steps, step_size, seed, update,
@@ -297,10 +307,22 @@ def run_langevin(model, positive, negative, cfg, vae, energy, latent_code, steps
                 result["gradient"] = ("whole chain kept" if keep else "recomputed per step") + f" ({why})"
                 logging.info("Langevin Latent Sampler: %d steps on a %d-step chain, batch %d; gradient %s", steps,
                              code.steps, code.batch_size, result["gradient"])
+                def chain(keep_graph):
+                    return langevin(denoise_fn, decode, dev_energy, dev_code, steps, step_size, seed, update=mode,
+                                    checkpoint=not keep_graph, callback=progress,
+                                    check=comfy.model_management.throw_exception_if_processing_interrupted)
+
                 try:
-                    new_code, trace = langevin(denoise_fn, decode, dev_energy, dev_code, steps, step_size, seed,
-                                               update=mode, checkpoint=not keep, callback=progress,
-                                               check=comfy.model_management.throw_exception_if_processing_interrupted)
+                    try:
+                        new_code, trace = chain(keep)
+                    except Exception as e:  # auto's estimate is a guess: out of memory -> recompute instead
+                        if not (keep and memory == MEMORY_MODES[0] and _is_out_of_memory(e)):
+                            raise
+                        logging.warning("Langevin Latent Sampler: keeping the whole chain ran out of memory (%s); "
+                                        "recomputing each step instead", str(e).splitlines()[0][:200])
+                        comfy.model_management.soft_empty_cache()
+                        result["gradient"] = "recomputed per step (auto: keeping the whole chain ran out of memory)"
+                        new_code, trace = chain(False)
                 except FloatingPointError as e:
                     dtypes = f"the model's weights are {guider.model_patcher.model_dtype()}, the VAE runs in {vae.vae_dtype}"
                     raise B.NodeInputError(

@@ -196,7 +196,9 @@ def combine(directions: Sequence[Direction], coefficients: Sequence[float]) -> D
     first = directions[0].meta
     terms, coefs = [], []
     for k, (d, c) in enumerate(zip(directions, coefficients)):
-        for key in ("family", "architecture", "latent_format"):
+        for key in ("family", "architecture", "latent_format", "unet", "h_site", "h_block"):
+            if key in ("unet", "h_site", "h_block") and (key not in d.meta or key not in first):
+                continue  # toy directions and files from before h sites existed carry no such record
             if d.meta.get(key) != first.get(key):
                 raise CodeError(f"direction {k + 1} was trained on {key} {d.meta.get(key)!r}, direction 1 on "
                                 f"{first.get(key)!r}: only directions of the same model combine")

@@ -78,9 +78,11 @@ def test_patch_sees_h_and_zero_strength_is_bit_exact(AN, nodes, models, name):
     shift changes the output; the caller's model never carries the patch."""
     cyc, B, _ = nodes
     model = models[name]
-    before = dict(model.model_options)
     work, shift = AN.patched(model)
-    assert model.model_options == before
+    opts = model.model_options.get("transformer_options", {})   # the caller's model carries no patch
+    assert "dit" not in opts.get("patches_replace", {}) and not opts.get("patches", {}).get("output_block_patch")
+    ours = work.model_options["transformer_options"]
+    assert ("dit" in ours.get("patches_replace", {})) == (name == "tiny_sd3")
     cond = cyc.EmptyConditioning.execute(model, 1).result[0]
     x = torch.randn(2, *((16, 8, 8) if name == "tiny_sd3" else (3, 16, 16)), generator=torch.Generator().manual_seed(0))
     family = B.family_of(model)
@@ -170,3 +172,38 @@ def test_flux_double_block_patch(AN):
     assert torch.equal(run(True), plain)
     shift.strengths = torch.ones(2)
     assert (run(True) - plain).abs().max() > 1e-4
+
+
+def test_dit_patch_keeps_a_patch_already_on_its_block(AN, nodes, models):
+    """Another pack's replace patch on the same joint block still runs (first), and the shift applies after it."""
+    cyc, B, _ = nodes
+    model = models["tiny_sd3"]
+    rec = AN.model_record(model)
+    calls = []
+
+    def other(args, extra):
+        calls.append(1)
+        out = extra["original_block"](args)
+        return {"txt": out["txt"], "img": out["img"] * 1.5}
+
+    patched_by_other = model.clone()
+    patched_by_other.set_model_patch_replace(other, "dit", "double_block", rec["h_block"])
+    work, shift = AN.patched(patched_by_other)
+    assert shift.inner is other
+    cond = cyc.EmptyConditioning.execute(model, 1).result[0]
+    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigmas = B.schedule(model, "normal", 4, 1.0)
+    out = {}
+
+    def work_fn(denoise_fn, x0, _cb, _g):
+        out["with"] = denoise_fn(x0, float(sigmas[1]))
+        return x0
+
+    def plain_fn(denoise_fn, x0, _cb, _g):
+        out["plain"] = denoise_fn(x0, float(sigmas[1]))
+        return x0
+
+    with torch.inference_mode():
+        B.run_in_comfy(work, cond, cond, 1.0, x, sigmas, work_fn, 0, None)
+        B.run_in_comfy(patched_by_other, cond, cond, 1.0, x, sigmas, plain_fn, 0, None)
+    assert calls and torch.equal(out["with"], out["plain"])   # inactive shift: exactly the other patch's result

@@ -224,7 +224,9 @@ def test_nan_at_one_step_is_a_node_error_naming_the_step(server):
     assert server.alive()
 
 
-def test_nan_in_the_langevin_chain_names_the_chain_step(server):
+@pytest.mark.parametrize("memory", ["low: recompute each step", "auto"])
+def test_nan_in_the_langevin_chain_names_the_chain_step(server, memory):
+    """Both gradient paths (recompute per step; keep the chain, which auto picks for the tiny model)."""
     steps = 8
     want = _first_nan_step(steps)
     g = Graph()
@@ -236,7 +238,7 @@ def test_nan_in_the_langevin_chain_names_the_chain_step(server):
                   scheduler="normal", eta=0.1)
     lv = g.node("LangevinLatentSampler", model=ck.out(0), positive=pos.out(0), negative=empty.out(0), cfg=1.0,
                 vae=ck.out(2), energy=clip.out(0), latent_code=code.out(0), steps=2, step_size=0.01, seed=0,
-                update="all components")
+                update="all components", memory=memory)
     g.node("SaveLatent", samples=lv.out(1), filename_prefix="nan_never_lv")
     with pytest.raises(PromptError) as ei:
         server.run(g.prompt())

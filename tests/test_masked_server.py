@@ -151,9 +151,11 @@ def test_bad_masks_give_clear_errors(server):
     assert server.alive()
 
 
-def test_masked_langevin_with_comfy_models_moves_only_the_masked_region(pack, model_dirs):
+@pytest.mark.parametrize("memory", ["low: recompute each step", "fast: keep the whole chain"])
+def test_masked_langevin_with_comfy_models_moves_only_the_masked_region(pack, model_dirs, memory):
     """Langevin Latent Sampler's work on a masked code from DPM Encode, tiny SD3 (flow) + tiny CLIP:
-    outside the mask the result and the code stay the source's, inside the energy moves them."""
+    outside the mask the result and the code stay the source's, inside the energy moves them (both
+    gradient paths)."""
     import comfy.sd
     import folder_paths
 
@@ -175,7 +177,7 @@ def test_masked_langevin_with_comfy_models_moves_only_the_masked_region(pack, mo
         energy = gn.CLIPEnergy.execute("tiny_clip", "a red square", 2000.0, 2, False, False, False,
                                        False).result[0]
         new, lat, _plot, trace = gn.run_langevin(model, cond, cond, 1.0, vae, energy, code, 3, 0.05, 0,
-                                                 "all components")
+                                                 "all components", memory)
     out = lat["samples"]
     outside = (code.mask == 0).expand(code.shape)
     assert outside.any() and (~outside).any()
