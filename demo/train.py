@@ -11,7 +11,7 @@ Writes to ``demo/models`` (next to this file):
   preprocessor config) trained contrastively on world images and captions;
 * ``diffusers/dpm_world_ddpm_{circles,squares}/`` -- pixel-space diffusers DDPMs (32x32), A and B;
 * ``asyrp/*.asyrp.safetensors`` -- Asyrp directions "red -> blue" for the DDPM A and flow model B,
-  and a channel-permuted random control of each;
+  and three channel-permuted random controls of each;
 * ``TRAINING.json`` -- seeds, step counts, wall times and quality numbers.
 
 The VAE is ComfyUI's TAESD layout with 16 latent channels (8x downsampling,
@@ -36,7 +36,7 @@ Usage (the ComfyUI folder comes from --comfyui, DPM_LATENT_COMFYUI or COMFYUI_PA
 Parts: ``vae``, ``flow_a``, ``flow_b``, ``clip``, ``ddpm_a``, ``ddpm_b`` (alias ``ddpm``),
 ``asyrp_ddpm``, ``asyrp_flow`` (alias ``asyrp``: the Asyrp h-space directions of ``asyrp/``, trained
 through the pack's own Asyrp Train Direction node on the shipped models, with their random-direction
-controls) and ``verify`` (default: all, in order).
+controls; ``asyrp_controls`` rewrites only the controls) and ``verify`` (default: all, in order).
 """
 from __future__ import annotations
 
@@ -802,6 +802,22 @@ def channel_permuted(direction, seed):
     return type(direction)([term], [1.0], meta)
 
 
+ASYRP_CONTROLS = 3   # random directions per trained one (permutation seeds seed, seed + 1, ...)
+
+
+def write_asyrp_controls(which, AN, direction=None, seed=None):
+    """The random controls of a trained direction, ``<file>_random<k>.asyrp.safetensors``; from the saved
+    direction and the seed its part recorded when they are not given (``--parts asyrp_controls``)."""
+    run = ASYRP_RUNS[which]
+    if direction is None:
+        direction = AN.load_direction(ASYRP_DIR / (run["file"] + ASYRP_SUFFIX))
+        seed = json.loads((WORK_DIR / f"part_asyrp_{which}.json").read_text())["seed"]
+    for old in ASYRP_DIR.glob(run["file"] + "_random*" + ASYRP_SUFFIX):
+        old.unlink()
+    for k in range(ASYRP_CONTROLS):
+        AN.save_direction(channel_permuted(direction, seed + k), ASYRP_DIR / f"{run['file']}_random{k}{ASYRP_SUFFIX}")
+
+
 def asyrp_part(which, args, common):
     run = ASYRP_RUNS[which]
     nodes = _pack(args.comfyui)
@@ -823,7 +839,7 @@ def asyrp_part(which, args, common):
     wall = time.time() - t0
     ASYRP_DIR.mkdir(parents=True, exist_ok=True)
     AN.save_direction(direction, ASYRP_DIR / (run["file"] + ASYRP_SUFFIX))
-    AN.save_direction(channel_permuted(direction, seed), ASYRP_DIR / (run["file"] + "_random" + ASYRP_SUFFIX))
+    write_asyrp_controls(which, AN, direction, seed)
     m = direction.meta
     info = {**{k: v for k, v in run.items()}, "seed": seed, "source_text": src, "target_text": trg,
             "h_site": m["h_site"], "h_shape": m["h_shape"], "held_out_images": 16,
@@ -929,7 +945,7 @@ def main(argv=None):
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     parts = [q for p in parts for q in (("ddpm_a", "ddpm_b") if p == "ddpm" else
                                          tuple(f"asyrp_{w}" for w in ASYRP_RUNS) if p == "asyrp" else (p,))]
-    if any(not p.startswith(("ddpm_", "asyrp_")) for p in parts):   # these two need no ComfyUI set-up here
+    if any(not p.startswith(("ddpm_", "asyrp_")) for p in parts):   # these need no ComfyUI set-up here
         setup_comfy(args.comfyui)
     common = {"base_seed": args.seed, "quick": args.quick, "torch": torch.__version__,
               "threads": args.threads}
@@ -970,6 +986,10 @@ def main(argv=None):
     for which in ASYRP_RUNS:
         if f"asyrp_{which}" in parts:
             asyrp_part(which, args, common)
+    if "asyrp_controls" in parts:   # rewrite the random controls of the shipped directions, no training
+        nodes = _pack(args.comfyui)
+        for which in ASYRP_RUNS:
+            write_asyrp_controls(which, nodes["asyrp"])
     if "clip" in parts:
         info = train_clip(args.clip_steps, args.seed + 400, pool_n=1000 if args.quick else 4000)
         info.update(common)

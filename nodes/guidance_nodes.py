@@ -216,29 +216,50 @@ def _plot(energy: list[list[float]], prior: list[list[float]], size=P.SIZE) -> t
 MEMORY_MODES = ["auto", "low: recompute each step", "fast: keep the whole chain"]
 
 
-def _keep_whole_chain(memory, guider, code, cfg, need: int, device) -> tuple[bool, str]:
+def _graph_bytes_of_one_step(denoise_fn, code, params) -> int:
+    """Bytes autograd saves for the backward pass of one chain step (the first, at the code's start),
+    counted by a saved-tensors hook on one probe call; the model's own weights are not counted."""
+    weights = {p.data_ptr() for p in params}
+    seen, total = set(), [0]
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr() if t.device.type != "meta" else None
+        if ptr is not None and ptr not in weights and ptr not in seen:
+            seen.add(ptr)
+            total[0] += t.untyped_storage().nbytes()
+        return t
+
+    x = code.x_start().detach().requires_grad_(True)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = denoise_fn(x, float(code.sigmas[0]))
+    del out, x
+    return total[0]
+
+
+def _keep_whole_chain(memory, denoise_fn, guider, code, need: int, device) -> tuple[bool, str]:
     """Whether the gradient keeps the chain's whole autograd graph (one forward + one backward per step)
     instead of recomputing each step (memory flat in the chain length, about 1.6x slower on the demo
-    model). ``auto`` keeps it when a rough estimate of the graph (16 x ComfyUI's inference estimate per
-    chain step: the activations autograd keeps are several times what inference needs; not calibrated
-    on a GPU) fits in half of the device's free memory; if it still runs out of memory the node falls
-    back to recomputing."""
+    model at batch 16). ``auto`` measures what one step keeps for the backward pass (one probe call) and
+    keeps the graph when steps x that, plus the decode's estimate, fits in half of the device's free
+    memory; if it still runs out of memory the node falls back to recomputing."""
     if isinstance(memory, bool):  # the benchmarks' and tests' use_checkpoint flag
         return (not memory), "fixed by the caller"
     if memory == MEMORY_MODES[1]:
         return False, "memory: low"
     if memory == MEMORY_MODES[2]:
         return True, "memory: fast"
-    shape = tuple(code.shape)
     try:
-        per_step = guider.model_patcher.model.memory_required([shape[0] * (2 if cfg != 1.0 else 1), *shape[1:]])
-    except Exception:
-        return False, "auto: no memory estimate for this model, recomputing each step"
-    graph = 16 * code.steps * per_step + need
+        per_step = _graph_bytes_of_one_step(denoise_fn, code, guider.inner_model.parameters())
+    except Exception as e:  # noqa: BLE001 -- the probe is an optimisation; any failure means "recompute"
+        if _is_out_of_memory(e):
+            comfy.model_management.soft_empty_cache()
+        return False, f"auto: could not measure one step ({type(e).__name__}), recomputing each step"
+    graph = code.steps * per_step + need
     free = comfy.model_management.get_free_memory(device)
     keep = graph < 0.5 * free
-    return keep, (f"auto: the whole chain's graph, estimated {graph / 2**20:.0f} MB, "
-                  f"{'fits' if keep else 'does not fit'} in half of {free / 2**20:.0f} MB free")
+    return keep, (f"auto: the whole chain's graph, measured {per_step / 2**20:.3g} MB per step, "
+                  f"{graph / 2**20:.0f} MB with the decode, {'fits' if keep else 'does not fit'} in half of "
+                  f"{free / 2**20:.0f} MB free")
 
 
 def _is_out_of_memory(e: BaseException) -> bool:
@@ -303,7 +324,7 @@ def run_langevin(model, positive, negative, cfg, vae, energy, latent_code, steps
                     preview = Image.fromarray((images[0].movedim(0, -1).clamp(0, 1).cpu().numpy() * 255).astype(np.uint8))
                     pbar.update_absolute(k + 1, max(steps, 1), ("JPEG", preview, 512))
 
-                keep, why = _keep_whole_chain(memory, guider, code, cfg, need, device)
+                keep, why = _keep_whole_chain(memory, denoise_fn, guider, dev_code, need, device)
                 result["gradient"] = ("whole chain kept" if keep else "recomputed per step") + f" ({why})"
                 logging.info("Langevin Latent Sampler: %d steps on a %d-step chain, batch %d; gradient %s", steps,
                              code.steps, code.batch_size, result["gradient"])

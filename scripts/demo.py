@@ -721,6 +721,7 @@ ASYRP = {  # the directions demo/train.py --parts asyrp trains (demo/models/asyr
 }
 ASYRP_STRENGTHS = [0.0, 0.5, 1.0, 2.0, -1.0]
 ASYRP_CONTROL_STRENGTHS = [1.0]
+ASYRP_CONTROLS = 3   # random directions per trained one (demo/train.py writes <direction>_random<k>)
 ASYRP_STEPS = 20
 ASYRP_WORKFLOW = "asyrp_demo.json"
 ASYRP_NOTE = (
@@ -735,10 +736,10 @@ ASYRP_NOTE = (
     "(32 x 32 after the resize), or train your own direction with Asyrp Train Direction.")
 
 
-def graph_asyrp(which="ddpm", input_image="dpm_world_circles.png", direction=None, control=None,
+def graph_asyrp(which="ddpm", input_image="dpm_world_circles.png", direction=None, controls=(),
                 strengths=None):
     """Encode an image batch with DPM Encode and replay it with Asyrp Edit at several strengths.
-    ``control``: also the channel-permuted random direction (the demo row's baseline)."""
+    ``controls``: also these channel-permuted random directions (the demo row's baseline), one branch each."""
     from graphs import Graph
 
     a = ASYRP[which]
@@ -763,8 +764,7 @@ def graph_asyrp(which="ddpm", input_image="dpm_world_circles.png", direction=Non
                  seed=0, steps=ASYRP_STEPS, scheduler=a["scheduler"], denoise=1.0, eta=ETA, cfg=1.0)
     strengths = ASYRP_STRENGTHS if strengths is None else strengths
     branches = [("edit", direction or a["direction"], strengths)]
-    if control:
-        branches.append(("control", control, ASYRP_CONTROL_STRENGTHS))
+    branches += [(f"control{k}", fname, ASYRP_CONTROL_STRENGTHS) for k, fname in enumerate(controls)]
     saves = {}
     for key, fname, values in branches:
         d = g.node("LoadAsyrpDirection", direction_file=fname)
@@ -773,7 +773,7 @@ def graph_asyrp(which="ddpm", input_image="dpm_world_circles.png", direction=Non
                     seed=0)
         dec = g.node("VAEDecode", samples=ed.out(0), vae=vae)
         saves[key] = g.node("SaveImage", images=dec.out(0), filename_prefix=f"dpm_asyrp/{which}_{key}").id
-        titles.update({d.id: "Load Asyrp Direction" + (" (random control)" if key == "control" else ""),
+        titles.update({d.id: "Load Asyrp Direction" + (" (random control)" if key.startswith("control") else ""),
                        ed.id: "Asyrp Edit: one image per strength"})
     titles[enc.id] = "DPM Encode (the image's full code)"
     return g, saves, titles
@@ -800,15 +800,16 @@ def colour_shift(pred, base, source: str, target: str) -> list:
 
     W = world()
     axis = np.array(W.PALETTE[target]) - np.array(W.PALETTE[source])
-    return [float((np.array(p["rgb"]) - np.array(b["rgb"])) @ axis / (axis @ axis))
-            for p, b in zip(pred, base) if "rgb" in p and "rgb" in b]
+    out = [float((np.array(p["rgb"]) - np.array(b["rgb"])) @ axis / (axis @ axis))
+           for p, b in zip(pred, base) if "rgb" in p and "rgb" in b]
+    return [x for x in out if math.isfinite(x)]   # an image whose reader found no solid colour has none
 
 
 def measure_asyrp(server, n: int = 24, seed: int = 0) -> tuple[dict, dict]:
     """Asyrp edits 'red -> blue' of held-out world images (encoded with DPM Encode) at strengths 0 / 0.5 / 1 / 2 /
     -1, on the pixel DDPM's U-Net h-space and on the flow model's MMDiT h-space; baselines: strength 0 (the plain
-    replay, i.e. CycleDiffusion's replay without a change) and the channel-permuted random direction of the same
-    norm at strength 1."""
+    replay, i.e. CycleDiffusion's replay without a change) and three channel-permuted random directions of the
+    same norm at strength 1 (pooled, and each alone)."""
     import numpy as np
     import torch.nn.functional as F
     from PIL import Image
@@ -823,13 +824,14 @@ def measure_asyrp(server, n: int = 24, seed: int = 0) -> tuple[dict, dict]:
         frames = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for im in imgs]
         tiff = f"dpm_world_asyrp_{which}_batch.tiff"
         frames[0].save(Path(server.input_dir) / tiff, save_all=True, append_images=frames[1:], compression="raw")
-        control = a["direction"].replace(".asyrp.", "_random.asyrp.")
-        g, saves, _ = graph_asyrp(which, input_image=tiff, control=control)
+        controls = [a["direction"].replace(".asyrp.", f"_random{k}.asyrp.") for k in range(ASYRP_CONTROLS)]
+        g, saves, _ = graph_asyrp(which, input_image=tiff, controls=controls)
         t = time.perf_counter()
         entry = server.run(g.prompt(), timeout=3600)
         dt = time.perf_counter() - t
         rows = {}
-        for key, values in (("edit", ASYRP_STRENGTHS), ("control", ASYRP_CONTROL_STRENGTHS)):
+        branches = [("edit", ASYRP_STRENGTHS)] + [(f"control{k}", ASYRP_CONTROL_STRENGTHS) for k in range(ASYRP_CONTROLS)]
+        for key, values in branches:
             out = read_outputs(server, entry, saves[key])
             if out.shape[-1] != W.SIZE:
                 out = F.interpolate(out, size=(W.SIZE, W.SIZE), mode="bilinear", align_corners=False).clamp(0, 1)
@@ -838,20 +840,34 @@ def measure_asyrp(server, n: int = 24, seed: int = 0) -> tuple[dict, dict]:
                 rows[(key, v)] = W.read_attributes(out[k * n:(k + 1) * n])
         base = rows[("edit", 0.0)]
         m = {"title": a["title"], "seconds": dt, "rows": {}}
-        for (key, v), pred in rows.items():
-            blue = sum(p["colour"] == "blue" for p in pred)
-            kept = sum(p["shape"] == a["shape"] for p in pred)
-            errs = [math.hypot(p["cx"] - t["cx"], p["cy"] - t["cy"]) for p, t in zip(pred, attrs)
+
+        def row(kind, v, preds):
+            """One table row over the images of ``preds`` (a list of reader outputs, each of n images)."""
+            truth = [t for _ in preds for t in attrs]
+            flat = [p for pred in preds for p in pred]
+            blue = sum(p["colour"] == "blue" for p in flat)
+            kept = sum(p["shape"] == a["shape"] for p in flat)
+            errs = [math.hypot(p["cx"] - t["cx"], p["cy"] - t["cy"]) for p, t in zip(flat, truth)
                     if p["shape"] != "none" and math.isfinite(p["cx"])]
-            shift = colour_shift(pred, base, "red", "blue")
-            m["rows"][f"{key} {v:g}"] = {
-                "kind": key, "strength": v,
-                "target_rate": blue / n, "target_rate_ci95": wilson(blue, n),
-                "shape_kept": kept / n, "shape_kept_ci95": wilson(kept, n),
-                "centroid_error_px": float(np.mean(errs)) if errs else float("nan"),
-                "centroid_error_px_ci95": bootstrap_mean(errs, seed=seed),
-                "colour_shift": float(np.mean(shift)) if shift else float("nan"),
-                "colour_shift_ci95": bootstrap_mean(shift, seed=seed)}
+            shift = [x for pred in preds for x in colour_shift(pred, base, "red", "blue")]
+            total = len(flat)
+            return {"kind": kind, "strength": v, "n": total, "n_located": len(errs), "n_coloured": len(shift),
+                    "target_rate": blue / total, "target_rate_ci95": wilson(blue, total),
+                    "shape_kept": kept / total, "shape_kept_ci95": wilson(kept, total),
+                    "centroid_error_px": float(np.mean(errs)) if errs else float("nan"),
+                    "centroid_error_px_ci95": bootstrap_mean(errs, seed=seed),
+                    "colour_shift": float(np.mean(shift)) if shift else float("nan"),
+                    "colour_shift_ci95": bootstrap_mean(shift, seed=seed)}
+
+        for v in ASYRP_STRENGTHS:
+            m["rows"][f"edit {v:g}"] = row("edit", v, [rows[("edit", v)]])
+        for v in ASYRP_CONTROL_STRENGTHS:
+            # the random directions pooled (the same images under each permutation), and each one alone
+            per = [row("control", v, [rows[(f"control{k}", v)]]) for k in range(ASYRP_CONTROLS)]
+            pooled = row("control", v, [rows[(f"control{k}", v)] for k in range(ASYRP_CONTROLS)])
+            pooled["per_permutation"] = {k: [p[k] for p in per] for k in ("target_rate", "colour_shift",
+                                                                            "shape_kept", "centroid_error_px")}
+            m["rows"][f"control {v:g}"] = pooled
         out_m[which] = m
     return out_m, images
 
@@ -870,10 +886,16 @@ def asyrp_markdown(a) -> list[str]:
         m = a[which]
         lines.append(f"| **{m['title']}** (n = {a['n_images']}), strength: | | | | |")
         for name, r in m["rows"].items():
-            label = {"edit 0": "0 (plain replay: the baseline)"}.get(name, name.replace("edit ", "")
-                                                                       .replace("control ", "random direction ×"))
-            lines.append(f"| {label} | {ci(r, 'target_rate')} | {ci(r, 'colour_shift')} | {ci(r, 'shape_kept')} | "
-                         f"{ci(r, 'centroid_error_px', '{:.1f}')} |")
+            label = {"edit 0": "0 (plain replay: the baseline)"}.get(name, name.replace("edit ", ""))
+            if r["kind"] == "control":
+                per = r["per_permutation"]
+                label = (f"random direction ×{r['strength']:g} ({len(per['colour_shift'])} permutations pooled, "
+                         f"n = {r['n']}; shift per permutation "
+                         + " / ".join(f"{x:.2f}" for x in per["colour_shift"]) + ")")
+            miss = "" if r["n_located"] == r["n"] else f" (n = {r['n_located']} with a shape)"
+            cmiss = "" if r["n_coloured"] == r["n"] else f" (n = {r['n_coloured']} with a colour)"
+            lines.append(f"| {label} | {ci(r, 'target_rate')} | {ci(r, 'colour_shift')}{cmiss} | "
+                         f"{ci(r, 'shape_kept')} | {ci(r, 'centroid_error_px', '{:.1f}')}{miss} |")
     return lines
 
 

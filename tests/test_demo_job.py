@@ -184,7 +184,7 @@ def test_asyrp_row(demo, measured):
         rows = a[which]["rows"]
         zero = rows["edit 0"]
         # strength 0 is the plain replay: the input back
-        assert zero["shape_kept"] >= 0.95 and zero["centroid_error_px"] <= 0.5 and zero["colour_shift"] == 0.0, zero
+        assert zero["shape_kept"] >= 0.95 and zero["centroid_error_px"] <= 0.5 and zero["n_located"] == zero["n"], zero
         for r in rows.values():
             for k in ("target_rate", "shape_kept", "colour_shift", "centroid_error_px"):
                 lo, hi = r[k + "_ci95"]
@@ -194,9 +194,16 @@ def test_asyrp_row(demo, measured):
     assert u["edit 0.5"]["colour_shift"] > 0.1 and u["edit 1"]["colour_shift"] > 0.15, u
     assert u["edit -1"]["colour_shift"] < -0.1, u                      # -1 reverses the edit
     assert u["edit -1"]["target_rate"] <= u["edit 0"]["target_rate"], u
-    assert u["edit 1"]["colour_shift"] > u["control 1"]["colour_shift"] + 0.1, u   # not any push of that size
-    assert u["edit 1"]["target_rate"] > u["control 1"]["target_rate"], u
+    # not any push of that size: better than every random direction of the same norm
+    per = u["control 1"]["per_permutation"]
+    assert len(per["colour_shift"]) == demo.ASYRP_CONTROLS and u["control 1"]["n"] == demo.ASYRP_CONTROLS * a["n_images"]
+    assert u["edit 1"]["colour_shift"] > max(per["colour_shift"]) + 0.05, u
+    assert u["edit 1"]["target_rate"] > max(per["target_rate"]), u
+    # and it agrees with the published draw (docs/demo_metrics.json): the two intervals overlap
+    pub = _baseline()["asyrp"]["ddpm"]["rows"]["edit 1"]
+    lo, hi = u["edit 1"]["colour_shift_ci95"]
+    assert hi >= pub["colour_shift_ci95"][0] and lo <= pub["colour_shift_ci95"][1], (u["edit 1"], pub)
     f = a["flow"]["rows"]
     assert f["edit 1"]["colour_shift"] < 0.15 and f["edit 2"]["colour_shift"] < 0.15, f
     md = "\n".join(demo.asyrp_markdown(a))
-    assert "random direction ×1" in md and "plain replay" in md
+    assert "random direction ×1 (3 permutations pooled" in md and "plain replay" in md
