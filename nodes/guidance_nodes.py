@@ -328,6 +328,7 @@ def run_langevin(model, positive, negative, cfg, vae, energy, latent_code, steps
                 result["gradient"] = ("whole chain kept" if keep else "recomputed per step") + f" ({why})"
                 logging.info("Langevin Latent Sampler: %d steps on a %d-step chain, batch %d; gradient %s", steps,
                              code.steps, code.batch_size, result["gradient"])
+
                 def chain(keep_graph):
                     return langevin(denoise_fn, decode, dev_energy, dev_code, steps, step_size, seed, update=mode,
                                     checkpoint=not keep_graph, callback=progress,
