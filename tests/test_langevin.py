@@ -172,3 +172,33 @@ def test_memory_modes_give_the_same_sample(comfy_models, gn):
     assert torch.allclose(low[0], fast[0], atol=1e-4, rtol=0) and torch.allclose(low[1], fast[1], atol=1e-4, rtol=0)
     with pytest.raises(Exception, match="memory: 'huge' is not one of"):
         gn.run_langevin(model, cond, cond, 1.0, vae, energy, code, 1, 0.05, 0, "all components", "huge")
+
+
+def test_auto_memory_falls_back_to_recomputing_when_keeping_the_chain_runs_out_of_memory(comfy_models, gn):
+    """The device runs out of memory on the first model call of the kept chain (a UNet function wrapper, the
+    way ComfyUI lets packs wrap the model, raises torch's own OutOfMemoryError there): auto frees the cache,
+    recomputes each step instead, and gives the sample the 'low' mode gives."""
+    model, vae = comfy_models
+    cond = [[torch.zeros(1, 8, 32), {"pooled_output": torch.zeros(1, 32)}]]
+    grad_calls = [0]
+
+    def wrapper(apply_model, args):
+        if torch.is_grad_enabled() and args["input"].requires_grad:
+            grad_calls[0] += 1
+            if grad_calls[0] == 2:   # 1: auto's one-step probe; 2: the first step of the kept chain
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (test)")
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    short = model.clone()
+    short.set_model_unet_function_wrapper(wrapper)
+    with torch.inference_mode():
+        code = gn.RandomLatentCode.execute(model, 32, 32, 2, 0, 4, "simple", 0.3).result[0]
+        energy = gn.CLIPEnergy.execute("tiny_clip", "a red square", 500.0, 2, False, False, False, False).result[0]
+        new, lat, _p, trace = gn.run_langevin(short, cond, cond, 1.0, vae, energy, code, 2, 0.05, 0,
+                                              "all components", "auto")
+        ref, ref_lat, _p, _t = gn.run_langevin(model, cond, cond, 1.0, vae, energy, code, 2, 0.05, 0,
+                                               "all components", "low: recompute each step")
+    assert grad_calls[0] > 2, grad_calls          # the recomputing pass ran after the failure
+    assert trace.gradient == "recomputed per step (auto: keeping the whole chain ran out of memory)", trace.gradient
+    assert torch.allclose(new.start_noise, ref.start_noise, atol=1e-5, rtol=0)
+    assert torch.allclose(lat["samples"], ref_lat["samples"], atol=1e-5, rtol=0)
