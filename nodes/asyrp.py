@@ -74,11 +74,18 @@ def _h_site(base) -> tuple[str, int | None, dict, int]:
         return UNET_SITE, None, layout, int(c.get("block_out_channels")[-1])
     if type(net) is OpenAISignatureMMDITWrapper:
         n = len(net.joint_blocks)
-        return DIT_SITE, n // 2, {"mmdit": "SD3", "depth": n, "hidden_size": int(net.hidden_size)}, int(net.hidden_size)
+        # enough to tell SD3 medium, SD3.5 medium (MMDiT-X: self-attention x blocks) and SD3.5 large apart
+        layout = {"mmdit": "SD3", "depth": n, "hidden_size": int(net.hidden_size),
+                  "x_block_self_attn_layers": sorted(int(i) for i in (net.x_block_self_attn_layers or [])),
+                  "pos_embed_max_size": net.pos_embed_max_size, "in_channels": int(net.in_channels),
+                  "context_processor": net.context_processor is not None}
+        return DIT_SITE, n // 2, layout, int(net.hidden_size)
     if type(net) is Flux:
-        n = len(net.double_blocks)
-        return (DIT_SITE, n // 2, {"flux": "double_blocks", "double_blocks": n, "single_blocks": len(net.single_blocks),
-                                   "hidden_size": int(net.hidden_size)}, int(net.hidden_size))
+        n, p = len(net.double_blocks), net.params
+        layout = {"flux": "double_blocks", "double_blocks": n, "single_blocks": len(net.single_blocks),
+                  "hidden_size": int(net.hidden_size), "in_channels": int(p.in_channels),
+                  "context_in_dim": int(p.context_in_dim), "vec_in_dim": int(p.vec_in_dim)}
+        return DIT_SITE, n // 2, layout, int(net.hidden_size)
     raise B.NodeInputError(
         f"model: Asyrp edits h-space, the U-Net bottleneck (or, beyond the paper, the middle joint block of "
         f"SD3 / Flux transformers); this {type(base).__name__} model's network is a {type(net).__name__}, "
