@@ -408,33 +408,25 @@ def install_demo_models(comfy_dir: Path) -> None:
 
 def write_sample_inputs(input_dir: Path) -> None:
     """One image per domain, for trying the demo workflows by hand."""
-    import numpy as np
-    from PIL import Image
-
     sample_domain = world().sample_domain
 
     input_dir.mkdir(parents=True, exist_ok=True)
     for domain, name in (("A", "circles"), ("B", "squares")):
-        img = sample_domain(1, 7, domain)[0][0]
-        Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(
-            input_dir / f"dpm_world_{name}.png")
+        to_frames(sample_domain(1, 7, domain)[0])[0].save(input_dir / f"dpm_world_{name}.png")
     write_masked_sample(input_dir)
 
 
 def write_inputs(input_dir: Path, n: int, seed: int, n_edit: int) -> dict:
     """World images as multi-frame TIFFs (ComfyUI's LoadImage loads every frame as a batch):
     ``n`` circles for translation, ``n_edit`` squares for CLIP editing."""
-    import numpy as np
-    from PIL import Image
-
     sample_domain = world().sample_domain
 
     files = {}
     for domain, name in (("A", "circles"), ("B", "squares")):
         imgs, attrs = sample_domain(n if domain == "A" else n_edit, seed + (0 if domain == "A" else 1000), domain)
-        frames = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for im in imgs]
+        frames = to_frames(imgs)
         tiff = f"dpm_world_{name}_batch.tiff"
-        frames[0].save(input_dir / tiff, save_all=True, append_images=frames[1:], compression="raw")
+        save_batch(input_dir / tiff, frames)
         frames[0].save(input_dir / f"dpm_world_{name}.png")
         files[domain] = (tiff, imgs, attrs)
     return files
@@ -481,9 +473,8 @@ def measure_masked(server, files_a, images: dict) -> dict:
     read_attributes = world().read_attributes
     _tiff, imgs, attrs = files_a
     masks = mask_boxes(attrs)
-    frames = masked_frames(imgs, masks)
     name = "dpm_world_circles_masked_batch.tiff"
-    frames[0].save(Path(server.input_dir) / name, save_all=True, append_images=frames[1:], compression="raw")
+    save_batch(Path(server.input_dir) / name, masked_frames(imgs, masks))
     entry, saves, dt = run_graph(server, graph_masked_edit, workflow=MASKED_WORKFLOW, input_image=name)
     out = {k: read_outputs(server, entry, v) for k, v in saves.items()}
     images.update(out, masks=masks)
@@ -496,14 +487,13 @@ def measure_masked(server, files_a, images: dict) -> dict:
     metrics = {"n": n, "mask_margin_px": MASK_MARGIN, "mask_area_fraction": float(masks.mean()), "seconds": dt}
     for key, label in (("masked_translation", "dpm"), ("masked_inpaint_baseline", "inpaint_baseline")):
         pred = read_attributes(out[key])
-        located = [p for p in pred if p["shape"] not in (None, "none") and math.isfinite(p["cx"])]
         ps = outside_psnr(out[key], out["masked_vae_roundtrip"])
         metrics[label] = {
             "outside_psnr_db_min": min(ps), "outside_psnr_db_median": float(np.median(ps)),
             "square_rate": rate_with_interval(sum(p["shape"] == "square" for p in pred), n),
             "colour_kept": rate_with_interval(sum(p["colour"] == a["colour"] for p, a in zip(pred, attrs)), n),
             "centroid_error_px": float(np.mean([math.hypot(p["cx"] - a["cx"], p["cy"] - a["cy"])
-                                                for p, a in zip(pred, attrs) if p in located] or [float("nan")])),
+                                                for p, a in zip(pred, attrs) if located(p)] or [float("nan")])),
         }
     return metrics
 
@@ -561,6 +551,33 @@ def run_graph(server, build, overrides=None, workflow=None, **kw):
     return entry, saves, time.perf_counter() - t
 
 
+def to_frames(imgs) -> list:
+    """(n, 3, h, w) images in [0, 1] as 8-bit PIL images."""
+    import numpy as np
+    from PIL import Image
+
+    return [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for im in imgs]
+
+
+def save_batch(path: Path, frames) -> None:
+    """Frames as one multi-frame TIFF: ComfyUI's LoadImage loads every frame, as one batch."""
+    frames[0].save(path, save_all=True, append_images=frames[1:], compression="raw")
+
+
+def located(p: dict) -> bool:
+    """The world's reader found a shape with a centroid in this image."""
+    return p["shape"] not in (None, "none") and math.isfinite(p["cx"]) and math.isfinite(p["cy"])
+
+
+def to_world_size(x):
+    """Images of another size (the 32 x 32 pixel DDPMs) bilinearly resized to the world's 64 x 64."""
+    import torch.nn.functional as F
+
+    size = world().SIZE
+    return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear",
+                                                        align_corners=False).clamp(0, 1)
+
+
 def psnr(a, b) -> float:
     mse = float(((a - b) ** 2).mean())
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
@@ -585,9 +602,6 @@ def measure(server, n: int = 64, seed: int = 0, langevin_steps: int = LANGEVIN_S
     metrics["reconstruction_psnr_vs_vae_roundtrip_db"] = min(
         psnr(out["reconstruction"][i], out["vae_roundtrip"][i]) for i in range(n))
     truth = read_attributes(out["vae_roundtrip"])
-    def located(p):
-        return p["shape"] not in (None, "none") and math.isfinite(p["cx"]) and math.isfinite(p["cy"])
-
     for key in ("translation", "sdedit_baseline"):
         pred = read_attributes(out[key])
         found = [p for p in pred if located(p)]
@@ -670,29 +684,23 @@ def measure_pixel_ddpm(server, n: int = 64, seed: int = 0) -> tuple[dict, dict]:
     after a bilinear upsampling to 64 x 64 (centroids in 64-pixel units, like the flow demo)."""
     import numpy as np
     import torch.nn.functional as F
-    from PIL import Image
 
     W = world()
     imgs, attrs = W.sample_domain(n, seed + 2000, "A")
     small = F.avg_pool2d(imgs, W.SIZE // PIXEL_SIZE)
-    frames = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for im in small]
     tiff = "dpm_world_circles_32_batch.tiff"
-    frames[0].save(Path(server.input_dir) / tiff, save_all=True, append_images=frames[1:], compression="raw")
+    save_batch(Path(server.input_dir) / tiff, to_frames(small))
     g, saves, _ = graph_translate_pixel_ddpm(input_image=tiff, baselines=True)
     t = time.perf_counter()
     entry = server.run(g.prompt(), timeout=3600)
     dt = time.perf_counter() - t
     out = {k: read_outputs(server, entry, v) for k, v in saves.items()}
-    big = {k: F.interpolate(v, size=(W.SIZE, W.SIZE), mode="bilinear", align_corners=False).clamp(0, 1)
-           for k, v in out.items()}
+    big = {k: to_world_size(v) for k, v in out.items()}
     m: dict = {"n_images": n, "image_size": PIXEL_SIZE, "steps": STEPS, "denoise": DENOISE, "eta": ETA,
                "seconds": dt}
     m["reconstruction_psnr_vs_input_db"] = {
         "worst": min(psnr(out["reconstruction"][i], out["vae_roundtrip"][i]) for i in range(n)),
         "max_abs_error_255": float((out["reconstruction"] - out["vae_roundtrip"]).abs().max() * 255)}
-
-    def located(p):
-        return p["shape"] not in (None, "none") and math.isfinite(p["cx"]) and math.isfinite(p["cy"])
 
     for key in ("translation", "sdedit_baseline", "vae_roundtrip"):
         pred = W.read_attributes(big[key])
@@ -811,8 +819,6 @@ def measure_asyrp(server, n: int = 24, seed: int = 0) -> tuple[dict, dict]:
     replay, i.e. CycleDiffusion's replay without a change) and three channel-permuted random directions of the
     same norm at strength 1 (pooled, and each alone)."""
     import numpy as np
-    import torch.nn.functional as F
-    from PIL import Image
 
     W = world()
     install_asyrp_directions(Path(server.input_dir))
@@ -821,9 +827,8 @@ def measure_asyrp(server, n: int = 24, seed: int = 0) -> tuple[dict, dict]:
     images = {}
     for which, a in ASYRP.items():
         imgs, attrs = W.sample_domain(n, seed + 4000, a["domain"])
-        frames = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for im in imgs]
         tiff = f"dpm_world_asyrp_{which}_batch.tiff"
-        frames[0].save(Path(server.input_dir) / tiff, save_all=True, append_images=frames[1:], compression="raw")
+        save_batch(Path(server.input_dir) / tiff, to_frames(imgs))
         controls = [a["direction"].replace(".asyrp.", f"_random{k}.asyrp.") for k in range(ASYRP_CONTROLS)]
         g, saves, _ = graph_asyrp(which, input_image=tiff, controls=controls)
         t = time.perf_counter()
@@ -832,9 +837,7 @@ def measure_asyrp(server, n: int = 24, seed: int = 0) -> tuple[dict, dict]:
         rows = {}
         branches = [("edit", ASYRP_STRENGTHS)] + [(f"control{k}", ASYRP_CONTROL_STRENGTHS) for k in range(ASYRP_CONTROLS)]
         for key, values in branches:
-            out = read_outputs(server, entry, saves[key])
-            if out.shape[-1] != W.SIZE:
-                out = F.interpolate(out, size=(W.SIZE, W.SIZE), mode="bilinear", align_corners=False).clamp(0, 1)
+            out = to_world_size(read_outputs(server, entry, saves[key]))
             for k, v in enumerate(values):
                 images[f"asyrp_{which}_{key}_{v:g}"] = out[k * n:(k + 1) * n]
                 rows[(key, v)] = W.read_attributes(out[k * n:(k + 1) * n])
@@ -847,8 +850,7 @@ def measure_asyrp(server, n: int = 24, seed: int = 0) -> tuple[dict, dict]:
             flat = [p for pred in preds for p in pred]
             blue = sum(p["colour"] == "blue" for p in flat)
             kept = sum(p["shape"] == a["shape"] for p in flat)
-            errs = [math.hypot(p["cx"] - t["cx"], p["cy"] - t["cy"]) for p, t in zip(flat, truth)
-                    if p["shape"] != "none" and math.isfinite(p["cx"])]
+            errs = [math.hypot(p["cx"] - t["cx"], p["cy"] - t["cy"]) for p, t in zip(flat, truth) if located(p)]
             shift = [x for pred in preds for x in colour_shift(pred, base, "red", "blue")]
             total = len(flat)
             return {"kind": kind, "strength": v, "n": total, "n_located": len(errs), "n_coloured": len(shift),
@@ -909,7 +911,6 @@ def measure_best_of_n(server, circles, n_images: int = BEST_OF_N["n_images"]) ->
     ('a circle' -> 'a square') with the demo CLIP, through the shipped best-of-N workflow; the selected
     candidate against the default-setting candidate (seed 0, denoise 0.7) of the same sweep."""
     import numpy as np
-    from PIL import Image
 
     from conftest import load_module
     from ui_workflow import ui_to_api
@@ -917,9 +918,8 @@ def measure_best_of_n(server, circles, n_images: int = BEST_OF_N["n_images"]) ->
     sweeps = load_module("dpm_latent_sweep_workflows", REPO / "scripts" / "sweep_workflows.py")
     _tiff, imgs, attrs = circles
     imgs, attrs = imgs[:n_images], attrs[:n_images]
-    frames = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for im in imgs]
     name = "dpm_world_circles_best_of_n.tiff"
-    frames[0].save(Path(server.input_dir) / name, save_all=True, append_images=frames[1:], compression="raw")
+    save_batch(Path(server.input_dir) / name, to_frames(imgs))
     c = BEST_OF_N
     g, ids, _titles = sweeps.graph_best_of_n_demo(name, seeds=c["seeds"], denoise=c["denoise"], cfg=c["cfg"],
                                                   chain_steps=c["chain_steps"], source_text="a circle",
@@ -952,8 +952,7 @@ def measure_best_of_n(server, circles, n_images: int = BEST_OF_N["n_images"]) ->
         pred = read_attributes(allc[idx])
         sq = sum(p["shape"] == "square" for p in pred)
         col = sum(p["colour"] == a["colour"] for p, a in zip(pred, attrs))
-        errs = [math.hypot(p["cx"] - a["cx"], p["cy"] - a["cy"]) for p, a in zip(pred, attrs)
-                if p["shape"] not in (None, "none") and math.isfinite(p["cx"]) and math.isfinite(p["cy"])]
+        errs = [math.hypot(p["cx"] - a["cx"], p["cy"] - a["cy"]) for p, a in zip(pred, attrs) if located(p)]
         out[key] = {"square_rate": sq / n, "square_rate_ci95": wilson(sq, n),
                     "colour_kept": col / n, "colour_kept_ci95": wilson(col, n),
                     "centroid_error_px": float(np.mean(errs)) if errs else float("nan"),
