@@ -79,9 +79,7 @@ def chain_value_and_grad(denoise: Denoiser, decode: Decoder, energy: Energy, cod
             zs = start_noise.detach().requires_grad_(True)
             zn = noises.detach().requires_grad_(noise_grad)
             images = decode(replay_differentiable(denoise, code, zs, zn, check))
-        e, g_img = energy_value_and_grad(energy, images, generator)
-        if not torch.isfinite(e).all() or not torch.isfinite(g_img).all():
-            raise FloatingPointError("the energy or its gradient is NaN/infinite")
+        e, g_img = _energy_value_and_grad(energy, images, generator)
         wrt = [zs, zn] if noise_grad else [zs]
         grads = torch.autograd.grad(images, wrt, g_img, allow_unused=True)
         grads = [torch.zeros_like(w) if gr is None else gr for gr, w in zip(grads, wrt)]
@@ -92,25 +90,14 @@ def chain_value_and_grad(denoise: Denoiser, decode: Decoder, energy: Energy, cod
     s = [float(v) for v in code.sigmas]
     steps = len(s) - 1
     coeffs = [step_coefficients(s[i], s[i + 1], code.eta, code.family) for i in range(steps)]
-    m, traj = code.mask, code.trajectory
-    xs = []
+    m = code.mask
+    xs = []   # the latent before every step, kept for the backward walk
     with torch.no_grad():
-        x = blend(m, code.start_mean + code.start_scale * start_noise, None if m is None else traj[0])
-        for i in range(steps):
-            check()
-            xs.append(x)
-            a, b, c = coeffs[i]
-            d = denoise(x, s[i])
-            if not bool(torch.isfinite(d).all()):
-                raise FloatingPointError(f"the model's prediction became NaN/infinite at chain step {i + 1} of {steps}")
-            x = d + code.residual if c == 0.0 else a * x + b * d + c * noises[i]
-            x = blend(m, x, None if m is None else traj[i + 1])
+        x = replay_differentiable(denoise, code, start_noise, noises, check, states=xs)
     with torch.enable_grad():
         x_last = x.detach().requires_grad_(True)
         images = decode(x_last)
-    e, g_img = energy_value_and_grad(energy, images, generator)
-    if not torch.isfinite(e).all() or not torch.isfinite(g_img).all():
-        raise FloatingPointError("the energy or its gradient is NaN/infinite")
+    e, g_img = _energy_value_and_grad(energy, images, generator)
     (g,) = torch.autograd.grad(images, x_last, g_img)
     g_noises = torch.zeros_like(noises) if noise_grad else None
     mg = None if m is None else m.to(device=g.device, dtype=g.dtype)
@@ -134,11 +121,21 @@ def chain_value_and_grad(denoise: Denoiser, decode: Decoder, energy: Energy, cod
     return e, images.detach(), code.start_scale * g, g_noises
 
 
+def _energy_value_and_grad(energy: Energy, images: torch.Tensor, generator):
+    e, g_img = energy_value_and_grad(energy, images, generator)
+    if not torch.isfinite(e).all() or not torch.isfinite(g_img).all():
+        raise FloatingPointError("the energy or its gradient is NaN/infinite")
+    return e, g_img
+
+
 def replay_differentiable(denoise: Denoiser, code: LatentCode, start_noise: torch.Tensor,
-                          noises: torch.Tensor, check: Optional[Callable[[], None]] = None) -> torch.Tensor:
-    """The sampler of ``samplers.replay`` with plain autograd through every step (keeps every
-    activation: the reference that ``chain_value_and_grad`` is tested against, and its path when
-    the whole graph is kept). ``check()`` runs before every step; a NaN prediction names its step."""
+                          noises: torch.Tensor, check: Optional[Callable[[], None]] = None,
+                          states: Optional[list] = None) -> torch.Tensor:
+    """The sampler of ``samplers.replay`` as a function of the noises. Under grad, autograd goes through
+    every step (keeps every activation: the reference that ``chain_value_and_grad`` is tested against, and
+    its path when the whole graph is kept); under no_grad it is the forward pass of the checkpointed path,
+    which collects the latent before each step in ``states``. ``check()`` runs before every step; a NaN
+    prediction names its step."""
     m, traj = code.mask, code.trajectory
     x = blend(m, code.start_mean + code.start_scale * start_noise, None if m is None else traj[0])
     s = [float(v) for v in code.sigmas]
@@ -146,6 +143,8 @@ def replay_differentiable(denoise: Denoiser, code: LatentCode, start_noise: torc
     for i in range(steps):
         if check is not None:
             check()
+        if states is not None:
+            states.append(x)
         a, b, c = step_coefficients(s[i], s[i + 1], code.eta, code.family)
         d = denoise(x, s[i])
         if not bool(torch.isfinite(d.detach()).all()):

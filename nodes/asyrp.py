@@ -184,9 +184,10 @@ class HShift:
             self.active = False
 
 
-def patched(model):
-    """A clone of ``model`` carrying a fresh HShift patch at its h site; the caller's model is untouched."""
-    rec = model_record(model)
+def patched(model, rec: dict | None = None):
+    """A clone of ``model`` carrying a fresh HShift patch at its h site; the caller's model is untouched.
+    ``rec``: the model's ``model_record`` when the caller already has it."""
+    rec = rec or model_record(model)
     shift = HShift()
     m = model.clone()
     if rec["h_site"] == UNET_SITE:
@@ -303,7 +304,7 @@ class AsyrpTrainDirection(io.ComfyNode):
                                    f"{folder_paths.get_folder_paths('clip_energy')}")
         sigmas = B.schedule(model, "normal", steps, 1.0)
         family = rec["family"]
-        work_model, shift = patched(model)
+        work_model, shift = patched(model, rec)
         if conditioning is not None:
             B.check_conditioning_batch(conditioning, 1, "conditioning")
         cond = _empty_cond(model) if conditioning is None else conditioning
@@ -482,7 +483,7 @@ class AsyrpEdit(io.ComfyNode):
         full = code.tiled(len(strengths))
         per_latent = torch.tensor(strengths, dtype=torch.float32).repeat_interleave(code.batch_size)
         any_edit = any(v != 0.0 for v in strengths) and AS.edited_steps(code.steps, te) > 0
-        work_model, shift = patched(model)
+        work_model, shift = patched(model, rec)
         placeholder = torch.zeros(full.shape)
 
         def work(denoise_fn, x0, callback, _guider):
@@ -556,7 +557,7 @@ class AsyrpEditDDIM(io.ComfyNode):
         sigmas = B.schedule(model, "normal", steps, 1.0)
         n = samples.shape[0]
         per_latent = torch.tensor(strengths, dtype=torch.float32).repeat_interleave(n)
-        work_model, shift = patched(model)
+        work_model, shift = patched(model, rec)
         result = {}
 
         def work(denoise_fn, x0, callback, _guider):
