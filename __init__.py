@@ -11,3 +11,6 @@ async def comfy_entrypoint():
     from .nodes import DPMLatentExtension
 
     return DPMLatentExtension()
+
+# Per-node help pages (web/docs/<NodeId>.md), shown by the frontend's node info panel.
+WEB_DIRECTORY = "./web"

@@ -9,17 +9,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tools"))  # dpmtools (never the repository itself: its nodes/ would shadow ComfyUI's)
 
 
 def setup():
-    import conftest  # puts ComfyUI on sys.path (DPM_LATENT_COMFYUI) and imports the pack
+    """ComfyUI on sys.path (DPM_LATENT_COMFYUI), fp32 on the CPU (CUDA with DPM_LATENT_BENCH_CUDA=1); the pack."""
+    from dpmtools import comfy_env
 
-    if os.environ.get("DPM_LATENT_BENCH_CUDA") == "1":
-        import comfy.cli_args
-
-        comfy.cli_args.args.cpu = False
-    return conftest.import_pack()
+    comfy_env.add_comfy_to_path()
+    comfy_env.set_device(cpu=os.environ.get("DPM_LATENT_BENCH_CUDA") != "1", force_fp32=True)
+    return comfy_env.import_pack()
 
 
 def peak_rss_mb() -> float:

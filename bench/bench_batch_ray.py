@@ -27,12 +27,11 @@ def main() -> None:
     import numpy as np
     from PIL import Image
 
-    import tiny_clip
-    import tiny_models
-    from conftest import load_module
-    from graphs import Graph
-    from comfy_server import ComfyServer
-    import conftest
+    from dpmtools import tiny_clip, tiny_models
+    from dpmtools.comfy_env import comfy_dir, load_module
+    from dpmtools.graphs import Graph
+    from dpmtools.server import TEST_PACK_NAME, ComfyServer
+    from dpmtools.workflow import api_to_ui
 
     br = load_module("dpm_latent_batch_render", REPO / "scripts" / "batch_render.py")
     with tempfile.TemporaryDirectory() as tmp:
@@ -52,11 +51,11 @@ def main() -> None:
                      latent_code=enc.out(0), cfg=1.0)
         dec = g.node("VAEDecode", samples=rep.out(0), vae=ck.out(2))
         g.node("SaveImage", images=dec.out(0), filename_prefix="bench/out")
-        srv = ComfyServer(conftest.comfy_dir(), tmp / "info", model_dirs={"checkpoints": models / "checkpoints"})
+        srv = ComfyServer(comfy_dir(), tmp / "info", model_dirs={"checkpoints": models / "checkpoints"},
+                          pack_name=TEST_PACK_NAME)
         srv.start()
         try:
-            wf = br.workflow_api().api_to_ui(g.prompt(), srv.object_info(),
-                                             titles={img.id: "Input image", enc.id: "DPM Encode"})
+            wf = api_to_ui(g.prompt(), srv.object_info(), titles={img.id: "Input image", enc.id: "DPM Encode"})
         finally:
             srv.stop()
         (tmp / "wf.json").write_text(json.dumps(wf))

@@ -21,9 +21,9 @@ def main(steps: int = 12, size: int = 24, batch: int = 1, repeats: int = 3) -> N
     import comfy.sample
     import comfy.samplers
     import comfy.sd
-    import tiny_models
+    from dpmtools import tiny_models
 
-    cyc = importlib.import_module("dpm_latent.nodes.cycle")
+    cyc = importlib.import_module("dpm_latent.nodes.latent_codes")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         path = tiny_models.make_sd15_checkpoint(f"{tmp}/sd15.safetensors")

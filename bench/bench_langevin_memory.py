@@ -29,15 +29,17 @@ def one(chain: int, size: int, checkpoint: bool, tmp: str) -> dict:
     import comfy.sd
     import folder_paths
 
-    gn = importlib.import_module("dpm_latent.nodes.guidance_nodes")
+    gn = importlib.import_module("dpm_latent.nodes.clip_guidance")
+    lc = importlib.import_module("dpm_latent.nodes.latent_codes")
+    lr = importlib.import_module("dpm_latent.nodes.bridge.langevin_run")
     folder_paths.folder_names_and_paths["clip_energy"][0].append(f"{tmp}/clip_energy")
     with torch.inference_mode():
         model, _, vae, _ = comfy.sd.load_checkpoint_guess_config(f"{tmp}/sd15.safetensors", output_vae=True,
                                                                  output_clip=False)
         cond = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1)), {}]]
         energy = gn.CLIPEnergy.execute("tiny", "a red square", 500.0, 4, True, True, True, True).result[0]
-        code = gn.RandomLatentCode.execute(model, size * 8, size * 8, 1, 0, chain, "normal", 0.1).result[0]
-        gn.run_langevin(model, cond, cond, 1.0, vae, energy, code, 1, 0.05, 0, "all components", checkpoint)
+        code = lc.RandomLatentCode.execute(model, size * 8, size * 8, 1, 0, chain, "normal", 0.1).result[0]
+        lr.run_langevin(model, cond, cond, 1.0, vae, energy, code, 1, 0.05, 0, "all components", checkpoint)
         cuda = torch.cuda.is_available() and comfy.model_management.get_torch_device().type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -46,7 +48,7 @@ def one(chain: int, size: int, checkpoint: bool, tmp: str) -> dict:
             base = rss_mb()
         steps = 3
         t = time.perf_counter()
-        gn.run_langevin(model, cond, cond, 1.0, vae, energy, code, steps, 0.05, 0, "all components", checkpoint)
+        lr.run_langevin(model, cond, cond, 1.0, vae, energy, code, steps, 0.05, 0, "all components", checkpoint)
         dt = (time.perf_counter() - t) / steps
         peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else peak_rss_mb()
     return {"chain": chain, "peak_mb": peak - base, "s_per_step": dt, "device": "cuda" if cuda else "cpu"}
@@ -61,8 +63,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         setup()
-        import tiny_clip
-        import tiny_models
+        from dpmtools import tiny_clip, tiny_models
 
         tiny_models.make_sd15_checkpoint(f"{tmp}/sd15.safetensors")
         tiny_clip.make_tiny_clip_folder(f"{tmp}/clip_energy/tiny")

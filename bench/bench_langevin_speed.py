@@ -37,9 +37,11 @@ def one(mode: str, chain: int, size: int, tmp: str) -> dict:
     import comfy.sd
     import folder_paths
 
-    gn = importlib.import_module("dpm_latent.nodes.guidance_nodes")
-    cyc = importlib.import_module("dpm_latent.nodes.cycle")
-    B = importlib.import_module("dpm_latent.nodes._bridge")
+    gn = importlib.import_module("dpm_latent.nodes.clip_guidance")
+    lc = importlib.import_module("dpm_latent.nodes.latent_codes")
+    lr = importlib.import_module("dpm_latent.nodes.bridge.langevin_run")
+    cyc = importlib.import_module("dpm_latent.nodes.latent_codes")
+    B = importlib.import_module("dpm_latent.nodes.bridge.sampling")
     L = importlib.import_module("dpm_latent.guidance.langevin")
     folder_paths.folder_names_and_paths["clip_energy"][0].append(f"{tmp}/clip_energy")
     cuda = torch.cuda.is_available() and comfy.model_management.get_torch_device().type == "cuda"
@@ -54,17 +56,17 @@ def one(mode: str, chain: int, size: int, tmp: str) -> dict:
                                                                  output_clip=False)
         cond = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1)), {}]]
         energy = gn.CLIPEnergy.execute("tiny", "a red square", 500.0, 4, True, True, True, True).result[0]
-        code = gn.RandomLatentCode.execute(model, size * 8, size * 8, 1, 0, chain, "normal", 0.1).result[0]
+        code = lc.RandomLatentCode.execute(model, size * 8, size * 8, 1, 0, chain, "normal", 0.1).result[0]
 
         def replay_once():
             cyc.ReplayLatentWithPrompt.execute(model, cond, cond, code, 1.0)
 
         def node_steps(n: int, checkpoint: bool):
-            gn.run_langevin(model, cond, cond, 1.0, vae, energy, code, n, 0.05, 0, "all components", checkpoint)
+            lr.run_langevin(model, cond, cond, 1.0, vae, energy, code, n, 0.05, 0, "all components", checkpoint)
 
         def chain_steps(n: int, checkpoint: bool):
             def work(denoise, x0, _cb, guider):
-                from dpm_latent.nodes._autograd import gradients_through
+                from dpm_latent.nodes.bridge.autograd import gradients_through
 
                 with gradients_through(guider.inner_model):
                     c = code.to(device=x0.device, dtype=torch.float32).clone()  # not inference tensors
@@ -119,8 +121,7 @@ def main() -> None:
     size = int(args[1]) if len(args) > 1 else 16
     with tempfile.TemporaryDirectory() as tmp:
         setup()
-        import tiny_clip
-        import tiny_models
+        from dpmtools import tiny_clip, tiny_models
 
         tiny_models.make_sd15_checkpoint(f"{tmp}/sd15.safetensors")
         tiny_clip.make_tiny_clip_folder(f"{tmp}/clip_energy/tiny")

@@ -24,11 +24,11 @@ def main() -> None:
     import torch
 
     import comfy.sd
-    import tiny_models
+    from dpmtools import tiny_models
 
     sw = importlib.import_module("dpm_latent.samplers.sweep")
-    nodes = importlib.import_module("dpm_latent.nodes.sweep")
-    cyc = importlib.import_module("dpm_latent.nodes.cycle")
+    nodes = importlib.import_module("dpm_latent.nodes.best_of_n")
+    cyc = importlib.import_module("dpm_latent.nodes.latent_codes")
 
     c = sw.count_evaluations(sw.paper_sweep(), 100)
     print("CycleDiffusion best-of-N protocol: 15 seeds x 6 denoise x 6 cfg, 100-step chain")
@@ -58,7 +58,7 @@ def main() -> None:
             for s, d, k in zip(seeds, denoise, steps):
                 if mode == "shared":
                     code = cyc.DPMEncode.execute(m, cond, cond, lat, s, k, "normal", d, 0.1, 1.0).result[0]
-                    cyc.ReplayLatentWithPrompt.execute(m, pos, cond, code, 1.0, cfg_text)
+                    cyc.ReplayLatentWithPrompt.execute(m, pos, cond, code, 1.0, cfg_values=cfg_text)
                 else:
                     for cfg in sw.parse_floats(cfg_text, "cfg", 0, 100):
                         code = cyc.DPMEncode.execute(m, cond, cond, lat, s, k, "normal", d, 0.1, 1.0).result[0]

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -54,10 +53,11 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-if str(REPO) not in sys.path:
-    sys.path.append(str(REPO))  # last: the repository's nodes/ must not shadow ComfyUI's `nodes`
+sys.path.insert(0, str(REPO / "tools"))  # dpmtools (never the repository itself: its nodes/ would shadow ComfyUI's)
 
-from demo import world as W  # noqa: E402
+from dpmtools.comfy_env import load_module  # noqa: E402
+
+W = load_module("dpm_latent_demo_world", HERE / "world.py")
 
 MODELS = HERE / "models"
 CKPT_DIR = MODELS / "checkpoints"
@@ -79,15 +79,13 @@ def log(*a):
 
 
 def setup_comfy(path: str | None):
-    cdir = path or os.environ.get("DPM_LATENT_COMFYUI") or os.environ.get("COMFYUI_PATH")
-    if not cdir:
-        raise SystemExit("give the ComfyUI folder with --comfyui or DPM_LATENT_COMFYUI")
-    if cdir not in sys.path:
-        sys.path.insert(0, cdir)
-    import comfy.options  # noqa: F401
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True
-    comfy.cli_args.args.force_fp32 = True
+    """ComfyUI (``--comfyui`` or DPM_LATENT_COMFYUI) importable here, on the CPU in fp32."""
+    from dpmtools import comfy_env
+    try:
+        comfy_env.add_comfy_to_path(path)
+    except RuntimeError as e:
+        raise SystemExit(f"give the ComfyUI folder with --comfyui ({e})") from None
+    comfy_env.set_device(cpu=True, force_fp32=True)
     import comfy.model_management  # noqa: F401
 
 
@@ -757,24 +755,23 @@ ASYRP_RUNS = {
              "domain": "B", "shape": "square", "steps": 20, "t_edit": 0.2, "iterations": 2,
              "learning_rate": 0.05, "l1_weight": 3.0, "n_train": 16},
 }
-ASYRP_SUFFIX = ".asyrp.safetensors"
+ASYRP_SUFFIX = ".asyrp.safetensors"  # samplers/asyrp_format.py SUFFIX
 
 
 def _pack(comfyui=None):
-    """The pack imported as ComfyUI imports it (tests/conftest.py), plus the demo's model folders."""
-    if comfyui:
-        os.environ["DPM_LATENT_COMFYUI"] = comfyui
-    tests = str(REPO / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
+    """The pack imported as ComfyUI imports it (dpmtools.comfy_env), on the CPU in fp32, plus the demo's
+    model folders."""
+    setup_comfy(comfyui)
     import importlib
 
-    import conftest
-    conftest.import_pack()
+    from dpmtools import comfy_env
+    comfy_env.import_pack()
     import folder_paths
     folder_paths.add_model_folder_path("clip_energy", str(MODELS / "clip_energy"))
     folder_paths.add_model_folder_path("diffusers", str(DDPM_DIR))
-    return {k: importlib.import_module(f"dpm_latent.nodes.{k}") for k in ("asyrp", "cycle", "diffusers_ddpm")}
+    mods = {k: importlib.import_module(f"dpm_latent.nodes.{k}") for k in ("asyrp", "latent_codes", "diffusers_ddpm")}
+    mods["asyrp_format"] = importlib.import_module("dpm_latent.samplers.asyrp_format")
+    return mods
 
 
 def asyrp_model(run, nodes):
@@ -805,23 +802,23 @@ def channel_permuted(direction, seed):
 ASYRP_CONTROLS = 3   # random directions per trained one (permutation seeds seed, seed + 1, ...)
 
 
-def write_asyrp_controls(which, AN, direction=None, seed=None):
+def write_asyrp_controls(which, FMT, direction=None, seed=None):
     """The random controls of a trained direction, ``<file>_random<k>.asyrp.safetensors``; from the saved
     direction and the seed its part recorded when they are not given (``--parts asyrp_controls``)."""
     run = ASYRP_RUNS[which]
     if direction is None:
-        direction = AN.load_direction(ASYRP_DIR / (run["file"] + ASYRP_SUFFIX))
+        direction = FMT.load_direction(ASYRP_DIR / (run["file"] + ASYRP_SUFFIX))
         seed = json.loads((WORK_DIR / f"part_asyrp_{which}.json").read_text())["seed"]
     for old in ASYRP_DIR.glob(run["file"] + "_random*" + ASYRP_SUFFIX):
         old.unlink()
     for k in range(ASYRP_CONTROLS):
-        AN.save_direction(channel_permuted(direction, seed + k), ASYRP_DIR / f"{run['file']}_random{k}{ASYRP_SUFFIX}")
+        FMT.save_direction(channel_permuted(direction, seed + k), ASYRP_DIR / f"{run['file']}_random{k}{ASYRP_SUFFIX}")
 
 
 def asyrp_part(which, args, common):
     run = ASYRP_RUNS[which]
     nodes = _pack(args.comfyui)
-    AN, CY = nodes["asyrp"], nodes["cycle"]
+    AN, CY, FMT = nodes["asyrp"], nodes["latent_codes"], nodes["asyrp_format"]
     t0 = time.time()
     model, vae, resize = asyrp_model(run, nodes)
     seed = args.seed + {"ddpm": 700, "flow": 800}[which]
@@ -838,8 +835,8 @@ def asyrp_part(which, args, common):
         validation_latents=val).result
     wall = time.time() - t0
     ASYRP_DIR.mkdir(parents=True, exist_ok=True)
-    AN.save_direction(direction, ASYRP_DIR / (run["file"] + ASYRP_SUFFIX))
-    write_asyrp_controls(which, AN, direction, seed)
+    FMT.save_direction(direction, ASYRP_DIR / (run["file"] + ASYRP_SUFFIX))
+    write_asyrp_controls(which, FMT, direction, seed)
     m = direction.meta
     info = {**{k: v for k, v in run.items()}, "seed": seed, "source_text": src, "target_text": trg,
             "h_site": m["h_site"], "h_shape": m["h_shape"], "held_out_images": 16,
@@ -989,7 +986,7 @@ def main(argv=None):
     if "asyrp_controls" in parts:   # rewrite the random controls of the shipped directions, no training
         nodes = _pack(args.comfyui)
         for which in ASYRP_RUNS:
-            write_asyrp_controls(which, nodes["asyrp"])
+            write_asyrp_controls(which, nodes["asyrp_format"])
     if "clip" in parts:
         info = train_clip(args.clip_steps, args.seed + 400, pool_n=1000 if args.quick else 4000)
         info.update(common)

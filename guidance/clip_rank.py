@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from .clip_energy import ClipBundle
 
 METRICS = ("CLIP score", "directional CLIP")
+# rank every candidate together, or (candidates = batches of B images swept together) per batch index
+GROUPS = ("all images", "each batch index")
 
 
 @torch.no_grad()
@@ -56,6 +58,35 @@ def rank(scores: torch.Tensor, top_k: Optional[int] = None) -> list[int]:
     """Indices best first (ties keep the input order)."""
     order = sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), i))
     return order if top_k is None else order[:top_k]
+
+
+def batch_groups(sizes: Sequence[int], rank_within: str) -> list[list[int]]:
+    """The groups of candidate indices ranked separately. ``sizes``: the batch size of each input
+    batch, in order (candidate i is image i of their concatenation)."""
+    n = sum(sizes)
+    if rank_within == GROUPS[0]:
+        return [list(range(n))]
+    if rank_within != GROUPS[1]:
+        raise ValueError(f"must be one of {GROUPS}, got {rank_within!r}")
+    if len(set(sizes)) != 1:
+        raise ValueError(f"'each batch index' needs batches of one size, got {list(sizes)}")
+    bsz = sizes[0]
+    return [list(range(b, n, bsz)) for b in range(bsz)]
+
+
+def rank_groups(scores: torch.Tensor, groups: Sequence[Sequence[int]], names: Sequence[str],
+                top_k: int) -> tuple[dict, list[int], list[int], list[str]]:
+    """Rank each group by score. Returns (rank of every candidate within its group, the top_k of
+    each group in group order, the best of each group, one text line per candidate best first)."""
+    pos, best, bests, lines = {}, [], [], []
+    for gi, members in enumerate(groups):
+        order = [members[j] for j in rank(scores[list(members)])]
+        pos.update({i: r for r, i in enumerate(order)})
+        best.extend(order[:min(int(top_k), len(order))])
+        bests.append(order[0])
+        head = f"batch index {gi}: " if len(groups) > 1 else ""
+        lines += [f"{head}#{r + 1}  {float(scores[i]):.6f}  [{i}] {names[i]}" for r, i in enumerate(order)]
+    return pos, best, bests, lines
 
 
 def contact_sheet(images: torch.Tensor, captions: Sequence[str], columns: Optional[int] = None,

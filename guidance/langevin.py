@@ -43,11 +43,11 @@ from typing import Callable, Optional
 import torch
 
 from ..samplers.dpm_encoder import LatentCode, blend, step_coefficients
+from ..samplers.types import Denoiser
 from .clip_energy import energy_value_and_grad
 
 UPDATE_MODES = ("all", "start")
 
-Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
 Decoder = Callable[[torch.Tensor], torch.Tensor]
 Energy = Callable[[torch.Tensor, Optional[torch.Generator]], torch.Tensor]
 

@@ -1,15 +1,18 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""ComfyUI adapters (V3 schema). One file per node family; the math lives in ../samplers and ../guidance."""
+"""ComfyUI nodes (V3 schema): node classes only, one file per node family.
+
+A node file imports ``bridge`` (the ComfyUI glue), ``guidance`` and ``samplers``, never another node
+file; the math lives in ../samplers and ../guidance."""
 from comfy_api.latest import ComfyExtension, io
 
 from .asyrp import (AsyrpEdit, AsyrpEditDDIM, AsyrpTrainDirection, CombineAsyrpDirections, LoadAsyrpDirection,
                     SaveAsyrpDirection)
 from .asyrp_interval import AsyrpInterval
-from .code_files import LoadLatentCode, SaveLatentCode
-from .cycle import DPMEncode, EmptyConditioning, ReplayLatentWithPrompt
+from .best_of_n import DPMSweep, RankByCLIP
+from .clip_guidance import CLIPEnergy, CombineEnergies, LangevinLatentSampler
 from .diffusers_ddpm import LoadDiffusersDDPM
-from .guidance_nodes import CLIPEnergy, CombineEnergies, LangevinLatentSampler, RandomLatentCode
-from .sweep import DPMSweep, RankByCLIP
+from .latent_codes import (DPMEncode, EmptyConditioning, LoadLatentCode, RandomLatentCode, ReplayLatentWithPrompt,
+                           SaveLatentCode)
 
 
 class DPMLatentExtension(ComfyExtension):

@@ -54,8 +54,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .dpm_encoder import CodeError, LatentCode, alpha, blend, check_family, replay_step, step_coefficients
+from .types import Denoiser
 
-Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
 KINDS = ("implicit function", "global direction")
 
 

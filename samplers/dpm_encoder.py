@@ -89,15 +89,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
+from .types import Denoiser, StepCallback  # noqa: F401  (re-exported)
+
 FAMILIES = ("ve", "flow")
 
-Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
-# callback(step_index, denoised, x, total_steps)
-StepCallback = Callable[[int, torch.Tensor, torch.Tensor, int], None]
 
 
 class CodeError(ValueError):

@@ -18,7 +18,9 @@
   error and the run goes on.
 * Servers: by default the embedded host (scripts/comfy_host.py build) with this pack, on the CPU
   unless CUDA is there; ``--comfyui PATH`` (or $COMFYUI_PATH) starts that ComfyUI instead;
-  ``--server URL`` uses a running one.
+  ``--server URL`` uses a running one. A server this script starts is dpmtools.server's ComfyServer
+  (tools/dpmtools/server.py), which loads this checkout as the pack ``dpm-latent-batch`` and no
+  other custom node.
 * ``--ray [ADDRESS]``: one Ray actor per GPU (``num_gpus=1``; CPU actors where there is no GPU), each
   starting its own ComfyUI (or, with ``--server``, reusing that one). Without an ADDRESS a local Ray
   cluster is started on this machine (``ray.init()``), ``auto`` joins the running cluster. A row whose
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import mimetypes
 import os
@@ -44,25 +45,15 @@ import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))  # dpmtools (never the repository itself: its nodes/ would shadow ComfyUI's)
+import dpmtools  # noqa: E402
+from dpmtools import host as comfy_host  # noqa: E402
+from dpmtools import workflow as workflow_api  # noqa: E402
+from dpmtools.server import ComfyServer  # noqa: E402
+
 MANIFEST = "manifest.jsonl"
-
-
-def _load(name: str, path: Path):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def workflow_api():
-    return _load("dpm_latent_workflow_api", REPO / "scripts" / "workflow_api.py")
-
-
-def comfy_server():
-    return _load("dpm_latent_comfy_server", REPO / "tests" / "comfy_server.py")
+# The name this checkout is linked under in the servers this script starts (see dpmtools.server).
+PACK_NAME = "dpm-latent-batch"
 
 
 class RowError(Exception):
@@ -84,10 +75,7 @@ def read_table(path: Path) -> list[dict]:
 
 
 def load_workflow(path: Path, object_info: dict) -> dict:
-    wf = json.loads(Path(path).read_text())
-    if "nodes" not in wf:  # already API format
-        return wf
-    return workflow_api().ui_to_api(wf, object_info)
+    return workflow_api.load_prompt(path, object_info)  # a UI workflow is converted, an API prompt kept
 
 
 def node_index(prompt: dict) -> dict[str, list[str]]:
@@ -108,9 +96,8 @@ def _input_spec(object_info: dict, class_type: str, name: str):
 
 
 def _convert(value: str, spec, column: str):
-    wa = workflow_api()
-    typ = wa._spec_type(spec)
-    opts = wa._spec_options(spec)
+    typ = workflow_api._spec_type(spec)
+    opts = workflow_api._spec_options(spec)
     try:
         if typ == "INT":
             v = int(float(value)) if value.strip().lower().endswith(".0") else int(value)
@@ -133,7 +120,7 @@ def _convert(value: str, spec, column: str):
 
 
 def is_upload(spec) -> bool:
-    opts = workflow_api()._spec_options(spec)
+    opts = workflow_api._spec_options(spec)
     return any(opts.get(f) for f in ("image_upload", "video_upload", "audio_upload"))
 
 
@@ -369,15 +356,14 @@ def host_comfy(comfyui: str | None) -> tuple[Path, str]:
     path = comfyui or os.environ.get("COMFYUI_PATH")
     if path:
         return Path(path), sys.executable
-    host = _load("dpm_latent_comfy_host", REPO / "scripts" / "comfy_host.py")
-    comfy, python = host.build()
+    comfy, python = comfy_host.build()
     return comfy, str(python)
 
 
 def start_server(comfy: Path, python: str, workdir: Path, models: str | None, cpu: bool | None = None,
                  threads: int | None = None):
-    """A ComfyUI server with this pack, in its own work folder; returns the ComfyServer."""
-    cs = comfy_server()
+    """A ComfyUI server with this pack (the product's render server), in its own work folder; returns the
+    started dpmtools.server.ComfyServer."""
     model_dirs = {}
     if models:
         for sub in Path(models).iterdir():
@@ -389,7 +375,7 @@ def start_server(comfy: Path, python: str, workdir: Path, models: str | None, cp
         # CPU servers sharing a machine: torch's thread pools fighting each other cost far more
         # than they give (measured up to 20x slower in the tests), so split the cores between them
         os.environ["OMP_NUM_THREADS"] = str(threads)
-    srv = cs.ComfyServer(comfy, workdir, python=python, model_dirs=model_dirs, cpu=cpu)
+    srv = ComfyServer(comfy, workdir, python=python, model_dirs=model_dirs, cpu=cpu, pack_name=PACK_NAME)
     return srv.start()
 
 
@@ -483,9 +469,11 @@ def run_ray(args, rows: dict[int, dict], out: Output, table_dir: Path) -> None:
     import ray
     from ray import cloudpickle
 
-    # the actors run this file's Worker: ship the module by value (it is loaded by path, not importable)
+    # the actors run this file's Worker and the dpmtools it calls: ship both by value (neither is importable
+    # in an actor, whose sys.path has this script's folder and the working directory, not tools/)
     if Worker.__module__ != "__main__":
         cloudpickle.register_pickle_by_value(sys.modules[Worker.__module__])
+    cloudpickle.register_pickle_by_value(dpmtools)
     if args.ray in ("", "local"):
         ray.init(num_cpus=args.ray_cpus, include_dashboard=False,
                  object_store_memory=args.object_store_mb * 1024 ** 2 if args.object_store_mb else None,
@@ -569,8 +557,7 @@ def _reexec_in_host(argv) -> None:
     host's Python too (it has Pillow, tqdm and Ray), building the host if needed."""
     if os.environ.get("DPM_LATENT_BATCH_IN_HOST") == "1":
         return
-    host = _load("dpm_latent_comfy_host", REPO / "scripts" / "comfy_host.py")
-    _comfy, python = host.build()
+    _comfy, python = comfy_host.build()
     if Path(sys.prefix).resolve() == Path(python).parent.parent.resolve():  # already the host's venv
         return
     env = dict(os.environ, DPM_LATENT_BATCH_IN_HOST="1")

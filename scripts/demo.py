@@ -2,13 +2,16 @@
 """The main job: the embedded demo world, run through a real ComfyUI server.
 
     python3 scripts/comfy_host.py demo [--n 64] [--out demo_output]
-    python3 scripts/comfy_host.py demo --write-workflows     (regenerate workflows/demo_*.json)
 
 It installs the demo models (demo/models/, trained by demo/train.py) into the host's model
 folders, starts the host's ComfyUI with this pack, runs the shipped demo workflows
-(workflows/demo_*.json, converted to API form against the live /object_info) on images of the
-world, measures what the paper claims with the world's attribute readers, and writes
+(workflows/demo_*.json and *_demo.json, converted to API form against the live /object_info) on
+images of the world, measures what the paper claims with the world's attribute readers, and writes
 ``<out>/demo_grid.png`` and ``<out>/metrics.json`` / ``metrics.md``.
+
+The workflow files are the source of every graph it runs: it sets each run's inputs (images, batch
+sizes, seeds, Langevin iterations, the texts it measures) and adds to the converted prompt only the
+branches a measurement needs that the workflow does not carry (baselines, random controls).
 """
 from __future__ import annotations
 
@@ -20,14 +23,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-# Never put the repository itself on sys.path: its nodes/ folder would shadow ComfyUI's `nodes`.
+sys.path.insert(0, str(REPO / "tools"))  # dpmtools (never the repository itself: its nodes/ would shadow ComfyUI's)
+from dpmtools.comfy_env import load_module  # noqa: E402
+from dpmtools.graphs import Graph  # noqa: E402
+from dpmtools.workflow import find_node, load_prompt, set_inputs  # noqa: E402
 
 
 def world():
     """demo/world.py, loaded by path (see above)."""
-    from conftest import load_module
-
     return load_module("dpm_latent_demo_world", REPO / "demo" / "world.py")
 
 MODELS = REPO / "demo" / "models"
@@ -36,22 +39,10 @@ CKPT_B = "dpm_world_squares.safetensors"
 CLIP_NAME = "dpm_world_clip"
 WORKFLOWS = REPO / "workflows"
 
-# Settings of the demo (also the shipped workflows' widget values).
-STEPS = 20
-DENOISE = 0.7
-ETA = 0.1
+# The demo's settings (steps, denoise, eta, CLIP weight, Langevin step size, ...) are the shipped workflows'
+# widget values, and their Note nodes say why (e.g. CLIP weight 100 with step 0.001 for the tiny world's
+# generator). The demo sets only what a run changes, and the texts whose colour it measures.
 LANGEVIN_STEPS = 60
-CHAIN_STEPS = 10
-# The tiny world generator is far rougher in z than a large model: the paper's step 0.05 with
-# lambda 500 jumps out of the region where the gradient holds (measured: the energy goes *up*).
-# lambda 100 with step 0.001 moves about 0.05 in |z| per step, where it does hold.
-CLIP_WEIGHT = 100.0
-STEP_SIZE = 0.001
-# Editing an encoded image: only the start latent is sampled (its prior is centred on the image;
-# the stored step noises keep pulling the chain to it), so it needs a stronger pull.
-EDIT_DENOISE = 0.8
-EDIT_WEIGHT = 300.0
-EDIT_STEP_SIZE = 0.004
 TARGET_COLOUR = "red"
 EDIT_COLOUR = "blue"
 # Masked translation: the mask is the shape's box grown by this many pixels on each side. One latent
@@ -60,6 +51,13 @@ EDIT_COLOUR = "blue"
 MASK_MARGIN = 8
 MASKED_WORKFLOW = "cyclediffusion_masked_edit_demo.json"
 MASKED_WORKFLOW_SD15 = "cyclediffusion_masked_edit_sd15.json"
+DEMO_WORKFLOWS = {"translate": "demo_translate.json", "clip_generation": "demo_clip_generation.json",
+                  "clip_editing": "demo_clip_editing.json"}
+PIXEL_DDPM_A = "dpm_world_ddpm_circles"      # demo/models/diffusers/, trained by demo/train.py --parts ddpm
+PIXEL_DDPM_B = "dpm_world_ddpm_squares"
+PIXEL_SIZE = 32
+PIXEL_WORKFLOW = "cyclediffusion_translate_pixel_ddpm.json"
+BEST_OF_N_WORKFLOW = "cyclediffusion_best_of_n_demo.json"
 
 
 def rate_with_interval(k: int, n: int, z: float = 1.959963984540054) -> dict:
@@ -88,301 +86,58 @@ def fmt_rate(iv: dict) -> str:
     return f"{iv['rate']:.2f} [{iv['low']:.2f}, {iv['high']:.2f}]"
 
 
-# ----------------------------------------------------------------------------- graphs
-def graph_translate(input_image="dpm_world_circles.png"):
-    from graphs import Graph, two_checkpoints_and_image
-
-    g = Graph()
-    ck_a, ck_b, img, e_a, e_b, lat = two_checkpoints_and_image(g, CKPT_A, CKPT_B, input_image)
-    enc = g.node("DPMEncode", model=ck_a.out(0), positive=e_a.out(0), negative=e_a.out(0), latent_image=lat.out(0),
-                 seed=0, steps=STEPS, scheduler="simple", denoise=DENOISE, eta=ETA, cfg=1.0)
-    rec = g.node("ReplayLatentWithPrompt", model=ck_a.out(0), positive=e_a.out(0), negative=e_a.out(0),
-                 latent_code=enc.out(0), cfg=1.0)
-    tr = g.node("ReplayLatentWithPrompt", model=ck_b.out(0), positive=e_b.out(0), negative=e_b.out(0),
-                latent_code=enc.out(0), cfg=1.0)
-    sde = g.node("KSampler", model=ck_b.out(0), positive=e_b.out(0), negative=e_b.out(0), latent_image=lat.out(0),
-                 seed=0, steps=STEPS, cfg=1.0, sampler_name="euler_ancestral", scheduler="simple", denoise=DENOISE)
-    saves = {}
-    for key, latent, vae in (("reconstruction", rec, ck_a), ("translation", tr, ck_b), ("sdedit_baseline", sde, ck_b),
-                             ("vae_roundtrip", lat, ck_a)):
-        dec = g.node("VAEDecode", samples=latent.out(0), vae=vae.out(2))
-        saves[key] = g.node("SaveImage", images=dec.out(0), filename_prefix=f"dpm_demo/{key}").id
-    titles = {ck_a.id: "Model A: circles", ck_b.id: "Model B: squares", enc.id: "DPM Encode with A",
-              rec.id: "Replay with A (reconstruction)", tr.id: "Replay with B (translation)",
-              sde.id: "Baseline: SDEdit with B (same strength)"}
-    return g, saves, titles
+# ----------------------------------------------------------------------------- the shipped workflows
+def shipped(server, name: str, values: dict | None = None):
+    """workflows/<name> as an API prompt (converted against the live server's object_info) with ``values``
+    set: {node title, class_type or '#<id>': {input: value}} (dpmtools.workflow.set_inputs). Returns a
+    Graph over the prompt (for adding branches) and {Save Image filename_prefix: node id}."""
+    prompt = set_inputs(load_prompt(WORKFLOWS / name, server.object_info()), values or {})
+    return Graph.from_prompt(prompt), save_nodes(prompt)
 
 
-PIXEL_DDPM_A = "dpm_world_ddpm_circles"      # demo/models/diffusers/, trained by demo/train.py --parts ddpm
-PIXEL_DDPM_B = "dpm_world_ddpm_squares"
-PIXEL_SIZE = 32
-PIXEL_WORKFLOW = "cyclediffusion_translate_pixel_ddpm"
+def save_nodes(prompt: dict) -> dict:
+    """{filename_prefix: node id} of the prompt's Save Image nodes."""
+    return {n["inputs"]["filename_prefix"]: nid for nid, n in prompt.items() if n["class_type"] == "SaveImage"}
 
 
-def graph_translate_pixel_ddpm(input_image="dpm_world_circles.png", baselines=False, steps=STEPS, denoise=DENOISE):
-    """Two pixel-space DDPMs (diffusers): encode with A (circles), replay with B (squares).
-
-    ``baselines``: also the reconstruction (replay with A), SDEdit with B at the same strength
-    and the pixel VAE round trip (the demo row); the shipped workflow is the plain translation."""
-    from graphs import Graph
-
-    g = Graph()
-    m_a = g.node("LoadDiffusersDDPM", model_name=PIXEL_DDPM_A, clip_sample="scheduler config")
-    m_b = g.node("LoadDiffusersDDPM", model_name=PIXEL_DDPM_B, clip_sample="scheduler config")
-    img = g.node("LoadImage", image=input_image)
-    small = g.node("ImageScale", image=img.out(0), upscale_method="area", width=PIXEL_SIZE, height=PIXEL_SIZE,
-                   crop="disabled")
-    e_a = g.node("EmptyConditioning", model=m_a.out(0), tokens=1)
-    e_b = g.node("EmptyConditioning", model=m_b.out(0), tokens=1)
-    lat = g.node("VAEEncode", pixels=small.out(0), vae=m_a.out(1))
-    enc = g.node("DPMEncode", model=m_a.out(0), positive=e_a.out(0), negative=e_a.out(0), latent_image=lat.out(0),
-                 seed=0, steps=steps, scheduler="normal", denoise=denoise, eta=ETA, cfg=1.0)
-    tr = g.node("ReplayLatentWithPrompt", model=m_b.out(0), positive=e_b.out(0), negative=e_b.out(0),
-                latent_code=enc.out(0), cfg=1.0)
-    outs = [("translation", tr, m_b)]
-    titles = {m_a.id: "Pixel DDPM A: circles (diffusers)", m_b.id: "Pixel DDPM B: squares (diffusers)",
-              small.id: "To the DDPMs' 32 x 32", enc.id: "DPM Encode with A", tr.id: "Replay with B (translation)"}
-    if baselines:
-        rec = g.node("ReplayLatentWithPrompt", model=m_a.out(0), positive=e_a.out(0), negative=e_a.out(0),
-                     latent_code=enc.out(0), cfg=1.0)
-        sde = g.node("KSampler", model=m_b.out(0), positive=e_b.out(0), negative=e_b.out(0),
-                     latent_image=lat.out(0), seed=0, steps=steps, cfg=1.0, sampler_name="euler_ancestral",
-                     scheduler="normal", denoise=denoise)
-        outs += [("reconstruction", rec, m_a), ("sdedit_baseline", sde, m_b), ("vae_roundtrip", lat, m_a)]
-    saves = {}
-    for key, latent, vae in outs:
-        dec = g.node("VAEDecode", samples=latent.out(0), vae=vae.out(1))
-        saves[key] = g.node("SaveImage", images=dec.out(0), filename_prefix=f"dpm_pixel_ddpm/{key}").id
-    return g, saves, titles
+def run_prompt(server, prompt: dict) -> tuple[dict, float]:
+    """Run an API prompt; its history entry and the seconds it took."""
+    t = time.perf_counter()
+    entry = server.run(prompt, timeout=3600)
+    return entry, time.perf_counter() - t
 
 
-PIXEL_NOTE = (
-    "CycleDiffusion's own setting: unpaired image-to-image translation between two pixel-space DDPMs trained "
-    "independently (here: diffusers UNet2DModels trained on the demo world, A on circles, B on squares, 32 x 32).\n\n"
-    "Load Diffusers DDPM reads a diffusers folder from models/diffusers/ (unet/ + scheduler/, or a flat "
-    "config.json + diffusion_pytorch_model.safetensors + scheduler_config.json) and gives a MODEL and the pixel "
-    "VAE. The image is resized to the DDPMs' size, encoded by DPM Encode with A into the full random code of its "
-    "stochastic sampler, and that code is replayed by B: colour and position stay, the shape becomes B's.\n\n"
-    "The DDPMs are unconditional: Empty Conditioning and cfg 1. Change: denoise (strength of the change), "
-    "steps, seed; use your own google/ddpm-* style folders for A and B (same resolution).")
+def read_saved(server, entry, saves: dict, prefix: str) -> dict:
+    """{name: images} of every Save Image whose filename_prefix is ``prefix`` + name."""
+    return {k[len(prefix):]: read_outputs(server, entry, nid) for k, nid in saves.items() if k.startswith(prefix)}
 
 
-def graph_clip_generation(batch=1, seed=0, colour=TARGET_COLOUR, langevin_steps=LANGEVIN_STEPS):
-    from graphs import Graph
-
-    g = Graph()
-    ck = g.node("CheckpointLoaderSimple", ckpt_name=CKPT_B)
-    e = g.node("EmptyConditioning", model=ck.out(0), tokens=1)
-    code = g.node("RandomLatentCode", model=ck.out(0), width=64, height=64, batch_size=batch, seed=seed,
-                  steps=CHAIN_STEPS, scheduler="simple", eta=ETA)
-    energy = g.node("CLIPEnergy", clip_name=CLIP_NAME, text=f"a {colour} square", weight=CLIP_WEIGHT,
-                    augmentations=8, color=False, translation=True, resize=True, cutout=False)
-    lv = g.node("LangevinLatentSampler", model=ck.out(0), positive=e.out(0), negative=e.out(0), cfg=1.0,
-                vae=ck.out(2), energy=energy.out(0), latent_code=code.out(0), steps=langevin_steps, step_size=STEP_SIZE,
-                seed=seed, update="all components")
-    free = g.node("ReplayLatentWithPrompt", model=ck.out(0), positive=e.out(0), negative=e.out(0),
-                  latent_code=code.out(0), cfg=1.0)
-    saves = {}
-    for key, src in (("clip_guided", lv), ("unguided", free)):
-        dec = g.node("VAEDecode", samples=src.out(1 if src is lv else 0), vae=ck.out(2))
-        saves[key] = g.node("SaveImage", images=dec.out(0), filename_prefix=f"dpm_demo/{key}").id
-    saves["energy_plot"] = g.node("SaveImage", images=lv.out(2), filename_prefix="dpm_demo/energy_plot").id
-    titles = {code.id: "Random Latent Code (prior)", lv.id: "Langevin: CLIP-guided", free.id: "Unguided replay"}
-    return g, saves, titles
+def node_inputs(prompt: dict, key: str) -> dict:
+    """The inputs of the one node of ``prompt`` that ``key`` names (title, class_type or '#<id>')."""
+    return prompt[find_node(prompt, key)]["inputs"]
 
 
-def graph_clip_editing(input_image="dpm_world_squares.png", seed=0, colour=EDIT_COLOUR,
-                       langevin_steps=LANGEVIN_STEPS):
-    from graphs import Graph
-
-    g = Graph()
-    ck = g.node("CheckpointLoaderSimple", ckpt_name=CKPT_B)
-    e = g.node("EmptyConditioning", model=ck.out(0), tokens=1)
-    img = g.node("LoadImage", image=input_image)
-    lat = g.node("VAEEncode", pixels=img.out(0), vae=ck.out(2))
-    enc = g.node("DPMEncode", model=ck.out(0), positive=e.out(0), negative=e.out(0), latent_image=lat.out(0),
-                 seed=seed, steps=CHAIN_STEPS, scheduler="simple", denoise=EDIT_DENOISE, eta=ETA, cfg=1.0)
-    energy = g.node("CLIPEnergy", clip_name=CLIP_NAME, text=f"a {colour} square", weight=EDIT_WEIGHT,
-                    augmentations=8, color=False, translation=True, resize=True, cutout=False)
-    lv = g.node("LangevinLatentSampler", model=ck.out(0), positive=e.out(0), negative=e.out(0), cfg=1.0,
-                vae=ck.out(2), energy=energy.out(0), latent_code=enc.out(0), steps=langevin_steps, step_size=EDIT_STEP_SIZE,
-                seed=seed, update="start only")
-    dec = g.node("VAEDecode", samples=lv.out(1), vae=ck.out(2))
-    saves = {"clip_edit": g.node("SaveImage", images=dec.out(0), filename_prefix="dpm_demo/clip_edit").id,
-             "clip_edit_plot": g.node("SaveImage", images=lv.out(2), filename_prefix="dpm_demo/clip_edit_plot").id}
-    titles = {enc.id: f"DPM Encode (denoise {EDIT_DENOISE})", lv.id: f"Langevin: CLIP 'a {colour} square'"}
-    return g, saves, titles
-
-
-def graph_masked_edit(input_image="dpm_world_circles_masked.png"):
-    """Translation A -> B inside a mask: Load Image (its alpha is the mask, as the mask editor paints it)
-    -> VAE Encode -> Set Latent Noise Mask -> DPM Encode with A -> Replay with B; and ComfyUI's own
-    inpainting route on the same masked latent: KSampler with B at the same denoise."""
-    from graphs import Graph, two_checkpoints_and_image
-
-    g = Graph()
-    ck_a, ck_b, img, e_a, e_b, lat = two_checkpoints_and_image(g, CKPT_A, CKPT_B, input_image)
-    masked = g.node("SetLatentNoiseMask", samples=lat.out(0), mask=img.out(1))
-    enc = g.node("DPMEncode", model=ck_a.out(0), positive=e_a.out(0), negative=e_a.out(0),
-                 latent_image=masked.out(0), seed=0, steps=STEPS, scheduler="simple", denoise=DENOISE, eta=ETA,
-                 cfg=1.0)
-    tr = g.node("ReplayLatentWithPrompt", model=ck_b.out(0), positive=e_b.out(0), negative=e_b.out(0),
-                latent_code=enc.out(0), cfg=1.0)
-    inp = g.node("KSampler", model=ck_b.out(0), positive=e_b.out(0), negative=e_b.out(0),
-                 latent_image=masked.out(0), seed=0, steps=STEPS, cfg=1.0, sampler_name="euler_ancestral",
-                 scheduler="simple", denoise=DENOISE)
-    saves = {}
-    for key, latent, vae in (("masked_translation", tr, ck_b), ("masked_inpaint_baseline", inp, ck_b),
-                             ("masked_vae_roundtrip", lat, ck_a)):
-        dec = g.node("VAEDecode", samples=latent.out(0), vae=vae.out(2))
-        saves[key] = g.node("SaveImage", images=dec.out(0), filename_prefix=f"dpm_demo/{key}").id
-    titles = {ck_a.id: "Model A: circles", ck_b.id: "Model B: squares",
-              img.id: "Input (its mask: paint it with right click > Open in MaskEditor)",
-              enc.id: "DPM Encode with A (the mask travels in the code)",
-              tr.id: "Replay with B: translation inside the mask only",
-              inp.id: "Baseline: ComfyUI inpainting (KSampler with B on the masked latent)"}
-    return g, saves, titles
-
-
-def graph_masked_edit_sd15(input_image="example.png"):
-    """The SD1.5 masked edit: the CycleDiffusion edit with the Load Image mask on the latent."""
-    from graphs import Graph
-
-    g = Graph()
-    ck = g.node("CheckpointLoaderSimple", ckpt_name="v1-5-pruned-emaonly.safetensors")
-    img = g.node("LoadImage", image=input_image)
-    src = g.node("CLIPTextEncode", text="a photo of a cat sitting on a sofa", clip=ck.out(1))
-    tgt = g.node("CLIPTextEncode", text="a photo of a dog sitting on a sofa", clip=ck.out(1))
-    neg = g.node("CLIPTextEncode", text="", clip=ck.out(1))
-    scale = g.node("ImageScaleToTotalPixels", image=img.out(0), upscale_method="lanczos", megapixels=0.26)
-    lat = g.node("VAEEncode", pixels=scale.out(0), vae=ck.out(2))
-    masked = g.node("SetLatentNoiseMask", samples=lat.out(0), mask=img.out(1))
-    enc = g.node("DPMEncode", model=ck.out(0), positive=src.out(0), negative=neg.out(0), latent_image=masked.out(0),
-                 seed=0, steps=50, scheduler="normal", denoise=0.7, eta=0.1, cfg=1.0)
-    rep = g.node("ReplayLatentWithPrompt", model=ck.out(0), positive=tgt.out(0), negative=neg.out(0),
-                 latent_code=enc.out(0), cfg=3.0)
-    dec = g.node("VAEDecode", samples=rep.out(0), vae=ck.out(2))
-    g.node("SaveImage", images=dec.out(0), filename_prefix="dpm_latent/cyclediffusion_masked_edit_sd15")
-    titles = {img.id: "Load Image: paint the region to edit (right click > Open in MaskEditor)",
-              src.id: "Source prompt (what the image shows)", tgt.id: "Target prompt (the edit)",
-              neg.id: "Negative prompt (used when cfg > 1)", masked.id: "Set Latent Noise Mask (the edit region)",
-              scale.id: "Scale Image to Total Pixels"}
-    return g, {}, titles
-
-
-NOTES = {
-    "translate": (
-        "DPM Latent demo: reconstruction and unpaired translation in a toy world\n\n"
-        "Two tiny flow models (SD3 layout) were trained independently: A on circles, B on squares "
-        "(demo/train.py). DPM Encode turns the input into the stochastic sampler's full code with model A; "
-        "replaying it with A gives the input back exactly (compare with the VAE round trip); replaying it with "
-        "B gives a square that keeps the colour and position: the two models share the Gaussian latent space.\n"
-        "The KSampler branch is the SDEdit baseline: re-noise and denoise with B at the same strength.\n\n"
-        "Change: denoise (how much of the chain is encoded, 0.5-0.85), eta (> 0), steps, seed. "
-        "Load any 64x64 image of the world (dpm_world_*.png in the input folder)."),
-    "clip_generation": (
-        "DPM Latent demo: CLIP-guided generation (plug-and-play guidance)\n\n"
-        "A code drawn from the prior (Random Latent Code) is sampled with Langevin dynamics under "
-        "p(z) * exp(-E_CLIP(G(z))), G = replay chain of the squares model + VAE decode, E_CLIP = 500 * "
-        "mean over augmented copies of (1 - cos(CLIP image, CLIP text)). The tiny CLIP was trained on the world "
-        "(models/clip_energy/dpm_world_clip). The unguided replay of the same code is shown for comparison.\n\n"
-        "Change: the text (e.g. 'a green square'), weight, Langevin steps (paper: 200) and step size. The paper's "
-        "step 0.05 with weight 500 suits large models; this tiny world's generator is much rougher in z, so the "
-        "demo takes weight 100 and step 0.001 (bigger steps leave the region where the gradient holds and the "
-        "energy goes up). Colour and cutout augmentations are off: the tiny CLIP was not trained with them."),
-    "clip_editing": (
-        "DPM Latent demo: CLIP-guided editing of an encoded image\n\n"
-        "DPM Encode (denoise 0.8) keeps the image's structure in the code's start prior N(encoded mean, sigma^2); "
-        "Langevin ('start only': the encoded step noises stay, they keep steering the chain to the image) "
-        "samples the start latent under a CLIP energy for the text.\n\nChange: the text, weight (300), steps, "
-        "step size (0.004 here; see the generation demo's note); denoise of DPM Encode (higher = freer edit)."),
-}
-NOTES["masked_edit"] = (
-    "DPM Latent demo: a local (masked) translation\n\n"
-    "The input's mask (the alpha channel of the image, as ComfyUI's mask editor paints it) goes on the latent "
-    "with Set Latent Noise Mask. DPM Encode with model A stores it in the code together with the encoder's own "
-    "chain; replaying with model B changes only the masked region: outside it every step of the replay is the "
-    "encoder's own state, so the result there is the input's VAE round trip exactly. Inside, the circle becomes a "
-    "square that keeps its colour and position. Soft (grey) mask values blend.\n"
-    "The KSampler branch is ComfyUI's own inpainting route on the same masked latent: re-noise and denoise with B "
-    "at the same strength.\n\n"
-    "Change: the mask (right click Load Image > Open in MaskEditor); or give Replay Latent with Prompt a mask of its "
-    "own (its optional 'mask' input overrides the code's). Denoise, eta, steps, seed as in demo_translate.")
-NOTES["masked_edit_sd15"] = (
-    "CycleDiffusion masked edit, Stable Diffusion 1.5\n\n"
-    "As cyclediffusion_edit_sd15, with a mask: paint the region to change on the Load Image node (right click > "
-    "Open in MaskEditor; the painted part is the mask's white). Set Latent Noise Mask puts it on the latent, DPM "
-    "Encode keeps it in the code with the encoder's own chain, and Replay Latent with Prompt changes only the "
-    "masked region: outside the mask the result is the encoded image (its VAE round trip), at every step, without a "
-    "second model pass. Soft mask values blend. A MASK connected to Replay's optional 'mask' input overrides the "
-    "code's mask, so one encode serves many masks.\n\n"
-    "Source prompt: the image as it is; target prompt: the edit; replay cfg 1-5 (3 here); DPM Encode denoise "
-    "0.5-0.85 (0.7 here): higher lets the masked region change more. The mask is image-sized; it is scaled to the "
-    "latent as ComfyUI scales a noise mask for KSampler (bilinear), so a mask edge is soft over about 8 pixels.")
-
-TEST_MAP = {"checkpoints": {CKPT_A: "tiny_sd3.safetensors", CKPT_B: "tiny_sd3_b.safetensors"},
-            "clip_energy": {CLIP_NAME: "tiny_clip"}}
-GRAPHS = {"translate": graph_translate, "clip_generation": graph_clip_generation, "clip_editing": graph_clip_editing}
-
-
-def write_workflows(server) -> list[Path]:
-    from ui_workflow import api_to_ui
-
-    info = server.object_info()
-    paths = []
-    for name, build in GRAPHS.items():
-        g, _saves, titles = build()
-        test = dict(TEST_MAP)
-        # the workflow test caps Langevin at 2 steps on random tiny models: give it a step that shows
-        test["widgets"] = {nid: {"step_size": 0.05} for nid, node in g.prompt().items()
-                           if node["class_type"] == "LangevinLatentSampler"}
-        wf = api_to_ui(g.prompt(), info, note=NOTES[name], titles=titles, extra={"dpm_latent_test": test})
-        path = WORKFLOWS / f"demo_{name}.json"
-        path.write_text(json.dumps(wf, indent=1) + "\n")
-        paths.append(path)
-    paths += write_masked_workflows(info)
-    paths.append(write_pixel_ddpm_workflow(info))
-    paths.append(write_asyrp_workflow(info))
-    return paths
-
-
-def write_asyrp_workflow(info) -> Path:
-    from ui_workflow import api_to_ui
-
-    g, _saves, titles = graph_asyrp("ddpm")
-    # the workflow test checks one saved image per node against the code's reconstruction: one strength there
-    test = {"diffusers": {PIXEL_DDPM_A: "tiny_ddpm_eps"},
-            "widgets": {nid: {"strength": "1"} for nid, node in g.prompt().items() if node["class_type"] == "AsyrpEdit"}}
-    wf = api_to_ui(g.prompt(), info, note=ASYRP_NOTE, titles=titles, extra={"dpm_latent_test": test})
-    path = WORKFLOWS / ASYRP_WORKFLOW
-    path.write_text(json.dumps(wf, indent=1) + "\n")
-    return path
-
-
-def write_masked_workflows(info: dict) -> list[Path]:
-    from ui_workflow import api_to_ui
-
-    paths = []
-    for build, name, note, test in ((graph_masked_edit, MASKED_WORKFLOW, NOTES["masked_edit"], TEST_MAP),
-                                    (graph_masked_edit_sd15, MASKED_WORKFLOW_SD15, NOTES["masked_edit_sd15"], None)):
-        g, _saves, titles = build()
-        extra = {"dpm_latent_test": test} if test else {}
-        wf = api_to_ui(g.prompt(), info, note=note, titles=titles, extra=extra)
-        path = WORKFLOWS / name
-        path.write_text(json.dumps(wf, indent=1) + "\n")
-        paths.append(path)
-    return paths
-
-
-def write_pixel_ddpm_workflow(info) -> Path:
-    from ui_workflow import api_to_ui
-
-    g, _saves, titles = graph_translate_pixel_ddpm()
-    test = {"diffusers": {PIXEL_DDPM_A: "tiny_ddpm_eps", PIXEL_DDPM_B: "tiny_ddpm_eps_b"}}
-    wf = api_to_ui(g.prompt(), info, note=PIXEL_NOTE, titles=titles, extra={"dpm_latent_test": test})
-    path = WORKFLOWS / f"{PIXEL_WORKFLOW}.json"
-    path.write_text(json.dumps(wf, indent=1) + "\n")
-    return path
+def pixel_ddpm_prompt(server, input_image: str) -> tuple[dict, dict]:
+    """The shipped pixel-DDPM translation (encode with A, replay with B) on ``input_image``, plus the
+    reconstruction (replay with A), SDEdit with B at the encoder's strength and the pixel VAE round
+    trip, saved as dpm_pixel_ddpm/<name>. Returns (prompt, saves)."""
+    g, _ = shipped(server, PIXEL_WORKFLOW, {"LoadImage": {"image": input_image}})
+    enc = node_inputs(g.nodes, "DPMEncode")
+    tr_id = find_node(g.nodes, "ReplayLatentWithPrompt")
+    tr = g.nodes[tr_id]["inputs"]
+    vae_a = g.nodes[enc["latent_image"][0]]["inputs"]["vae"]        # the VAE Encode's: model A's
+    vae_b = next(n["inputs"]["vae"] for n in g.nodes.values()          # the translation's decoder: B's
+                 if n["class_type"] == "VAEDecode" and n["inputs"]["samples"] == [tr_id, 0])
+    rec = g.node("ReplayLatentWithPrompt", model=enc["model"], positive=enc["positive"], negative=enc["negative"],
+                 latent_code=tr["latent_code"], cfg=enc["cfg"])
+    sde = g.node("KSampler", model=tr["model"], positive=tr["positive"], negative=tr["negative"],
+                 latent_image=enc["latent_image"], seed=enc["seed"], steps=enc["steps"], cfg=tr["cfg"],
+                 sampler_name="euler_ancestral", scheduler=enc["scheduler"], denoise=enc["denoise"])
+    for key, samples, vae in (("reconstruction", rec.out(0).link, vae_a), ("sdedit_baseline", sde.out(0).link, vae_b),
+                              ("vae_roundtrip", enc["latent_image"], vae_a)):
+        dec = g.node("VAEDecode", samples=samples, vae=vae)
+        g.node("SaveImage", images=dec.out(0), filename_prefix=f"dpm_pixel_ddpm/{key}")
+    return g.prompt(), save_nodes(g.prompt())
 
 
 # ----------------------------------------------------------------------------- running
@@ -475,8 +230,9 @@ def measure_masked(server, files_a, images: dict) -> dict:
     masks = mask_boxes(attrs)
     name = "dpm_world_circles_masked_batch.tiff"
     save_batch(Path(server.input_dir) / name, masked_frames(imgs, masks))
-    entry, saves, dt = run_graph(server, graph_masked_edit, workflow=MASKED_WORKFLOW, input_image=name)
-    out = {k: read_outputs(server, entry, v) for k, v in saves.items()}
+    g, saves = shipped(server, MASKED_WORKFLOW, {"LoadImage": {"image": name}})
+    entry, dt = run_prompt(server, g.prompt())
+    out = read_saved(server, entry, saves, "dpm_demo/")
     images.update(out, masks=masks)
     n = len(attrs)
     outside = (masks == 0)[:, None].expand(-1, 3, -1, -1)
@@ -529,28 +285,6 @@ def read_outputs(server, entry, node_id):
     return torch.stack(out).permute(0, 3, 1, 2)
 
 
-def run_graph(server, build, overrides=None, workflow=None, **kw):
-    """Convert the shipped UI workflow back to API form and run it (so the shipped file is what runs)."""
-    from ui_workflow import ui_to_api
-
-    g, saves, _titles = build(**kw)
-    if workflow is None:
-        name = next(k for k, v in GRAPHS.items() if v is build)
-        path = WORKFLOWS / f"demo_{name}.json"
-    else:
-        path = WORKFLOWS / workflow
-    prompt = ui_to_api(json.loads(path.read_text()), server.object_info())
-    for nid, node in g.prompt().items():  # the built graph gives this run's values (files, batch, seeds)
-        for k, v in node["inputs"].items():
-            if not isinstance(v, list):
-                prompt[nid]["inputs"][k] = v
-    for nid, values in (overrides or {}).items():
-        prompt[nid]["inputs"].update(values)
-    t = time.perf_counter()
-    entry = server.run(prompt, timeout=3600)
-    return entry, saves, time.perf_counter() - t
-
-
 def to_frames(imgs) -> list:
     """(n, 3, h, w) images in [0, 1] as 8-bit PIL images."""
     import numpy as np
@@ -595,8 +329,9 @@ def measure(server, n: int = 64, seed: int = 0, langevin_steps: int = LANGEVIN_S
 
     # 1 + 2: reconstruction and translation (+ SDEdit baseline)
     tiff_a, imgs_a, attrs_a = files["A"]
-    entry, saves, dt = run_graph(server, graph_translate, input_image=tiff_a)
-    out = {k: read_outputs(server, entry, v) for k, v in saves.items()}
+    g, saves = shipped(server, DEMO_WORKFLOWS["translate"], {"LoadImage": {"image": tiff_a}})
+    entry, dt = run_prompt(server, g.prompt())
+    out = read_saved(server, entry, saves, "dpm_demo/")
     images.update(input_circles=imgs_a, **out)
     metrics["translate_seconds"] = dt
     metrics["reconstruction_psnr_vs_vae_roundtrip_db"] = min(
@@ -617,9 +352,12 @@ def measure(server, n: int = 64, seed: int = 0, langevin_steps: int = LANGEVIN_S
     metrics["vae_roundtrip_shape_read_ok"] = float(np.mean([t["shape"] == "circle" for t in truth]))
 
     # 3: CLIP-guided generation, model B, target colour
-    entry, saves, dt = run_graph(server, graph_clip_generation, batch=gen_batch, seed=seed,
-                                 langevin_steps=langevin_steps)
-    gen = {k: read_outputs(server, entry, v) for k, v in saves.items()}
+    g, saves = shipped(server, DEMO_WORKFLOWS["clip_generation"], {
+        "RandomLatentCode": {"batch_size": gen_batch, "seed": seed},
+        "CLIPEnergy": {"text": f"a {TARGET_COLOUR} square"},
+        "LangevinLatentSampler": {"steps": langevin_steps, "seed": seed}})
+    entry, dt = run_prompt(server, g.prompt())
+    gen = read_saved(server, entry, saves, "dpm_demo/")
     images.update(generation_unguided=gen["unguided"], generation_guided=gen["clip_guided"],
                   energy_plot=gen["energy_plot"])
     rates = {}
@@ -632,9 +370,12 @@ def measure(server, n: int = 64, seed: int = 0, langevin_steps: int = LANGEVIN_S
 
     # 4: CLIP-guided editing of encoded squares
     tiff_b, imgs_b, attrs_b = files["B"]
-    entry, saves, dt = run_graph(server, graph_clip_editing, input_image=tiff_b, seed=seed,
-                                 langevin_steps=langevin_steps)
-    edit = read_outputs(server, entry, saves["clip_edit"])
+    g, saves = shipped(server, DEMO_WORKFLOWS["clip_editing"], {
+        "LoadImage": {"image": tiff_b}, "DPMEncode": {"seed": seed},
+        "CLIPEnergy": {"text": f"a {EDIT_COLOUR} square"},
+        "LangevinLatentSampler": {"steps": langevin_steps, "seed": seed}})
+    entry, dt = run_prompt(server, g.prompt())
+    edit = read_outputs(server, entry, saves["dpm_demo/clip_edit"])
     images.update(input_squares=imgs_b, clip_edit=edit)
     pred = read_attributes(edit)
     n_edit = len(pred)
@@ -690,14 +431,13 @@ def measure_pixel_ddpm(server, n: int = 64, seed: int = 0) -> tuple[dict, dict]:
     small = F.avg_pool2d(imgs, W.SIZE // PIXEL_SIZE)
     tiff = "dpm_world_circles_32_batch.tiff"
     save_batch(Path(server.input_dir) / tiff, to_frames(small))
-    g, saves, _ = graph_translate_pixel_ddpm(input_image=tiff, baselines=True)
-    t = time.perf_counter()
-    entry = server.run(g.prompt(), timeout=3600)
-    dt = time.perf_counter() - t
-    out = {k: read_outputs(server, entry, v) for k, v in saves.items()}
+    prompt, saves = pixel_ddpm_prompt(server, tiff)
+    entry, dt = run_prompt(server, prompt)
+    out = read_saved(server, entry, saves, "dpm_pixel_ddpm/")
     big = {k: to_world_size(v) for k, v in out.items()}
-    m: dict = {"n_images": n, "image_size": PIXEL_SIZE, "steps": STEPS, "denoise": DENOISE, "eta": ETA,
-               "seconds": dt}
+    enc = node_inputs(prompt, "DPMEncode")
+    m: dict = {"n_images": n, "image_size": PIXEL_SIZE, "steps": enc["steps"], "denoise": enc["denoise"],
+               "eta": enc["eta"], "seconds": dt}
     m["reconstruction_psnr_vs_input_db"] = {
         "worst": min(psnr(out["reconstruction"][i], out["vae_roundtrip"][i]) for i in range(n)),
         "max_abs_error_255": float((out["reconstruction"] - out["vae_roundtrip"]).abs().max() * 255)}
@@ -732,59 +472,51 @@ ASYRP_CONTROL_STRENGTHS = [1.0]
 ASYRP_CONTROLS = 3   # random directions per trained one (demo/train.py writes <direction>_random<k>)
 ASYRP_STEPS = 20
 ASYRP_WORKFLOW = "asyrp_demo.json"
-ASYRP_NOTE = (
-    "Asyrp (Kwon et al., ICLR 2023) on the demo world: an edit in the model's h-space, here a pixel-space "
-    "U-Net DDPM (diffusers) trained on circles, h = its middle-block output.\n\n"
-    "The direction 'a red circle' -> 'a blue circle' was trained by Asyrp Train Direction with the world's tiny "
-    "CLIP on 16 training circles (demo/train.py --parts asyrp; models/asyrp/ in the pack, copied to the input "
-    "folder). DPM Encode turns the input into its full code; Asyrp Edit replays it with h + strength * delta_h in "
-    "the predicted-x0 term only, for the steps in [T, t_edit]. The strength list gives one image per value: 0 is "
-    "the plain replay (the input back), 0.5 / 1 / 2 scale the edit, -1 reverses it.\n\n"
-    "Change: strength (any comma-separated list), t_edit / t_boost (-1: the direction's), the input image "
-    "(32 x 32 after the resize), or train your own direction with Asyrp Train Direction.")
 
 
-def graph_asyrp(which="ddpm", input_image="dpm_world_circles.png", direction=None, controls=(),
-                strengths=None):
-    """Encode an image batch with DPM Encode and replay it with Asyrp Edit at several strengths.
-    ``controls``: also these channel-permuted random directions (the demo row's baseline), one branch each."""
-    from graphs import Graph
+def strength_list(values) -> str:
+    """Asyrp Edit's strength input: one image per value ('0, 0.5, 1, 2, -1')."""
+    return ", ".join(f"{v:g}" for v in values)
 
+
+def asyrp_prompt(server, which: str, input_image: str, controls=()) -> tuple[dict, dict]:
+    """The shipped Asyrp demo workflow (DPM Encode, then Asyrp Edit at every strength of ASYRP_STRENGTHS) for
+    the row ``which`` of ASYRP on ``input_image``; ``controls``: channel-permuted random directions, one extra
+    branch each at ASYRP_CONTROL_STRENGTHS (the row's baseline). The workflow is made for the pixel DDPM's
+    U-Net; the flow row runs it with model B's checkpoint in place of the DDPM loader and its resize.
+    Saves dpm_asyrp/<which>_edit and dpm_asyrp/<which>_control<k>. Returns (prompt, saves)."""
     a = ASYRP[which]
-    g = Graph()
+    g, _ = shipped(server, ASYRP_WORKFLOW, {
+        "LoadImage": {"image": input_image}, "DPMEncode": {"steps": ASYRP_STEPS, "scheduler": a["scheduler"]},
+        "LoadAsyrpDirection": {"direction_file": a["direction"]},
+        "AsyrpEdit": {"strength": strength_list(ASYRP_STRENGTHS)},
+        "SaveImage": {"filename_prefix": f"dpm_asyrp/{which}_edit"}})
+    edit = node_inputs(g.nodes, "AsyrpEdit")
+    loader = edit["model"][0]
     if a["loader"] == "diffusers":
-        m = g.node("LoadDiffusersDDPM", model_name=a["model"], clip_sample="scheduler config")
-        model, vae = m.out(0), m.out(1)
+        g.nodes[loader]["inputs"]["model_name"] = a["model"]
     else:
-        m = g.node("CheckpointLoaderSimple", ckpt_name=a["model"])
-        model, vae = m.out(0), m.out(2)
-    img = g.node("LoadImage", image=input_image)
-    pixels = img.out(0)
-    titles = {m.id: a["title"]}
-    if a["loader"] == "diffusers":
-        small = g.node("ImageScale", image=img.out(0), upscale_method="area", width=PIXEL_SIZE, height=PIXEL_SIZE,
-                       crop="disabled")
-        pixels = small.out(0)
-        titles[small.id] = "To the DDPM's 32 x 32"
-    e = g.node("EmptyConditioning", model=model, tokens=1)
-    lat = g.node("VAEEncode", pixels=pixels, vae=vae)
-    enc = g.node("DPMEncode", model=model, positive=e.out(0), negative=e.out(0), latent_image=lat.out(0),
-                 seed=0, steps=ASYRP_STEPS, scheduler=a["scheduler"], denoise=1.0, eta=ETA, cfg=1.0)
-    strengths = ASYRP_STRENGTHS if strengths is None else strengths
-    branches = [("edit", direction or a["direction"], strengths)]
-    branches += [(f"control{k}", fname, ASYRP_CONTROL_STRENGTHS) for k, fname in enumerate(controls)]
-    saves = {}
-    for key, fname, values in branches:
+        use_checkpoint(g.nodes, loader, a["model"], find_node(g.nodes, "ImageScale"))
+    vae = node_inputs(g.nodes, "VAEDecode")["vae"]
+    for k, fname in enumerate(controls):
         d = g.node("LoadAsyrpDirection", direction_file=fname)
-        ed = g.node("AsyrpEdit", model=model, positive=e.out(0), negative=e.out(0), cfg=1.0, latent_code=enc.out(0),
-                    direction=d.out(0), strength=", ".join(f"{v:g}" for v in values), t_edit=-1.0, t_boost=0.0,
-                    seed=0)
+        ed = g.node("AsyrpEdit", **dict(edit, direction=d.out(0), strength=strength_list(ASYRP_CONTROL_STRENGTHS)))
         dec = g.node("VAEDecode", samples=ed.out(0), vae=vae)
-        saves[key] = g.node("SaveImage", images=dec.out(0), filename_prefix=f"dpm_asyrp/{which}_{key}").id
-        titles.update({d.id: "Load Asyrp Direction" + (" (random control)" if key.startswith("control") else ""),
-                       ed.id: "Asyrp Edit: one image per strength"})
-    titles[enc.id] = "DPM Encode (the image's full code)"
-    return g, saves, titles
+        g.node("SaveImage", images=dec.out(0), filename_prefix=f"dpm_asyrp/{which}_control{k}")
+    return g.prompt(), save_nodes(g.prompt())
+
+
+def use_checkpoint(prompt: dict, loader: str, ckpt_name: str, resize: str) -> None:
+    """In place: the Load Diffusers DDPM node ``loader`` becomes Load Checkpoint ``ckpt_name`` (its VAE is
+    output 2, the DDPM loader's output 1), and the node ``resize`` (to the DDPM's size) is left out."""
+    prompt[loader] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}}
+    source = prompt.pop(resize)["inputs"]["image"]
+    for node in prompt.values():
+        for k, v in node["inputs"].items():
+            if v == [loader, 1]:
+                node["inputs"][k] = [loader, 2]
+            elif v == [resize, 0]:
+                node["inputs"][k] = source
 
 
 def install_asyrp_directions(input_dir: Path) -> None:
@@ -830,14 +562,12 @@ def measure_asyrp(server, n: int = 24, seed: int = 0) -> tuple[dict, dict]:
         tiff = f"dpm_world_asyrp_{which}_batch.tiff"
         save_batch(Path(server.input_dir) / tiff, to_frames(imgs))
         controls = [a["direction"].replace(".asyrp.", f"_random{k}.asyrp.") for k in range(ASYRP_CONTROLS)]
-        g, saves, _ = graph_asyrp(which, input_image=tiff, controls=controls)
-        t = time.perf_counter()
-        entry = server.run(g.prompt(), timeout=3600)
-        dt = time.perf_counter() - t
+        prompt, saves = asyrp_prompt(server, which, tiff, controls=controls)
+        entry, dt = run_prompt(server, prompt)
         rows = {}
         branches = [("edit", ASYRP_STRENGTHS)] + [(f"control{k}", ASYRP_CONTROL_STRENGTHS) for k in range(ASYRP_CONTROLS)]
         for key, values in branches:
-            out = to_world_size(read_outputs(server, entry, saves[key]))
+            out = to_world_size(read_outputs(server, entry, saves[f"dpm_asyrp/{which}_{key}"]))
             for k, v in enumerate(values):
                 images[f"asyrp_{which}_{key}_{v:g}"] = out[k * n:(k + 1) * n]
                 rows[(key, v)] = W.read_attributes(out[k * n:(k + 1) * n])
@@ -912,31 +642,22 @@ def measure_best_of_n(server, circles, n_images: int = BEST_OF_N["n_images"]) ->
     candidate against the default-setting candidate (seed 0, denoise 0.7) of the same sweep."""
     import numpy as np
 
-    from conftest import load_module
-    from ui_workflow import ui_to_api
-
-    sweeps = load_module("dpm_latent_sweep_workflows", REPO / "scripts" / "sweep_workflows.py")
     _tiff, imgs, attrs = circles
     imgs, attrs = imgs[:n_images], attrs[:n_images]
     name = "dpm_world_circles_best_of_n.tiff"
     save_batch(Path(server.input_dir) / name, to_frames(imgs))
     c = BEST_OF_N
-    g, ids, _titles = sweeps.graph_best_of_n_demo(name, seeds=c["seeds"], denoise=c["denoise"], cfg=c["cfg"],
-                                                  chain_steps=c["chain_steps"], source_text="a circle",
-                                                  target_text="a square", rank_within="each batch index")
-    prompt = ui_to_api(json.loads((WORKFLOWS / "cyclediffusion_best_of_n_demo.json").read_text()),
-                       server.object_info())
-    for nid, node in g.prompt().items():  # the shipped workflow, with this run's values
-        prompt[nid]["inputs"].update({k: v for k, v in node["inputs"].items() if not isinstance(v, list)})
-    rank_in = prompt[ids["rank"]]["inputs"]
-    every = str(max(int(k) for k in prompt) + 1)  # also save every candidate, for the default-setting run
-    prompt[every] = {"class_type": "SaveImage", "inputs": {"images": rank_in["images"],
-                                                           "filename_prefix": "dpm_demo/best_of_n_all"}}
-    t = time.perf_counter()
-    entry = server.run(prompt, timeout=3600)
-    dt = time.perf_counter() - t
+    g, _ = shipped(server, BEST_OF_N_WORKFLOW, {  # the shipped workflow, with this run's values
+        "LoadImage": {"image": name},
+        "DPMSweep": {"seeds": c["seeds"], "denoise_values": c["denoise"], "cfg_values": c["cfg"],
+                     "chain_steps": c["chain_steps"]},
+        "RankByCLIP": {"source_text": "a circle", "target_text": "a square", "rank_within": "each batch index"}})
+    rank = find_node(g.nodes, "RankByCLIP")
+    # also save every candidate, for the default-setting run
+    every = g.node("SaveImage", images=g.nodes[rank]["inputs"]["images"], filename_prefix="dpm_demo/best_of_n_all").id
+    entry, dt = run_prompt(server, g.prompt())
     allc = read_outputs(server, entry, every)  # candidate-major: candidate j, image b at j * n + b
-    info = entry["outputs"][ids["rank"]]["dpm_rank"][0]
+    info = entry["outputs"][rank]["dpm_rank"][0]
     n = len(imgs)
     sweep = load_module("dpm_latent_sweep_plan", REPO / "samplers" / "sweep.py").make_sweep(
         c["seeds"], c["denoise"], c["cfg"])
@@ -1082,13 +803,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=64, help="world images for the reconstruction/translation metrics")
     ap.add_argument("--out", default=str(REPO / "demo_output"), help="where the grid and metrics go")
-    ap.add_argument("--write-workflows", action="store_true", help="regenerate workflows/demo_*.json and exit")
     args = ap.parse_args(argv)
 
-    import conftest  # noqa: F401  (ComfyUI's location from DPM_LATENT_COMFYUI)
-    from comfy_server import ComfyServer
+    from dpmtools.comfy_env import comfy_dir as find_comfy_dir
+    from dpmtools.server import ComfyServer
 
-    comfy_dir = conftest.comfy_dir()
+    comfy_dir = find_comfy_dir()  # DPM_LATENT_COMFYUI, set by scripts/comfy_host.py
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     install_demo_models(comfy_dir)
@@ -1096,14 +816,10 @@ def main(argv=None) -> int:
     work.mkdir(exist_ok=True)
     server = ComfyServer(comfy_dir, work, python=sys.executable,
                          model_dirs={"checkpoints": MODELS / "checkpoints", "clip_energy": MODELS / "clip_energy",
-                                     "diffusers": MODELS / "diffusers"})
+                                     "diffusers": MODELS / "diffusers"}, pack_name="dpm-latent-demo")
     print(f"starting ComfyUI from {comfy_dir} ...", flush=True)
     server.start()
     try:
-        if args.write_workflows:
-            for p in write_workflows(server):
-                print("wrote", p.relative_to(REPO))
-            return 0
         t = time.perf_counter()
         metrics, images = measure(server, n=args.n)
         metrics["total_seconds"] = time.perf_counter() - t

@@ -15,13 +15,15 @@ def AN(pack, model_dirs):
     import folder_paths
 
     folder_paths.add_model_folder_path("diffusers", str(model_dirs["diffusers"]))
-    return importlib.import_module("dpm_latent.nodes.asyrp")
+    return importlib.import_module("dpm_latent.nodes.bridge.hspace")
 
 
 @pytest.fixture(scope="module")
 def nodes(pack):
-    return (importlib.import_module("dpm_latent.nodes.cycle"), importlib.import_module("dpm_latent.nodes._bridge"),
-            importlib.import_module("dpm_latent.nodes.diffusers_ddpm"))
+    return (importlib.import_module("dpm_latent.nodes.latent_codes"),
+            importlib.import_module("dpm_latent.nodes.bridge.sampling"),
+            importlib.import_module("dpm_latent.nodes.diffusers_ddpm"),
+            importlib.import_module("dpm_latent.nodes.asyrp"))
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,7 @@ def test_unsupported_networks_get_an_error_naming_their_type(AN, models):
 def test_patch_sees_h_and_zero_strength_is_bit_exact(AN, nodes, models, name):
     """The patched clone computes exactly what the model computes until the shift is active; an active
     shift changes the output; the caller's model never carries the patch."""
-    cyc, B, _ = nodes
+    cyc, B, _, _ = nodes
     model = models[name]
     work, shift = AN.patched(model)
     opts = model.model_options.get("transformer_options", {})   # the caller's model carries no patch
@@ -114,7 +116,7 @@ def test_patch_sees_h_and_zero_strength_is_bit_exact(AN, nodes, models, name):
 
 @pytest.mark.parametrize("name", ["tiny_sd3", "tiny_ddpm_eps"])
 def test_asyrp_edit_strength_zero_is_the_replay_and_directions_check_the_site(AN, nodes, models, name):
-    cyc, B, _ = nodes
+    cyc, B, _, _ = nodes
     model = models[name]
     cond = cyc.EmptyConditioning.execute(model, 1).result[0]
     shape = (2, 16, 8, 8) if name == "tiny_sd3" else (2, 3, 16, 16)
@@ -125,8 +127,8 @@ def test_asyrp_edit_strength_zero_is_the_replay_and_directions_check_the_site(AN
     with torch.inference_mode():
         code = cyc.DPMEncode.execute(model, cond, cond, lat, 0, 6, "normal", 1.0, 0.1, 1.0).result[0]
         replay = cyc.ReplayLatentWithPrompt.execute(model, cond, cond, code, 1.0).result[0]["samples"]
-        zero = AN.AsyrpEdit.execute(model, cond, cond, 1.0, code, direction, "0", 0.5, 0.0, 0).result[0]["samples"]
-        both = AN.AsyrpEdit.execute(model, cond, cond, 1.0, code, direction, "1, -1", 0.5, 0.0, 0).result[0]["samples"]
+        zero = nodes[3].AsyrpEdit.execute(model, cond, cond, 1.0, code, direction, "0", 0.5, 0.0, 0).result[0]["samples"]
+        both = nodes[3].AsyrpEdit.execute(model, cond, cond, 1.0, code, direction, "1, -1", 0.5, 0.0, 0).result[0]["samples"]
     assert torch.equal(zero, replay)
     plus, minus = both[:2] - replay, both[2:] - replay
     assert plus.abs().max() > 1e-5 and float((plus * minus).sum()) < 0   # -1 moves the other way
@@ -149,7 +151,7 @@ def test_flux_double_block_patch(AN):
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0, 0.05)
-    assert AN._h_site(type("Base", (), {"diffusion_model": net})())[:2] == (AN.DIT_SITE, 1)
+    assert AN.h_site(type("Base", (), {"diffusion_model": net})())[:2] == (AN.DIT_SITE, 1)
     shift = AN.HShift()
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     ctx = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(3))
@@ -176,7 +178,7 @@ def test_flux_double_block_patch(AN):
 
 def test_dit_patch_keeps_a_patch_already_on_its_block(AN, nodes, models):
     """Another pack's replace patch on the same joint block still runs (first), and the shift applies after it."""
-    cyc, B, _ = nodes
+    cyc, B, _, _ = nodes
     model = models["tiny_sd3"]
     rec = AN.model_record(model)
     calls = []

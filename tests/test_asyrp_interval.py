@@ -103,7 +103,7 @@ def test_lpips_only_from_weights_on_disk(pack, tmp_path, monkeypatch):
     pytest.importorskip("lpips")
     import torchvision
 
-    node = importlib.import_module("dpm_latent.nodes.asyrp_interval")
+    node = importlib.import_module("dpm_latent.nodes.bridge.interval_run")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setattr(node, "_LPIPS", {})
 
@@ -131,7 +131,7 @@ def test_lpips_only_from_weights_on_disk(pack, tmp_path, monkeypatch):
 def test_clip_normalisation_cache_survives_a_no_grad_first_caller(pack, tmp_path):
     """Asyrp Editing Interval embeds images under inference mode; an Asyrp training run after it reuses
     the same cached CLIP bundle and must still differentiate through its normalisation."""
-    from tiny_clip import make_tiny_clip_folder
+    from dpmtools.tiny_clip import make_tiny_clip_folder
 
     guidance = importlib.import_module("dpm_latent.guidance")
     bundle = guidance.load_clip_folder(make_tiny_clip_folder(tmp_path / "clip"), device="cpu")

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from comfy_server import PromptError
-from graphs import Graph, write_latent
+from dpmtools.graphs import Graph, write_latent
+from dpmtools.server import PromptError
 
 STEPS = 6
 

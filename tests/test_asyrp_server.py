@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from comfy_server import PromptError
-from graphs import Graph, saved_latents, write_latent
+from dpmtools.graphs import Graph, saved_latents, write_latent
+from dpmtools.server import PromptError
 
 NODES = ["AsyrpTrainDirection", "AsyrpEdit", "AsyrpEditDDIM", "CombineAsyrpDirections", "SaveAsyrpDirection", "LoadAsyrpDirection"]
 SRC, TRG = "a red circle", "a blue circle"

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, load_module
-from graphs import Graph
-from ui_workflow import api_to_ui
+from dpmtools.comfy_env import REPO, load_module
+from dpmtools.graphs import Graph
+from dpmtools.workflow import api_to_ui
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ by glob, so new workflows are tested too):
 * every node is at least as large as the page's minimum size for its widgets (computeSize);
 * the page raised no uncaught error while loading;
 * the API prompt the page would queue (``app.graphToPrompt()``, what Run sends) is the one
-  ``tests/ui_workflow.py`` makes from the file, which the workflow tests and the demo run.
+  ``tools/dpmtools/workflow.py`` makes from the file, which the workflow tests and the demo run.
 
 Then a real file drop (a DragEvent with a DataTransfer holding the JSON file, dispatched on the
 canvas) loads ``workflows/demo_translate.json``; it is queued with the page's Queue Prompt shortcut
@@ -47,7 +47,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ui_workflow import FRONTEND_ONLY, extra_widget_values, is_combo, is_widget, ordered_inputs, ui_to_api
+from dpmtools.workflow import FRONTEND_ONLY, extra_widget_values, is_combo, is_widget, ordered_inputs, ui_to_api
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
@@ -133,7 +133,7 @@ def _load(path: Path) -> dict:
 # ---------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def demo():
-    from conftest import load_module
+    from dpmtools.comfy_env import load_module
 
     return load_module("dpm_demo_script", REPO / "scripts" / "demo.py")
 
@@ -141,8 +141,8 @@ def demo():
 @pytest.fixture(scope="module")
 def ui_server(demo, tmp_path_factory):
     """A server with the demo models and the demo's sample images, as after the README's demo command."""
-    from comfy_server import ComfyServer
-    from conftest import comfy_dir
+    from dpmtools.comfy_env import comfy_dir
+    from dpmtools.server import TEST_PACK_NAME, ComfyServer
 
     for sub, name in (("checkpoints", demo.CKPT_A), ("checkpoints", demo.CKPT_B), ("clip_energy", demo.CLIP_NAME)):
         assert (MODELS / sub / name).exists(), f"shipped demo model {sub}/{name} is missing"
@@ -150,7 +150,8 @@ def ui_server(demo, tmp_path_factory):
     (work / "user" / "default").mkdir(parents=True)
     (work / "user" / "default" / "comfy.settings.json").write_text(json.dumps(SETTINGS))
     srv = ComfyServer(comfy_dir(), work, python=sys.executable,
-                      model_dirs={"checkpoints": MODELS / "checkpoints", "clip_energy": MODELS / "clip_energy"})
+                      model_dirs={"checkpoints": MODELS / "checkpoints", "clip_energy": MODELS / "clip_energy"},
+                      pack_name=TEST_PACK_NAME)
     srv.start()
     demo.write_sample_inputs(Path(srv.input_dir))
     yield srv
@@ -362,7 +363,7 @@ def check_graph(path: Path, wf: dict, shown: dict, object_info: dict, model_file
 
 
 def prompt_differences(page_prompt: dict, api: dict) -> list[str]:
-    """Where the API prompt the page would queue differs from tests/ui_workflow.py's conversion."""
+    """Where the API prompt the page would queue differs from tools/dpmtools/workflow.py's conversion."""
     problems = []
     if set(page_prompt) != set(api):
         problems.append(f"the page would queue nodes {sorted(page_prompt, key=int)}, the converter {sorted(api, key=int)}")
@@ -404,7 +405,7 @@ def test_workflow_loads_in_the_frontend(path, page, object_info, model_files, tm
     # the prompt the page would send (Run) is the one the other tests and the demo send for this file
     page_prompt = page.page.evaluate("async () => (await window.app.graphToPrompt()).output")
     problems = prompt_differences(page_prompt, ui_to_api(wf, object_info))
-    assert not problems, f"{path.name}: the page's prompt and tests/ui_workflow.py differ:\n  " + "\n  ".join(problems)
+    assert not problems, f"{path.name}: the page's prompt and tools/dpmtools/workflow.py differ:\n  " + "\n  ".join(problems)
     if path.stem == SCREENSHOT:
         page.page.evaluate("() => window.app.extensionManager.command.execute('Comfy.Canvas.FitView')")
         page.page.wait_for_timeout(300)

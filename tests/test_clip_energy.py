@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from tiny_clip import make_tiny_clip_folder
+from dpmtools.tiny_clip import make_tiny_clip_folder
 
 ALL = ("color", "translation", "resize", "cutout")
 

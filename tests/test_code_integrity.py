@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from comfy_server import PromptError
-from graphs import Graph, encode_graph, rel_err, saved_latents, write_latent
+from dpmtools.graphs import Graph, encode_graph, rel_err, saved_latents, write_latent
+from dpmtools.server import PromptError
 
 STEPS = 6
 

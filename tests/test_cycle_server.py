@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_server import PromptError
-from graphs import Graph, encode_graph, rel_err, saved_latents, write_latent
+from dpmtools.graphs import Graph, encode_graph, rel_err, saved_latents, write_latent
+from dpmtools.server import PromptError
 
 NODES = ["DPMEncode", "ReplayLatentWithPrompt", "EmptyConditioning", "SaveLatentCode", "LoadLatentCode",
          "RandomLatentCode", "CLIPEnergy", "CombineEnergies", "LangevinLatentSampler"]

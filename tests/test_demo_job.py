@@ -18,15 +18,15 @@ MODELS = REPO / "demo" / "models"
 
 @pytest.fixture(scope="module")
 def demo():
-    from conftest import load_module
+    from dpmtools.comfy_env import load_module
 
     return load_module("dpm_demo_script", REPO / "scripts" / "demo.py")
 
 
 @pytest.fixture(scope="module")
 def demo_server(demo, tmp_path_factory):
-    from comfy_server import ComfyServer
-    from conftest import comfy_dir
+    from dpmtools.comfy_env import comfy_dir
+    from dpmtools.server import TEST_PACK_NAME, ComfyServer
 
     for sub, name in (("checkpoints", demo.CKPT_A), ("checkpoints", demo.CKPT_B), ("clip_energy", demo.CLIP_NAME),
                       ("diffusers", demo.PIXEL_DDPM_A), ("diffusers", demo.PIXEL_DDPM_B),
@@ -34,7 +34,7 @@ def demo_server(demo, tmp_path_factory):
         assert (MODELS / sub / name).exists(), f"shipped demo model {sub}/{name} is missing"
     srv = ComfyServer(comfy_dir(), tmp_path_factory.mktemp("demo"), python=sys.executable,
                       model_dirs={"checkpoints": MODELS / "checkpoints", "clip_energy": MODELS / "clip_energy",
-                                  "diffusers": MODELS / "diffusers"})
+                                  "diffusers": MODELS / "diffusers"}, pack_name=TEST_PACK_NAME)
     srv.start()
     yield srv
     srv.stop()
@@ -148,8 +148,8 @@ def test_grid_and_shipped_demo_workflows(demo, measured, tmp_path):
     _, images = measured
     img = demo.grid(images, rows=4)
     assert img.width > 0 and img.height > 0
-    for name in demo.GRAPHS:
-        wf = json.loads((REPO / "workflows" / f"demo_{name}.json").read_text())
+    for name in demo.DEMO_WORKFLOWS.values():
+        wf = json.loads((REPO / "workflows" / name).read_text())
         assert any(n["type"] == "Note" for n in wf["nodes"])
     for name in (demo.MASKED_WORKFLOW, demo.MASKED_WORKFLOW_SD15):
         wf = json.loads((REPO / "workflows" / name).read_text())

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_module
 
-REPO = Path(__file__).resolve().parent.parent
+from dpmtools.comfy_env import REPO, load_module
 
 W = load_module("dpm_latent_demo_world", REPO / "demo" / "world.py")
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from comfy_server import PromptError
-from graphs import Graph, rel_err, saved_latents, write_latent
+from dpmtools.graphs import Graph, rel_err, saved_latents, write_latent
+from dpmtools.server import PromptError
 
 H = W = 16
 
@@ -28,7 +28,7 @@ def _image(seed: int) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def ddpm_mod(pack):
     import importlib
-    return importlib.import_module("dpm_latent.nodes.diffusers_ddpm")
+    return importlib.import_module("dpm_latent.nodes.bridge.diffusers_unet")
 
 
 def _diffusers_denoised(folder, x, sigma, pred):
@@ -215,7 +215,7 @@ def test_refusals_are_clear(server, folder, needles):
 
 
 def test_folder_layouts_and_schedule_mapping(ddpm_mod, model_dirs, tmp_path):
-    import tiny_ddpm
+    from dpmtools import tiny_ddpm
     root = model_dirs["diffusers"]
     unet_dir, sched = ddpm_mod.find_parts(root / "tiny_ddpm_eps")
     assert unet_dir.name == "unet" and sched.parent.name == "scheduler"

@@ -119,7 +119,7 @@ def comfy_models(model_dirs):
     return model, vae
 
 
-def test_langevin_node_under_inference_mode_lowers_clip_energy(comfy_models, gn):
+def test_langevin_node_under_inference_mode_lowers_clip_energy(comfy_models, gn, lc, lr):
     """The hard part: autograd through models loaded under inference mode, run under inference mode."""
     model, vae = comfy_models
     cond = [[torch.zeros(1, 8, 32), {"pooled_output": torch.zeros(1, 32)}]]
@@ -127,14 +127,14 @@ def test_langevin_node_under_inference_mode_lowers_clip_energy(comfy_models, gn)
     drops = []
     for seed in range(3):
         with torch.inference_mode():
-            code = gn.RandomLatentCode.execute(model, 32, 32, 2, seed, 4, "simple", 0.3).result[0]
+            code = lc.RandomLatentCode.execute(model, 32, 32, 2, seed, 4, "simple", 0.3).result[0]
             ends = {}
             for weight in (0.0, 2000.0):
                 energy = gn.CLIPEnergy.execute("tiny_clip", "a red square", weight, 2, False, False, False,
                                                False).result[0]
                 probe = gn.CLIPEnergy.execute("tiny_clip", "a red square", 1.0, 2, False, False, False,
                                               False).result[0]
-                _c, lat, plot, trace = gn.run_langevin(model, cond, cond, 1.0, vae, energy, code, 12, 0.05, seed,
+                _c, lat, plot, trace = lr.run_langevin(model, cond, cond, 1.0, vae, energy, code, 12, 0.05, seed,
                                                        "all components")
                 img = vae.decode(lat["samples"]).movedim(-1, 1)
                 with torch.inference_mode(False):
@@ -149,17 +149,17 @@ def test_langevin_node_under_inference_mode_lowers_clip_energy(comfy_models, gn)
         assert torch.equal(p, before[n][1])
 
 
-def test_memory_modes_give_the_same_sample(comfy_models, gn):
+def test_memory_modes_give_the_same_sample(comfy_models, gn, lc, lr):
     """'low' (recompute each step) and 'fast' (keep the whole chain) take the same gradient, so the same
     Langevin sample up to float rounding; 'auto' keeps the chain of a tiny model, and a bad mode is refused."""
     model, vae = comfy_models
     cond = [[torch.zeros(1, 8, 32), {"pooled_output": torch.zeros(1, 32)}]]
     with torch.inference_mode():
-        code = gn.RandomLatentCode.execute(model, 32, 32, 2, 0, 4, "simple", 0.3).result[0]
+        code = lc.RandomLatentCode.execute(model, 32, 32, 2, 0, 4, "simple", 0.3).result[0]
         energy = gn.CLIPEnergy.execute("tiny_clip", "a red square", 500.0, 2, False, False, False, False).result[0]
         out = {}
-        for mode in gn.MEMORY_MODES:
-            new, lat, _plot, trace = gn.run_langevin(model, cond, cond, 1.0, vae, energy, code, 3, 0.05, 0,
+        for mode in lr.MEMORY_MODES:
+            new, lat, _plot, trace = lr.run_langevin(model, cond, cond, 1.0, vae, energy, code, 3, 0.05, 0,
                                                      "all components", mode)
             out[mode] = (new.start_noise, lat["samples"], trace.gradient)
     low, fast, auto = (out[m] for m in ("low: recompute each step", "fast: keep the whole chain", "auto"))
@@ -171,10 +171,10 @@ def test_memory_modes_give_the_same_sample(comfy_models, gn):
     assert not torch.equal(low[0], code.start_noise)          # it moved
     assert torch.allclose(low[0], fast[0], atol=1e-4, rtol=0) and torch.allclose(low[1], fast[1], atol=1e-4, rtol=0)
     with pytest.raises(Exception, match="memory: 'huge' is not one of"):
-        gn.run_langevin(model, cond, cond, 1.0, vae, energy, code, 1, 0.05, 0, "all components", "huge")
+        lr.run_langevin(model, cond, cond, 1.0, vae, energy, code, 1, 0.05, 0, "all components", "huge")
 
 
-def test_auto_memory_falls_back_to_recomputing_when_keeping_the_chain_runs_out_of_memory(comfy_models, gn):
+def test_auto_memory_falls_back_to_recomputing_when_keeping_the_chain_runs_out_of_memory(comfy_models, gn, lc, lr):
     """The device runs out of memory on the first model call of the kept chain (a UNet function wrapper, the
     way ComfyUI lets packs wrap the model, raises torch's own OutOfMemoryError there): auto frees the cache,
     recomputes each step instead, and gives the sample the 'low' mode gives."""
@@ -192,11 +192,11 @@ def test_auto_memory_falls_back_to_recomputing_when_keeping_the_chain_runs_out_o
     short = model.clone()
     short.set_model_unet_function_wrapper(wrapper)
     with torch.inference_mode():
-        code = gn.RandomLatentCode.execute(model, 32, 32, 2, 0, 4, "simple", 0.3).result[0]
+        code = lc.RandomLatentCode.execute(model, 32, 32, 2, 0, 4, "simple", 0.3).result[0]
         energy = gn.CLIPEnergy.execute("tiny_clip", "a red square", 500.0, 2, False, False, False, False).result[0]
-        new, lat, _p, trace = gn.run_langevin(short, cond, cond, 1.0, vae, energy, code, 2, 0.05, 0,
+        new, lat, _p, trace = lr.run_langevin(short, cond, cond, 1.0, vae, energy, code, 2, 0.05, 0,
                                               "all components", "auto")
-        ref, ref_lat, _p, _t = gn.run_langevin(model, cond, cond, 1.0, vae, energy, code, 2, 0.05, 0,
+        ref, ref_lat, _p, _t = lr.run_langevin(model, cond, cond, 1.0, vae, energy, code, 2, 0.05, 0,
                                                "all components", "low: recompute each step")
     assert grad_calls[0] > 2, grad_calls          # the recomputing pass ran after the failure
     assert trace.gradient == "recomputed per step (auto: keeping the whole chain ran out of memory)", trace.gradient

@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from comfy_server import ComfyServer
-from graphs import Graph, encode_graph, rel_err, saved_latents, write_latent
+from dpmtools.graphs import Graph, encode_graph, rel_err, saved_latents, write_latent
+from dpmtools.server import TEST_PACK_NAME, ComfyServer
 
 CLIP_LOAD = "Requested to load ClipEnergyModel"
 LANGEVIN_START = "Langevin Latent Sampler: 500 steps"
@@ -110,10 +110,10 @@ def test_interrupt_during_langevin(server):
 def half_server(model_dirs, tmp_path_factory):
     import sys
 
-    from conftest import comfy_dir
+    from dpmtools.comfy_env import comfy_dir
 
     srv = ComfyServer(comfy_dir(), tmp_path_factory.mktemp("comfy_half"), python=sys.executable,
-                      model_dirs=model_dirs, extra_args=["--bf16-unet", "--fp16-vae"])
+                      model_dirs=model_dirs, extra_args=["--bf16-unet", "--fp16-vae"], pack_name=TEST_PACK_NAME)
     srv.start()
     yield srv
     srv.stop()

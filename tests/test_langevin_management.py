@@ -70,17 +70,17 @@ def _assert_same(before: dict, after: dict) -> None:
             assert torch.equal(t, t2), f"{k}: values changed"
 
 
-def test_clip_energy_is_a_managed_model(gn, sd15):
+def test_clip_energy_is_a_managed_model(gn, lc, lr, sd15):
     """The CLIP of the energy is loaded through ComfyUI's model management by the Langevin node, unloaded
     by unload_all_models (what /free does), reloaded by the next run with the same bits."""
     import comfy.model_management as mm
 
-    cm = importlib.import_module("dpm_latent.nodes._clip_management")
+    cm = importlib.import_module("dpm_latent.nodes.bridge.clip_models")
     model, vae = sd15
     cond = [[torch.zeros(1, 8, 768), {}]]
     with torch.inference_mode():
         energy = gn.CLIPEnergy.execute("tiny_clip", "a red square", 500.0, 2, True, True, True, True).result[0]
-        code = gn.RandomLatentCode.execute(model, 32, 32, 1, 0, 3, "normal", 0.2).result[0]
+        code = lc.RandomLatentCode.execute(model, 32, 32, 1, 0, 3, "normal", 0.2).result[0]
     patcher = energy.comfy_patcher
     assert cm.energy_patchers(gn.CombineEnergies.execute(energy, 1.0, energy, 2.0).result[0]) == [patcher]
     assert patcher.model.clip is energy.bundle.model
@@ -89,13 +89,13 @@ def test_clip_energy_is_a_managed_model(gn, sd15):
     mm.unload_all_models()
     assert not _loaded(patcher)
     with torch.inference_mode():
-        first = gn.run_langevin(model, cond, cond, 1.0, vae, energy, code, 2, 0.05, 0, "all components")
+        first = lr.run_langevin(model, cond, cond, 1.0, vae, energy, code, 2, 0.05, 0, "all components")
     assert _loaded(patcher)
     mm.unload_all_models()
     assert not _loaded(patcher)
     assert patcher.model.device == cm.offload_device()
     with torch.inference_mode():
-        again = gn.run_langevin(model, cond, cond, 1.0, vae, energy, code, 2, 0.05, 0, "all components")
+        again = lr.run_langevin(model, cond, cond, 1.0, vae, energy, code, 2, 0.05, 0, "all components")
     assert _loaded(patcher)
     assert torch.equal(first[1]["samples"], again[1]["samples"])
     assert torch.equal(first[0].start_noise, again[0].start_noise)
@@ -105,7 +105,7 @@ def test_clip_energy_is_a_managed_model(gn, sd15):
     assert other.comfy_patcher is patcher
 
 
-def test_langevin_changes_no_cached_output(gn, sd15):
+def test_langevin_changes_no_cached_output(gn, lc, lr, sd15):
     """Run the nodes of a Langevin graph, snapshot every tensor of every output (MODEL and VAE weights,
     conditioning, DPM_LATENT_CODE, DPM_ENERGY with its CLIP), run Langevin twice on those same outputs
     (as cache hits do) and compare object identity, device, dtype and bits."""
@@ -114,7 +114,7 @@ def test_langevin_changes_no_cached_output(gn, sd15):
         cond = [[torch.randn(1, 8, 768, generator=torch.Generator().manual_seed(3)), {}]]
         clip = gn.CLIPEnergy.execute("tiny_clip", "a red square", 500.0, 2, True, True, True, True).result[0]
         both = gn.CombineEnergies.execute(clip, 1.0, clip, 0.5).result[0]
-        code = gn.RandomLatentCode.execute(model, 32, 32, 2, 4, 3, "normal", 0.2).result[0]
+        code = lc.RandomLatentCode.execute(model, 32, 32, 2, 4, 3, "normal", 0.2).result[0]
     outputs = {"model": model, "vae": vae, "cond": cond, "clip_energy": clip, "combined": both, "code": code}
     before = _snapshot(outputs)
     assert any(k.startswith("out['code'].noises") for k in before)
@@ -122,7 +122,7 @@ def test_langevin_changes_no_cached_output(gn, sd15):
     results = []
     for _ in range(2):
         with torch.inference_mode():
-            new, lat, plot, _t = gn.run_langevin(model, cond, cond, 1.0, vae, both, code, 2, 0.05, 1,
+            new, lat, plot, _t = lr.run_langevin(model, cond, cond, 1.0, vae, both, code, 2, 0.05, 1,
                                                  "all components")
         results.append((new, lat["samples"], plot))
         _assert_same(before, _snapshot(outputs))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file, save_file
 
-from comfy_server import PromptError
-from graphs import Graph, encode_graph, saved_latents, write_latent
+from dpmtools.graphs import Graph, encode_graph, saved_latents, write_latent
+from dpmtools.server import PromptError
 
 
 def _tiny_lora(model_dirs) -> str:

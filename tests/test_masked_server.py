@@ -8,7 +8,7 @@ import importlib
 import pytest
 import torch
 
-from graphs import Graph, saved_latents, write_latent
+from dpmtools.graphs import Graph, saved_latents, write_latent
 
 SIZE = 64  # image pixels; the tiny models' latents are SIZE // 8
 
@@ -101,8 +101,8 @@ def sd15(model_dirs):
 def test_every_step_outside_the_mask_is_the_source_chain_in_comfy(pack, sd15):
     """In-process with ComfyUI's model and guider: each replayed state, cfg 3 with a different
     conditioning, equals the encoder's state outside the mask."""
-    cyc = importlib.import_module("dpm_latent.nodes.cycle")
-    B = importlib.import_module("dpm_latent.nodes._bridge")
+    cyc = importlib.import_module("dpm_latent.nodes.latent_codes")
+    B = importlib.import_module("dpm_latent.nodes.bridge.sampling")
     S = pack.samplers
     cond = cyc.EmptyConditioning.execute(sd15, 6).result[0]
     other = [[torch.full_like(cond[0][0], 0.3), {}]]
@@ -132,7 +132,7 @@ def test_every_step_outside_the_mask_is_the_source_chain_in_comfy(pack, sd15):
 
 
 def test_bad_masks_give_clear_errors(server):
-    from comfy_server import PromptError
+    from dpmtools.server import PromptError
 
     x0 = torch.randn(1, 16, 8, 8)
     write_latent(server.input_dir, "masked_err", x0)
@@ -159,8 +159,9 @@ def test_masked_langevin_with_comfy_models_moves_only_the_masked_region(pack, mo
     import comfy.sd
     import folder_paths
 
-    cyc = importlib.import_module("dpm_latent.nodes.cycle")
-    gn = importlib.import_module("dpm_latent.nodes.guidance_nodes")
+    cyc = importlib.import_module("dpm_latent.nodes.latent_codes")
+    gn = importlib.import_module("dpm_latent.nodes.clip_guidance")
+    lr = importlib.import_module("dpm_latent.nodes.bridge.langevin_run")
     paths = folder_paths.folder_names_and_paths["clip_energy"][0]
     if str(model_dirs["clip_energy"]) not in paths:
         paths.append(str(model_dirs["clip_energy"]))
@@ -176,7 +177,7 @@ def test_masked_langevin_with_comfy_models_moves_only_the_masked_region(pack, mo
                                      0.3, 1.0).result[0]
         energy = gn.CLIPEnergy.execute("tiny_clip", "a red square", 2000.0, 2, False, False, False,
                                        False).result[0]
-        new, lat, _plot, trace = gn.run_langevin(model, cond, cond, 1.0, vae, energy, code, 3, 0.05, 0,
+        new, lat, _plot, trace = lr.run_langevin(model, cond, cond, 1.0, vae, energy, code, 3, 0.05, 0,
                                                  "all components", memory)
     out = lat["samples"]
     outside = (code.mask == 0).expand(code.shape)

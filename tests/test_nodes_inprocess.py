@@ -10,7 +10,7 @@ import torch
 
 @pytest.fixture(scope="module")
 def nodes(pack):
-    return importlib.import_module("dpm_latent.nodes.cycle"), importlib.import_module("dpm_latent.nodes._bridge")
+    return importlib.import_module("dpm_latent.nodes.latent_codes"), importlib.import_module("dpm_latent.nodes.bridge.sampling")
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_clip_folders_follow_links_and_survive_loops(pack, tmp_path):
 
     import folder_paths
 
-    gn = importlib.import_module("dpm_latent.nodes.guidance_nodes")
+    cm = importlib.import_module("dpm_latent.nodes.bridge.clip_models")
     real = tmp_path / "store" / "my_clip"
     real.mkdir(parents=True)
     (real / "config.json").write_text("{}")
@@ -117,7 +117,7 @@ def test_clip_folders_follow_links_and_survive_loops(pack, tmp_path):
     paths = folder_paths.folder_names_and_paths["clip_energy"][0]
     paths.append(str(root))
     try:
-        found = gn.clip_folders()
+        found = cm.clip_folders()
     finally:
         paths.remove(str(root))
     assert "linked_clip" in found

@@ -11,16 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, load_module
-from graphs import Graph
+from dpmtools.comfy_env import REPO, load_module
+from dpmtools.graphs import Graph
 
 DEMO_CLIP = REPO / "demo" / "models" / "clip_energy" / "dpm_world_clip"
 
 
 @pytest.fixture(scope="module")
 def mods(pack):
-    return (importlib.import_module("dpm_latent.samplers.sweep"), importlib.import_module("dpm_latent.nodes.sweep"),
-            importlib.import_module("dpm_latent.nodes.cycle"))
+    return (importlib.import_module("dpm_latent.samplers.sweep"), importlib.import_module("dpm_latent.nodes.best_of_n"),
+            importlib.import_module("dpm_latent.nodes.latent_codes"))
 
 
 # ---------------------------------------------------------------------------- parsing and counts
@@ -151,7 +151,7 @@ def test_rank_node_in_process(pack):
     """Top-k, scores, best index, the sheet and the errors, with the demo CLIP registered by path."""
     import folder_paths
 
-    nodes = importlib.import_module("dpm_latent.nodes.sweep")
+    nodes = importlib.import_module("dpm_latent.nodes.best_of_n")
     paths, _ = folder_paths.folder_names_and_paths["clip_energy"]
     root = str(DEMO_CLIP.parent)
     if root not in paths:

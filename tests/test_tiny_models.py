@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-import tiny_models
+from dpmtools import tiny_models
 
 UNET_PREFIX = "model.diffusion_model."
 

@@ -2,7 +2,7 @@
 """The shipped workflows (workflows/*.json, UI format) run on a real ComfyUI server with tiny models.
 
 Every file in workflows/ is picked up automatically.  Each one is converted to an API prompt
-with tests/ui_workflow.py, then adapted to the tiny test models:
+with tools/dpmtools/workflow.py, then adapted to the tiny test models:
 
 * checkpoint names are mapped to tiny checkpoints (``CHECKPOINTS`` below, plus the workflow's own
   ``extra.dpm_latent_test.checkpoints``);
@@ -52,8 +52,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from graphs import saved_latents
-from ui_workflow import FRONTEND_ONLY, extra_widget_values, is_combo, is_widget, ordered_inputs, ui_to_api
+from dpmtools.graphs import saved_latents
+from dpmtools.workflow import FRONTEND_ONLY, extra_widget_values, is_combo, is_widget, ordered_inputs, ui_to_api
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
@@ -431,7 +431,7 @@ def _prepare_asyrp_directions(server, api: dict, image_name: str, stem: str) -> 
     node that uses it and put it there under the workflow's name (a short run, as the workflows' tests do)."""
     import shutil
 
-    from graphs import Graph
+    from dpmtools.graphs import Graph
 
     for nid, node in api.items():
         if node["class_type"] != "LoadAsyrpDirection":
@@ -554,7 +554,7 @@ def _ui(nodes, links):
 
 
 def test_ui_to_api_widgets_links_and_control_values():
-    from ui_workflow import ui_to_api
+    from dpmtools.workflow import ui_to_api
 
     wf = _ui([(1, "Loader", ["b.ckpt"], {}, 0),
               (2, "Sampler", [7, "fixed", 12, "y", 0.5], {"model": 1}, 0),
@@ -580,7 +580,7 @@ def test_ui_to_api_widgets_links_and_control_values():
 
 
 def test_ui_to_api_seed_names_combo_control_force_input_and_upload():
-    from ui_workflow import ui_to_api
+    from dpmtools.workflow import ui_to_api
 
     wf = _ui([(1, "OldSeed", [5, "randomize", "q", "fixed"], {}, 0),
               (2, "Upload", ["i.png", "image", True], {}, 0)], [])
@@ -595,7 +595,7 @@ def test_ui_to_api_seed_names_combo_control_force_input_and_upload():
 
 
 def test_ui_to_api_bypass_mute_reroute_primitive_and_widget_links():
-    from ui_workflow import WorkflowError, ui_to_api
+    from dpmtools.workflow import WorkflowError, ui_to_api
 
     nodes = [(1, "Upload", ["i.png", "image", False], {}, 0),
              (2, "Reroute", [], {"": 1}, 0),
@@ -623,3 +623,26 @@ def test_ui_to_api_bypass_mute_reroute_primitive_and_widget_links():
     wf["nodes"].append({"id": 10, "type": "SomePackNode", "mode": 0, "inputs": [], "outputs": []})
     with pytest.raises(WorkflowError, match="SomePackNode"):
         ui_to_api(wf, OBJECT_INFO)
+
+
+def test_find_node_set_inputs_and_graph_from_prompt():
+    """How the demo runs a shipped workflow: nodes named by title, class_type or '#id', inputs set in place,
+    and branches added to the converted prompt under fresh ids."""
+    from dpmtools.graphs import Graph
+    from dpmtools.workflow import WorkflowError, find_node, set_inputs
+
+    prompt = {"3": {"class_type": "LoadImage", "inputs": {"image": "a.png"}, "_meta": {"title": "Input"}},
+              "7": {"class_type": "Filter", "inputs": {"image": ["3", 0], "amount": 0.5}, "_meta": {"title": "Filter"}},
+              "9": {"class_type": "Filter", "inputs": {"image": ["7", 0], "amount": 0.1}, "_meta": {"title": "Soft"}}}
+    assert find_node(prompt, "Input") == find_node(prompt, "LoadImage") == find_node(prompt, "#3") == "3"
+    assert find_node(prompt, "Soft") == "9"
+    with pytest.raises(WorkflowError, match="2 nodes"):
+        find_node(prompt, "Filter")  # a title that is also another node's class_type: ambiguous
+    with pytest.raises(WorkflowError, match="none"):
+        find_node(prompt, "Missing")
+    set_inputs(prompt, {"LoadImage": {"image": "b.png"}, "#9": {"amount": 0.2}})
+    assert prompt["3"]["inputs"]["image"] == "b.png" and prompt["9"]["inputs"]["amount"] == 0.2
+    g = Graph.from_prompt(prompt)
+    save = g.node("SaveImage", images=["9", 0], filename_prefix="x")
+    assert save.id == "10" and g.prompt()["10"]["inputs"]["images"] == ["9", 0] and "10" not in prompt
+    assert Graph().node("A").id == "1"

@@ -2,6 +2,7 @@
 """Small helpers to write API-format prompts and to move latents in and out of a server."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -14,8 +15,16 @@ class Graph:
     def __init__(self):
         self.nodes: dict[str, dict] = {}
 
+    @classmethod
+    def from_prompt(cls, prompt: dict) -> "Graph":
+        """A graph that extends (a copy of) an API prompt, e.g. a converted workflow: ``Ref(node_id)``
+        names its nodes, and new nodes take the next free ids."""
+        g = cls()
+        g.nodes = copy.deepcopy(prompt)
+        return g
+
     def node(self, class_type: str, node_id: str | None = None, **inputs) -> "Ref":
-        nid = node_id or str(len(self.nodes) + 1)
+        nid = node_id or str(1 + max((int(k) for k in self.nodes if k.isdigit()), default=0))
         self.nodes[nid] = {"class_type": class_type,
                            "inputs": {k: (v.link if isinstance(v, Out) else v) for k, v in inputs.items()}}
         return Ref(nid)

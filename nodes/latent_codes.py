@@ -1,15 +1,19 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""CycleDiffusion nodes: DPM Encode, Replay Latent with Prompt, Empty Conditioning."""
+"""Latent-code nodes: DPM Encode, Replay Latent with Prompt, Random Latent Code, Empty Conditioning,
+Save / Load Latent Code.  The work is in ``bridge/codes.py``; the file format in
+``samplers/code_format.py``."""
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io
 
-import comfy.model_base
+from ..samplers.code_format import load_code, save_code
+from .bridge import codes as R
+from .bridge import files as F
+from .bridge import sampling as B
+from .bridge.conditioning import empty_conditioning
+from .bridge.types import CATEGORY, LatentCodeIO
 
-from ..samplers import CodeError, check_schedule, encode, latent_mask, replay
-from . import _bridge as B
-from ._types import CATEGORY, LatentCodeIO
+SUFFIX = ".dpmcode.safetensors"
 
 
 class DPMEncode(io.ComfyNode):
@@ -54,38 +58,8 @@ class DPMEncode(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, scheduler, denoise, eta, cfg,
                 sigmas=None) -> io.NodeOutput:
-        samples = latent_image["samples"]
-        B.check_latent(model, samples, "latent_image")
-        mask = latent_image.get("noise_mask")
-        if mask is not None:
-            try:
-                mask = latent_mask(mask.cpu(), samples.shape)
-            except CodeError as e:
-                raise B.NodeInputError(f"latent_image: its noise_mask cannot be used ({e})") from None
-        family = B.family_of(model)
-        if sigmas is None:
-            sigmas = B.schedule(model, scheduler, steps, denoise)
-        elif not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or sigmas.numel() < 2:
-            raise B.NodeInputError("sigmas: needs at least two values (one step)")
-        B.check_conditioning_batch(positive, samples.shape[0], "positive")
-        B.check_conditioning_batch(negative, samples.shape[0], "negative")
-        try:  # before ComfyUI loads anything: a bad schedule is an input error
-            check_schedule(sigmas, eta, family)
-        except CodeError as e:
-            raise B.code_error(e) from None
-
-        result = {}
-
-        def work(denoise_fn, x0, callback, _guider):
-            result["code"] = encode(denoise_fn, x0.float(), sigmas, eta, family, seed, callback=callback,
-                                    mask=None if mask is None else mask.to(x0.device))
-            return x0
-
-        B.run_in_comfy(model, positive, negative, cfg, samples, sigmas, work, seed, len(sigmas) - 1)
-        code = B.stamp_code(model, B.cpu_code(result["code"]))
-        for name in ("start_mean", "start_noise", "noises", "residual"):
-            B.check_finite(getattr(code, name), "DPM Encode", f"the code's {name}")
-        return io.NodeOutput(code)
+        return io.NodeOutput(R.encode_image(model, positive, negative, latent_image, seed, steps, scheduler,
+                                            denoise, eta, cfg, sigmas))
 
 
 class ReplayLatentWithPrompt(io.ComfyNode):
@@ -119,49 +93,37 @@ class ReplayLatentWithPrompt(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_code, cfg, mask=None, cfg_values=None) -> io.NodeOutput:
-        code = latent_code
-        B.check_code_for_model(model, code)
-        if mask is not None:
-            try:
-                code = code.with_mask(latent_mask(mask.cpu(), code.shape))
-            except CodeError as e:
-                msg = str(e)
-                raise B.NodeInputError(msg if msg.startswith("mask") else f"mask: {msg}") from None
-        B.check_conditioning_batch(positive, code.batch_size, "positive")
-        B.check_conditioning_batch(negative, code.batch_size, "negative")
-        if cfg_values is not None and cfg_values.strip():
-            from .sweep import parse_cfg_values, replay_at_cfgs
-
-            samples = replay_at_cfgs(model, positive, negative, code, parse_cfg_values(cfg_values))
-            B.check_finite(samples, "Replay Latent with Prompt", "the replayed latent", code.steps, code.steps)
-            return io.NodeOutput({"samples": samples})
-        placeholder = torch.zeros(code.shape)
-
-        def work(denoise_fn, _x0, callback, _guider):
-            dev_code = code.to(device=_x0.device, dtype=torch.float32)
-            return replay(denoise_fn, dev_code, callback=callback)
-
-        samples = B.run_in_comfy(model, positive, negative, cfg, placeholder, code.sigmas, work, 0, code.steps)
-        B.check_finite(samples, "Replay Latent with Prompt", "the replayed latent", code.steps, code.steps)
-        return io.NodeOutput({"samples": samples})
+        return io.NodeOutput({"samples": R.replay_code(model, positive, negative, latent_code, cfg, mask,
+                                                       cfg_values)})
 
 
-def _conditioning_dims(model) -> tuple[int, int | None]:
-    """(context feature size, pooled size or None) for the model's conditioning."""
-    base = model.model
-    cfg = getattr(base.model_config, "unet_config", {}) or {}
-    if isinstance(base, comfy.model_base.SD3):
-        ctx = cfg.get("context_embedder_config", {}).get("params", {}).get("in_features")
-        return int(ctx), int(cfg["adm_in_channels"])
-    if isinstance(base, comfy.model_base.Flux):
-        return int(cfg.get("context_in_dim", 4096)), int(cfg.get("vec_in_dim", 768))
-    if isinstance(base, comfy.model_base.SDXL):
-        return int(cfg["context_dim"]), int(cfg["adm_in_channels"]) - 6 * 256
-    if type(base) is comfy.model_base.BaseModel and cfg.get("context_dim") and not cfg.get("adm_in_channels"):
-        return int(cfg["context_dim"]), None
-    raise B.NodeInputError(
-        f"model: Empty Conditioning does not know the conditioning of {type(base).__name__} models; "
-        "use CLIP Text Encode with an empty prompt (and Conditioning Zero Out) instead")
+class RandomLatentCode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="RandomLatentCode",
+            display_name="Random Latent Code",
+            category=CATEGORY,
+            description="A latent code drawn from its Gaussian prior: generation from scratch with the stochastic "
+                        "sampler (replay it, or sample it with Langevin Latent Sampler).",
+            inputs=[
+                io.Model.Input("model", tooltip="Decides the latent channels, the family and the schedule."),
+                io.Int.Input("width", default=512, min=16, max=16384, step=8, tooltip="Image width in pixels."),
+                io.Int.Input("height", default=512, min=16, max=16384, step=8, tooltip="Image height in pixels."),
+                io.Int.Input("batch_size", default=1, min=1, max=4096, tooltip="Number of codes."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the code."),
+                io.Int.Input("steps", default=50, min=1, max=10000, tooltip="Sampler steps of the chain."),
+                io.Combo.Input("scheduler", options=B.SCHEDULERS, default="normal", tooltip="Sigma schedule."),
+                io.Float.Input("eta", default=0.1, min=0.001, max=1.0, step=0.01,
+                               tooltip="DDIM eta of the stochastic sampler (> 0)."),
+            ],
+            outputs=[LatentCodeIO.Output(display_name="latent_code")],
+        )
+
+    @classmethod
+    def execute(cls, model, width, height, batch_size, seed, steps, scheduler, eta) -> io.NodeOutput:
+        return io.NodeOutput(R.random_code(model, width, height, batch_size, seed, steps, scheduler, eta))
 
 
 class EmptyConditioning(io.ComfyNode):
@@ -184,8 +146,58 @@ class EmptyConditioning(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, tokens) -> io.NodeOutput:
-        ctx, pooled = _conditioning_dims(model)
-        extra = {}
-        if pooled is not None:
-            extra["pooled_output"] = torch.zeros(1, pooled)
-        return io.NodeOutput([[torch.zeros(1, tokens, ctx), extra]])
+        return io.NodeOutput(empty_conditioning(model, tokens))
+
+
+class SaveLatentCode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SaveLatentCode",
+            display_name="Save Latent Code",
+            category=CATEGORY,
+            description=f"Saves a latent code to ComfyUI's output folder as <prefix>_NNNNN_{SUFFIX}, with a "
+                        "SHA-256 checksum and the model's latent format. Load Latent Code lists it as "
+                        "'<name> [output]'.",
+            inputs=[
+                LatentCodeIO.Input("latent_code", tooltip="The code to save."),
+                io.String.Input("filename_prefix", default="dpm_latent/code",
+                                tooltip="File name prefix; may contain sub-folders."),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, latent_code, filename_prefix) -> io.NodeOutput:
+        return F.save(filename_prefix, SUFFIX, lambda path: save_code(latent_code, path))
+
+
+class LoadLatentCode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoadLatentCode",
+            display_name="Load Latent Code",
+            category=CATEGORY,
+            description=f"Loads a latent code ({SUFFIX}) from ComfyUI's input folder, or from the output folder "
+                        "(names ending in ' [output]'); verifies its checksum and checks every field.",
+            inputs=[
+                io.Combo.Input("code_file", options=F.file_options(SUFFIX),
+                               tooltip=f"A {SUFFIX} file in ComfyUI's input folder, or one Save Latent Code wrote "
+                                       "to the output folder (listed with ' [output]')."),
+            ],
+            outputs=[LatentCodeIO.Output(display_name="latent_code")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, code_file):
+        return F.validate(code_file, "code_file")
+
+    @classmethod
+    def fingerprint_inputs(cls, code_file):
+        return F.fingerprint(code_file, "code_file")
+
+    @classmethod
+    def execute(cls, code_file) -> io.NodeOutput:
+        return io.NodeOutput(F.load(code_file, "code_file", load_code))

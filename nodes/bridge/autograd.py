@@ -97,3 +97,16 @@ def alias_conds(conds: dict) -> None:
                         c = c._copy_with(alias(t))
                     new[name] = c
                 entry["model_conds"] = new
+
+
+def vae_decoder(vae, model_wrap):
+    """model-space latent -> images (B, 3, H, W), differentiable.
+
+    (x + 1) / 2 without VAE Decode's final clamp, so that saturated pixels still pass a
+    gradient to the energy (the CLIP energy clamps nothing either)."""
+    def decode(x: torch.Tensor) -> torch.Tensor:
+        lat = model_wrap.inner_model.process_latent_out(x)
+        img = vae.first_stage_model.decode(lat.to(device=vae.device, dtype=vae.vae_dtype))
+        img = (img.float() + 1.0) / 2.0
+        return img[:, :3].to(x.device)
+    return decode

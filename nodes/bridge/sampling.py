@@ -22,7 +22,7 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from ..samplers import CodeError, LatentCode
+from ...samplers import CodeError, LatentCode
 
 SCHEDULERS = comfy.samplers.SCHEDULER_NAMES
 

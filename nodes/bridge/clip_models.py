@@ -1,5 +1,10 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""The CLIP energy's model under ComfyUI's model management.
+"""CLIP models for the pack's nodes: the ``models/clip_energy`` folder, and one managed load.
+
+CLIP folders (transformers ``save_pretrained`` layout) live in ``models/clip_energy/``; this module
+registers that folder with ComfyUI when it is first imported (every node file that lists CLIP
+folders imports it), and :func:`load_clip` is the one sequence that reads a folder and loads it
+under ComfyUI's model management.
 
 A CLIP model loaded from ``models/clip_energy/`` lives on ComfyUI's offload
 device (the CPU unless ``--highvram``) and is wrapped in a
@@ -16,6 +21,7 @@ around the same weights would fight over where they live.
 """
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 
@@ -23,6 +29,50 @@ import torch
 
 import comfy.model_management
 import comfy.model_patcher
+import folder_paths
+
+from ...guidance import ClipEnergy, ClipFolderError, load_clip_folder
+from .sampling import NodeInputError, walk_dirs
+
+CLIP_FOLDER = "clip_energy"
+
+
+def _register_clip_folder() -> None:
+    default = os.path.join(folder_paths.models_dir, CLIP_FOLDER)
+    if CLIP_FOLDER in folder_paths.folder_names_and_paths:
+        paths, _ext = folder_paths.folder_names_and_paths[CLIP_FOLDER]
+        if default not in paths:
+            paths.append(default)
+    else:
+        folder_paths.folder_names_and_paths[CLIP_FOLDER] = ([default], set())
+
+
+_register_clip_folder()
+
+
+def clip_folders() -> dict[str, str]:
+    """name -> path of every sub-folder with a config.json under models/clip_energy/."""
+    found = {}
+    for root in folder_paths.get_folder_paths(CLIP_FOLDER):
+        if not os.path.isdir(root):
+            continue
+        for dirpath, dirs, files in walk_dirs(root):
+            if "config.json" in files:
+                name = os.path.relpath(dirpath, root).replace(os.sep, "/")
+                found.setdefault(name, dirpath)
+                dirs[:] = []
+    return dict(sorted(found.items()))
+
+
+def clip_folder(clip_name: str) -> str:
+    """The folder of a listed CLIP model, or a node error that says where CLIP folders go."""
+    folders = clip_folders()
+    if clip_name not in folders:
+        raise NodeInputError(
+            f"clip_name: no CLIP folder named {clip_name!r} in {folder_paths.get_folder_paths(CLIP_FOLDER)}. Put "
+            "one sub-folder per model there, each with config.json, model.safetensors and the tokenizer files "
+            "(save_pretrained layout).")
+    return folders[clip_name]
 
 
 class ClipEnergyModel(torch.nn.Module):
@@ -106,3 +156,36 @@ def load(patchers, memory_required: int = 0, others=()) -> None:
     """Load CLIP patchers (with ``others``, the models the caller needs at the same time)."""
     comfy.model_management.load_models_gpu([*others, *patchers], memory_required=memory_required)
     ensure_full_load(patchers)
+
+
+def load_clip(clip_name: str, memory_required: int = 0, others=()):
+    """The one managed-load sequence: read the folder onto the offload device (outside inference mode,
+    so that its tensors can take part in autograd), wrap it in its patcher, load it with ``others``
+    (the models the caller needs at the same time). Returns (bundle on its device, patcher)."""
+    folder = clip_folder(clip_name)
+    with torch.inference_mode(False):
+        try:
+            bundle = load_clip_folder(folder, device=offload_device())
+        except ClipFolderError as e:
+            raise NodeInputError(f"clip_name: {e}") from None
+    patcher = patcher_for(bundle)
+    load([patcher], memory_required=memory_required, others=others)
+    return bundle.at(model_device(patcher)), patcher
+
+
+def clip_energy(clip_name: str, text: str, weight: float, augmentations: int, policies: tuple, image=None):
+    """CLIP Energy's output: an energy towards ``text`` (or the target ``image``) that holds its CLIP's
+    patcher and CPU targets only, so a cached output never pins anything on the GPU."""
+    clip_folder(clip_name)
+    if image is None and not text.strip():
+        raise NodeInputError("text: give a target text or connect a target image")
+    bundle, patcher = load_clip(clip_name)
+    with torch.inference_mode(False):
+        target = None
+        if image is not None:
+            target = image.clone().movedim(-1, 1)[:, :3].to(bundle.device)
+        energy = ClipEnergy(bundle, text=None if target is not None else text, image=target,
+                            augmentations=augmentations, policies=policies, weight=weight)
+        energy = energy.on_device(offload_device())
+    energy.comfy_patcher = patcher
+    return energy

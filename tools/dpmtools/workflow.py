@@ -1,6 +1,8 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """Convert a UI-format workflow (what the ComfyUI frontend saves and loads by drag and drop)
-into an API-format prompt (what ``POST /prompt`` accepts), using the server's ``/object_info``.
+into an API-format prompt (what ``POST /prompt`` accepts), using the server's ``/object_info``
+(``ui_to_api``, ``load_prompt``), and back (``api_to_ui``, which lays the nodes out).
+``find_node`` and ``set_inputs`` name the nodes of a prompt by title or type and change their inputs.
 
 Rules, as the frontend applies them when it queues a workflow:
 
@@ -27,6 +29,8 @@ Rules, as the frontend applies them when it queues a workflow:
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 # Node types that exist only in the frontend (never sent to the server).
@@ -297,3 +301,27 @@ def api_to_ui(prompt: dict, object_info: dict, note: str | None = None, titles: 
                          "widgets_values": [note], "title": "Read me", "color": "#432", "bgcolor": "#653"})
     return {"last_node_id": last, "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
             "config": {}, "extra": dict(extra or {}, ds={"scale": 0.8, "offset": [560, 80]}), "version": 0.4}
+
+
+def load_prompt(path: str | Path, object_info: dict) -> dict:
+    """The API prompt of a workflow file: a UI-format workflow is converted, an API-format one kept."""
+    wf = json.loads(Path(path).read_text())
+    return ui_to_api(wf, object_info) if "nodes" in wf else wf
+
+
+def find_node(prompt: dict, key: str) -> str:
+    """The id of the one node of an API prompt that ``key`` names: its title (``_meta.title``), its
+    class_type, or ``#<id>``. A key that names no node, or several, is an error."""
+    if key.startswith("#") and key[1:] in prompt:
+        return key[1:]
+    hits = [nid for nid, n in prompt.items() if key in ((n.get("_meta") or {}).get("title"), n["class_type"])]
+    if len(hits) != 1:
+        raise WorkflowError(f"{key!r} names {len(hits)} nodes of the prompt ({', '.join(hits) or 'none'}), not one")
+    return hits[0]
+
+
+def set_inputs(prompt: dict, values: dict[str, dict]) -> dict:
+    """Set inputs in place: ``values`` maps a node key (see ``find_node``) to ``{input: value}``. Returns ``prompt``."""
+    for key, inputs in values.items():
+        prompt[find_node(prompt, key)]["inputs"].update(inputs)
+    return prompt

@@ -15,8 +15,8 @@ from comfy_api.latest import io, ui
 
 import folder_paths
 
-from ..samplers import CodeError
-from . import _bridge as B
+from ...samplers import CodeError
+from . import sampling as B
 
 
 def files_in(root: str, suffix: str) -> list[str]:

@@ -1,5 +1,8 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""A real ComfyUI server for tests: started as a subprocess, driven over HTTP.
+"""A real ComfyUI server with this pack: started as a subprocess, driven over HTTP.
+
+A product component: scripts/batch_render.py renders through it (one per Ray actor), and the
+demo job runs on it. The test suite and the benchmarks use it too.
 
 The pack is loaded from this repository through a temporary extra-model-paths
 config (key ``custom_nodes``), with every other custom node disabled, so a
@@ -19,8 +22,9 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-PACK_NAME = "dpm-latent-under-test"
+REPO = Path(__file__).resolve().parents[2]
+# The name the test suite's and the benchmarks' servers link the pack under.
+TEST_PACK_NAME = "dpm-latent-under-test"
 
 
 class PromptError(RuntimeError):
@@ -38,10 +42,24 @@ def _free_port() -> int:
 
 
 class ComfyServer:
+    """ComfyUI's ``main.py`` in ``comfy_dir`` with this pack, on a free port of 127.0.0.1.
+
+    ``workdir`` holds the server's input, output, temp and user folders, its log and its
+    custom_nodes folder, where the pack is linked as ``pack_name``: the only custom node it loads.
+    That name must not be a folder of ComfyUI's own ``custom_nodes/`` (ComfyUI would load both):
+    never ``dpm-latent``, under which scripts/comfy_host.py links a checkout into the host for
+    ``serve``. ``model_dirs`` maps model folder keys (``checkpoints``, ``clip_energy``, ...) to
+    extra folders; ``cpu`` passes ``--cpu``; ``python`` runs main.py (default: this Python).
+    """
+
     def __init__(self, comfy_dir: Path, workdir: Path, python: str | None = None,
                  model_dirs: dict[str, Path] | None = None, extra_args: list[str] | None = None,
-                 cpu: bool = True):
+                 cpu: bool = True, *, pack_name: str):
         self.comfy_dir = Path(comfy_dir)
+        self.pack_name = pack_name
+        if (self.comfy_dir / "custom_nodes" / pack_name).exists():
+            raise ValueError(f"{self.comfy_dir / 'custom_nodes' / pack_name} exists: ComfyUI would load it as well "
+                             "as this checkout; give the server another pack_name")
         self.workdir = Path(workdir)
         self.python = python or sys.executable
         self.model_dirs = model_dirs or {}
@@ -58,10 +76,10 @@ class ComfyServer:
     def start(self, timeout: float = 180.0) -> "ComfyServer":
         for d in ("input", "output", "temp", "user", "custom_nodes"):
             (self.workdir / d).mkdir(parents=True, exist_ok=True)
-        link = self.workdir / "custom_nodes" / PACK_NAME
+        link = self.workdir / "custom_nodes" / self.pack_name
         if not link.exists():
             link.symlink_to(REPO, target_is_directory=True)
-        lines = ["dpm_latent_tests:", f"  custom_nodes: {self.workdir / 'custom_nodes'}"]
+        lines = ["dpm_latent_server:", f"  custom_nodes: {self.workdir / 'custom_nodes'}"]
         for key, path in self.model_dirs.items():
             Path(path).mkdir(parents=True, exist_ok=True)
             lines.append(f"  {key}: {path}")
@@ -72,7 +90,7 @@ class ComfyServer:
                "--input-directory", str(self.input_dir), "--output-directory", str(self.output_dir),
                "--temp-directory", str(self.workdir / "temp"), "--user-directory", str(self.workdir / "user"),
                "--extra-model-paths-config", str(cfg),
-               "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_NAME,
+               "--disable-all-custom-nodes", "--whitelist-custom-nodes", self.pack_name,
                "--database-url", "sqlite:///:memory:", "--preview-method", "latent2rgb",
                *self.extra_args]
         self._log = open(self.log_path, "wb")

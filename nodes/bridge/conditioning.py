@@ -1,0 +1,34 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Conditioning the pack builds itself: all-zero prompts shaped for a model."""
+from __future__ import annotations
+
+import torch
+
+import comfy.model_base
+
+from .sampling import NodeInputError
+
+
+def conditioning_dims(model) -> tuple[int, int | None]:
+    """(context feature size, pooled size or None) for the model's conditioning."""
+    base = model.model
+    cfg = getattr(base.model_config, "unet_config", {}) or {}
+    if isinstance(base, comfy.model_base.SD3):
+        ctx = cfg.get("context_embedder_config", {}).get("params", {}).get("in_features")
+        return int(ctx), int(cfg["adm_in_channels"])
+    if isinstance(base, comfy.model_base.Flux):
+        return int(cfg.get("context_in_dim", 4096)), int(cfg.get("vec_in_dim", 768))
+    if isinstance(base, comfy.model_base.SDXL):
+        return int(cfg["context_dim"]), int(cfg["adm_in_channels"]) - 6 * 256
+    if type(base) is comfy.model_base.BaseModel and cfg.get("context_dim") and not cfg.get("adm_in_channels"):
+        return int(cfg["context_dim"]), None
+    raise NodeInputError(
+        f"model: Empty Conditioning does not know the conditioning of {type(base).__name__} models; "
+        "use CLIP Text Encode with an empty prompt (and Conditioning Zero Out) instead")
+
+
+def empty_conditioning(model, tokens: int = 77) -> list:
+    """All-zero conditioning of ``tokens`` text tokens (and a zero pooled vector where the model takes one)."""
+    ctx, pooled = conditioning_dims(model)
+    extra = {} if pooled is None else {"pooled_output": torch.zeros(1, pooled)}
+    return [[torch.zeros(1, tokens, ctx), extra]]

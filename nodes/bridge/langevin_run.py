@@ -1,0 +1,193 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""The Langevin Latent Sampler's work inside ComfyUI: sample a latent code under an energy.
+
+The chain (replay + VAE decode + energy) is differentiated through ComfyUI's loaded models
+(``autograd``); the CLIP models of the energy are loaded under model management with them
+(``clip_models``); the Langevin loop itself is pure torch (``guidance.langevin``).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from PIL import Image
+
+import comfy.model_management
+import comfy.utils
+
+from ...guidance.langevin import langevin
+from ...samplers import replay
+from . import clip_models as CM
+from . import plot as P
+from . import sampling as B
+from .autograd import UnsupportedWeights, alias_conds, control_modules, gradients_through, vae_decoder
+
+
+def energy_plot(energy: list[list[float]], prior: list[list[float]], size=P.SIZE) -> torch.Tensor:
+    """Energy (top) and prior ||z||^2/dim (bottom) per Langevin step, batch mean, as an IMAGE."""
+    e, q = [float(np.mean(v)) for v in energy], [float(np.mean(v)) for v in prior]
+    steps = f"step 1 .. {len(e)}"
+    return P.paint([P.Panel("energy (weighted)", [("energy", e, (200, 40, 40))], footer=steps),
+                    P.Panel("prior |z|^2/dim", [("prior", q, (40, 80, 200))], footer=steps)], size)
+
+
+MEMORY_MODES = ["auto", "low: recompute each step", "fast: keep the whole chain"]
+
+
+def _graph_bytes_of_one_step(denoise_fn, code, params) -> int:
+    """Bytes autograd saves for the backward pass of one chain step (the first, at the code's start),
+    counted by a saved-tensors hook on one probe call; the model's own weights are not counted."""
+    weights = {p.data_ptr() for p in params}
+    seen, total = set(), [0]
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr() if t.device.type != "meta" else None
+        if ptr is not None and ptr not in weights and ptr not in seen:
+            seen.add(ptr)
+            total[0] += t.untyped_storage().nbytes()
+        return t
+
+    x = code.x_start().detach().requires_grad_(True)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = denoise_fn(x, float(code.sigmas[0]))
+    del out, x
+    return total[0]
+
+
+def _keep_whole_chain(memory, denoise_fn, guider, code, need: int, device) -> tuple[bool, str]:
+    """Whether the gradient keeps the chain's whole autograd graph (one forward + one backward per step)
+    instead of recomputing each step (memory flat in the chain length, about 1.6x slower on the demo
+    model at batch 16). ``auto`` measures what one step keeps for the backward pass (one probe call) and
+    keeps the graph when steps x that, plus the decode's estimate, fits in half of the device's free
+    memory; if it still runs out of memory the node falls back to recomputing."""
+    if isinstance(memory, bool):  # the benchmarks' and tests' use_checkpoint flag
+        return (not memory), "fixed by the caller"
+    if memory == MEMORY_MODES[1]:
+        return False, "memory: low"
+    if memory == MEMORY_MODES[2]:
+        return True, "memory: fast"
+    try:
+        per_step = _graph_bytes_of_one_step(denoise_fn, code, guider.inner_model.parameters())
+    except Exception as e:  # noqa: BLE001 -- the probe is an optimisation; any failure means "recompute"
+        if _is_out_of_memory(e):
+            comfy.model_management.soft_empty_cache()
+        return False, f"auto: could not measure one step ({type(e).__name__}), recomputing each step"
+    graph = code.steps * per_step + need
+    free = comfy.model_management.get_free_memory(device)
+    keep = graph < 0.5 * free
+    return keep, (f"auto: the whole chain's graph, measured {per_step / 2**20:.3g} MB per step, "
+                  f"{graph / 2**20:.0f} MB with the decode, {'fits' if keep else 'does not fit'} in half of "
+                  f"{free / 2**20:.0f} MB free")
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(e, oom):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+def run_langevin(model, positive, negative, cfg, vae, energy, latent_code, steps, step_size, seed, update,
+                 memory="auto"):
+    """The Langevin Latent Sampler's work; returns (code, latent dict, plot image, trace).
+
+    ``memory``: one of MEMORY_MODES, or a bool (True: recompute each step, False: keep every
+    activation of the chain; the benchmarks' flag). ``trace.gradient`` says what was used."""
+    if not isinstance(memory, bool) and memory not in MEMORY_MODES:
+        raise B.NodeInputError(f"memory: {memory!r} is not one of {MEMORY_MODES}")
+    code = latent_code
+    B.check_code_for_model(model, code)
+    B.check_conditioning_batch(positive, code.batch_size, "positive")
+    B.check_conditioning_batch(negative, code.batch_size, "negative")
+    if vae is None or getattr(vae, "first_stage_model", None) is None:
+        raise B.NodeInputError("vae: connect the VAE that decodes this model's latents")
+    vae_ch = getattr(vae, "latent_channels", None)
+    if vae_ch is not None and vae_ch != code.shape[1]:
+        raise B.NodeInputError(f"vae: it decodes {vae_ch}-channel latents but the code has {code.shape[1]} channels")
+    if update not in ("all components", "start only"):
+        raise B.NodeInputError(f"update: {update!r} is not 'all components' or 'start only'")
+    mode = "all" if update == "all components" else "start"
+    result = {}
+    pbar = comfy.utils.ProgressBar(max(steps, 1))
+
+    def work(denoise_fn, x0, _callback, guider):
+        # Keep what sampling loaded (model, ControlNets, patches) and add the VAE; the backward pass
+        # needs about twice the forward memory of both.
+        shape = tuple(code.shape)
+        try:
+            need = 2 * (guider.model_patcher.model.memory_required([shape[0] * 2, *shape[1:]]) +
+                        vae.memory_used_decode(shape, vae.vae_dtype))
+        except Exception:  # an estimate only; some model types estimate from other inputs
+            need = 0
+        clips = CM.energy_patchers(energy)
+        CM.load(clips, memory_required=need,
+                others=[guider.model_patcher, *getattr(guider, "loaded_models", []), vae.patcher])
+        clip_modules = [p.model for p in clips]
+        try:
+            with gradients_through(guider.inner_model, vae.first_stage_model, *control_modules(guider.conds),
+                                   *clip_modules):
+                alias_conds(guider.conds)
+                device = x0.device
+                dev_code = code.to(device=device, dtype=torch.float32).clone()
+                # A device-bound copy: the energy given to the node is a cached output, never changed.
+                dev_energy = energy
+                if clips and hasattr(energy, "on_device"):
+                    dev_energy = energy.on_device(CM.model_device(clips[0]))
+                elif hasattr(energy, "on_device"):
+                    dev_energy = energy.on_device(device)
+                decode = vae_decoder(vae, guider)
+
+                def progress(k, images, _e):
+                    preview = Image.fromarray((images[0].movedim(0, -1).clamp(0, 1).cpu().numpy() * 255).astype(np.uint8))
+                    pbar.update_absolute(k + 1, max(steps, 1), ("JPEG", preview, 512))
+
+                keep, why = _keep_whole_chain(memory, denoise_fn, guider, dev_code, need, device)
+                result["gradient"] = ("whole chain kept" if keep else "recomputed per step") + f" ({why})"
+                logging.info("Langevin Latent Sampler: %d steps on a %d-step chain, batch %d; gradient %s", steps,
+                             code.steps, code.batch_size, result["gradient"])
+
+                def chain(keep_graph):
+                    return langevin(denoise_fn, decode, dev_energy, dev_code, steps, step_size, seed, update=mode,
+                                    checkpoint=not keep_graph, callback=progress,
+                                    check=comfy.model_management.throw_exception_if_processing_interrupted)
+
+                try:
+                    try:
+                        new_code, trace = chain(keep)
+                    except Exception as e:  # auto's estimate is a guess: out of memory -> recompute instead
+                        if not (keep and memory == MEMORY_MODES[0] and _is_out_of_memory(e)):
+                            raise
+                        logging.warning("Langevin Latent Sampler: keeping the whole chain ran out of memory (%s); "
+                                        "recomputing each step instead", str(e).splitlines()[0][:200])
+                        comfy.model_management.soft_empty_cache()
+                        result["gradient"] = "recomputed per step (auto: keeping the whole chain ran out of memory)"
+                        new_code, trace = chain(False)
+                except FloatingPointError as e:
+                    dtypes = f"the model's weights are {guider.model_patcher.model_dtype()}, the VAE runs in {vae.vae_dtype}"
+                    raise B.NodeInputError(
+                        f"energy: {str(e).rstrip('.')} ({dtypes}; in ComfyUI start with --bf16-vae or --fp32-vae, and "
+                        f"load the model without --fp16-unet / with weight_dtype default). {B.NON_FINITE_HINT}") from None
+                except RuntimeError as e:
+                    if "Inference tensors" not in str(e):
+                        raise
+                    raise B.NodeInputError(
+                        "model: a model patch attached to this MODEL was loaded in a way autograd cannot go through "
+                        f"({e}). Remove patches other than LoRAs/ControlNets for the Langevin node.") from None
+                with torch.no_grad():
+                    final = replay(denoise_fn, new_code, callback=_callback)  # _callback checks every step
+        except UnsupportedWeights as e:
+            raise B.NodeInputError(f"model: {e}") from None
+        result["code"], result["trace"] = new_code, trace
+        return final.detach()
+
+    placeholder = torch.zeros(code.shape)
+    samples = B.run_in_comfy(model, positive, negative, cfg, placeholder, code.sigmas, work, seed, None)
+    trace = result["trace"]
+    trace.gradient = result["gradient"]
+    out_code = B.stamp_code(model, B.cpu_code(result["code"]))
+    B.check_finite(out_code.start_noise, "Langevin Latent Sampler", f"the sampled code (step_size {step_size})")
+    B.check_finite(out_code.noises, "Langevin Latent Sampler", f"the sampled code (step_size {step_size})")
+    B.check_finite(samples, "Langevin Latent Sampler", "the sampled latent", code.steps, code.steps)
+    return out_code, {"samples": samples}, energy_plot(trace.energy, trace.prior), trace

@@ -1,0 +1,115 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Rank Images by CLIP inside ComfyUI: candidates from IMAGE batches (or lists of them), the CLIP
+loaded under model management, and the ranking of ``guidance.clip_rank``."""
+from __future__ import annotations
+
+import torch
+
+from ...guidance.clip_rank import GROUPS, METRICS, batch_groups, clip_scores, contact_sheet, rank_groups
+from . import clip_models as CM
+from . import sampling as B
+
+
+def _flat_images(images, name: str) -> list[torch.Tensor]:
+    """A list of IMAGE batches -> list of single images (H, W, C)."""
+    out = []
+    for batch in images or []:
+        if batch is None:
+            continue
+        if not isinstance(batch, torch.Tensor) or batch.dim() != 4 or batch.shape[-1] not in (3, 4):
+            raise B.NodeInputError(f"{name}: expected IMAGE batches (B, H, W, 3), got "
+                                   f"{getattr(batch, 'shape', type(batch).__name__)}")
+        out.extend(batch[i] for i in range(batch.shape[0]))
+    return out
+
+
+def _labels(labels, n: int, sizes: list[int]) -> list[str]:
+    """One label per image: given per image, or per list item (then suffixed [b] inside a batch)."""
+    if not labels or all(x is None or str(x) == "" for x in labels):
+        return [f"#{i}" for i in range(n)]
+    items = [str(x) for x in labels]
+    if len(items) == 1 and n > 1:
+        items = [s.strip() for s in items[0].splitlines() if s.strip()]
+    if len(items) == n:
+        return items
+    if len(items) == len(sizes):
+        return [f"{lab} [{b}]" if size > 1 else lab for lab, size in zip(items, sizes) for b in range(size)]
+    raise B.NodeInputError(
+        f"labels: {len(items)} labels for {n} images; connect DPM Sweep's label output (one per candidate) "
+        "or give one line per image")
+
+
+def rank_images(images, clip_name, target_text, metric, top_k, rank_within, source_text=None, source_image=None,
+                labels=None):
+    """Rank Images by CLIP (its inputs arrive as lists): returns (top images, their scores, best index,
+    contact sheet, ranking text, info for the UI)."""
+    first = lambda v, d=None: v[0] if isinstance(v, list) and v else (d if isinstance(v, list) else v)  # noqa: E731
+    clip_name, target_text, metric, top_k = first(clip_name), first(target_text), first(metric), first(top_k)
+    rank_within, source_text = first(rank_within), first(source_text, "")
+    cands = _flat_images(images, "images")
+    if not cands:
+        raise B.NodeInputError("images: no image to rank")
+    sizes = [int(b.shape[0]) for b in images if b is not None]
+    n = len(cands)
+    names = _labels(labels, n, sizes)
+    if metric not in METRICS:
+        raise B.NodeInputError(f"metric: must be one of {METRICS}, got {metric!r}")
+    if rank_within not in GROUPS:
+        raise B.NodeInputError(f"rank_within: must be one of {GROUPS}, got {rank_within!r}")
+    if not (target_text or "").strip():
+        raise B.NodeInputError("target_text: give the target prompt")
+    bsz = sizes[0]
+    try:
+        groups = batch_groups(sizes, rank_within)
+    except ValueError as e:
+        raise B.NodeInputError(f"rank_within: {e}") from None
+    src = _flat_images(source_image, "source_image")
+    if metric == "directional CLIP":
+        if not src or not (source_text or "").strip():
+            raise B.NodeInputError(
+                "source_image / source_text: directional CLIP needs both (the image before the edit and what "
+                "it shows); connect them, or choose metric 'CLIP score'")
+        if len(src) == n:
+            pass
+        elif len(src) == 1:
+            src = src * n
+        elif len(set(sizes)) == 1 and len(src) == bsz:
+            src = [src[i % bsz] for i in range(n)]  # one source per batch index
+        else:
+            raise B.NodeInputError(f"source_image: {len(src)} images; give one, one per batch index ({bsz}) "
+                                   f"or one per candidate ({n})")
+    bundle, _patcher = CM.load_clip(clip_name)
+
+    def pixels(ims):
+        return torch.cat([bundle.resize(im[None, :, :, :3].movedim(-1, 1), center_crop=True).cpu() for im in ims])
+
+    src_t = pixels(src) if metric == "directional CLIP" else None
+    try:
+        scores = clip_scores(bundle, pixels(cands), target_text, metric, source_image=src_t,
+                             source_text=source_text)
+    except ValueError as e:
+        raise B.NodeInputError(str(e)) from None
+    pos, best, bests, lines = rank_groups(scores, groups, names, int(top_k))
+    shapes = {tuple(cands[i].shape) for i in best}
+    if len(shapes) > 1:
+        raise B.NodeInputError(f"images: the best images differ in size {sorted(shapes)}; use top_k 1 "
+                               "or candidates of one size")
+    top = torch.stack([cands[i] for i in best]).clone()
+    caps = [f"#{pos[i] + 1}  {float(scores[i]):.4f}\n{names[i]}" for i in range(n)]
+    sheet = contact_sheet(torch.stack([c[..., :3] for c in cands]) if len({tuple(c.shape) for c in cands}) == 1
+                          else _padded(cands), caps)
+    text = f"{metric}, best of {len(groups[0])}" + (f" for each of {len(groups)} batch indices" if len(groups) > 1
+                                                     else "") + ":\n" + "\n".join(lines)
+    info = {"metric": metric, "best_index": int(bests[0]), "best_label": names[bests[0]],
+            "best_score": float(scores[bests[0]]), "scores": [float(x) for x in scores],
+            "best_indices": [int(i) for i in bests]}
+    return top, [float(scores[i]) for i in best], int(bests[0]), sheet, text, info
+
+
+def _padded(cands: list[torch.Tensor]) -> torch.Tensor:
+    h = max(c.shape[0] for c in cands)
+    w = max(c.shape[1] for c in cands)
+    out = torch.zeros(len(cands), h, w, 3)
+    for i, c in enumerate(cands):
+        out[i, :c.shape[0], :c.shape[1]] = c[..., :3]
+    return out
