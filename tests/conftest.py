@@ -1,6 +1,17 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """Test fixtures: the pack imported as ComfyUI imports it, ComfyUI in-process, and a real server.
 
+The tests are arranged by layer, and within a layer by what they test:
+
+* ``pure/``     samplers/ and guidance/ (pure torch), the files' layout; ComfyUI is never imported
+* ``nodes/``    one file (or a few, by suffix) per node family, named after its file in nodes/:
+                in-process through ComfyUI's own loaders, and through a real server
+* ``product/``  what a user runs: the shipped workflows, the web frontend in Chromium, the demo job,
+                the batch runner, the tiny models themselves
+
+ComfyUI is put on sys.path (on the CPU, fp32) by the conftest of ``nodes/`` and ``product/``; the
+fixtures below that need it are used only there.
+
 Run through ``python3 scripts/comfy_host.py test``, which sets DPM_LATENT_COMFYUI
 to the ComfyUI folder of the host and uses the host's Python. The shared tools are the
 package ``dpmtools`` (tools/dpmtools/, on sys.path through ``pythonpath`` in pyproject.toml).
@@ -13,11 +24,6 @@ import sys
 import pytest
 
 from dpmtools import comfy_env
-
-# ComfyUI importable in this process, on the CPU in fp32, before any test imports the pack
-comfy_env.add_comfy_to_path()
-comfy_env.set_device(cpu=True, force_fp32=True)
-
 
 @pytest.fixture(scope="session")
 def pack():

