@@ -79,25 +79,33 @@ def test_sigmas_input_overrides_the_schedule(nodes, models):
             cyc.DPMEncode.execute(m, cond, cond, lat, 0, 50, "simple", 0.7, 0.1, 1.0, sigmas=sig[:-1])
 
 
-def test_node_errors_name_the_input(nodes, models):
+def _refused_encode(cyc, B, m, cond, lat, three):
+    """Each refusal a node makes of bad input, with the words its message must say."""
+    return {
+        "positive batch": (lambda: cyc.DPMEncode.execute(m, three, cond, lat, 0, 4, "normal", 1.0, 0.1, 1.0),
+                           "positive: conditioning has batch 3 but the latent batch is 2"),
+        "eta zero": (lambda: cyc.DPMEncode.execute(m, cond, cond, lat, 0, 4, "normal", 1.0, 0.0, 1.0),
+                     "eta must be > 0"),
+        "video latent": (lambda: cyc.DPMEncode.execute(m, cond, cond, {"samples": torch.randn(1, 4, 2, 8, 8)}, 0, 4,
+                                                       "normal", 1.0, 0.1, 1.0), "video/audio latents"),
+        "negative batch": (lambda: cyc.ReplayLatentWithPrompt.execute(
+            m, cond, three, cyc.DPMEncode.execute(m, cond, cond, lat, 0, 4, "normal", 1.0, 0.1, 1.0).result[0], 1.0),
+            "negative: conditioning has batch 3 but the latent batch is 2"),
+        "denoise zero": (lambda: B.schedule(m, "normal", 4, 0.0), "steps: must be >= 1|denoise"),
+    }
+
+
+@pytest.mark.parametrize("case", ["positive batch", "eta zero", "video latent", "negative batch", "denoise zero"])
+def test_node_errors_name_the_input(nodes, models, case):
     cyc, B = nodes
     m = models["tiny_sd15"]
     cond = cyc.EmptyConditioning.execute(m, 4).result[0]
     lat = {"samples": torch.randn(2, 4, 8, 8)}
     three = [[torch.zeros(3, 4, 768), {}]]
+    call, message = _refused_encode(cyc, B, m, cond, lat, three)[case]
     with torch.inference_mode():
-        with pytest.raises(B.NodeInputError, match="positive: conditioning has batch 3 but the latent batch is 2"):
-            cyc.DPMEncode.execute(m, three, cond, lat, 0, 4, "normal", 1.0, 0.1, 1.0)
-        with pytest.raises(B.NodeInputError, match="eta must be > 0"):
-            cyc.DPMEncode.execute(m, cond, cond, lat, 0, 4, "normal", 1.0, 0.0, 1.0)
-        with pytest.raises(B.NodeInputError, match="video/audio latents"):
-            cyc.DPMEncode.execute(m, cond, cond, {"samples": torch.randn(1, 4, 2, 8, 8)}, 0, 4, "normal", 1.0,
-                                  0.1, 1.0)
-        code = cyc.DPMEncode.execute(m, cond, cond, lat, 0, 4, "normal", 1.0, 0.1, 1.0).result[0]
-        with pytest.raises(B.NodeInputError, match="negative: conditioning has batch 3 but the latent batch is 2"):
-            cyc.ReplayLatentWithPrompt.execute(m, cond, three, code, 1.0)
-        with pytest.raises(B.NodeInputError, match="steps: must be >= 1|denoise"):
-            B.schedule(m, "normal", 4, 0.0)
+        with pytest.raises(B.NodeInputError, match=message):
+            call()
 
 
 def test_clip_folders_follow_links_and_survive_loops(pack, tmp_path):

@@ -169,23 +169,30 @@ def test_encoded_noise_is_standard_normal_for_a_fine_ddpm_chain(S, family):
     assert r.abs().max().item() < 0.15
 
 
-def test_errors(S):
-    den = gaussian_denoiser("ve", 0.0, 1.0)
-    x0 = torch.zeros(1, 4, 2, 2)
-    with pytest.raises(S.CodeError, match="eta must be > 0"):
-        S.encode(den, x0, VE_SIGMAS, 0.0, "ve", seed=0)
-    bad = x0.clone()
+def _nan_image():
+    bad = torch.zeros(1, 4, 2, 2)
     bad[0, 0, 0, 0] = float("nan")
-    with pytest.raises(S.CodeError, match="NaN"):
-        S.encode(den, bad, VE_SIGMAS, 0.1, "ve", seed=0)
-    with pytest.raises(S.CodeError, match="must end at 0"):
-        S.encode(den, x0, VE_SIGMAS[:-1], 0.1, "ve", seed=0)
-    with pytest.raises(S.CodeError, match="decrease strictly"):
-        S.encode(den, x0, torch.tensor([1.0, 2.0, 0.0]), 0.1, "ve", seed=0)
-    with pytest.raises(S.CodeError, match="lie in \\[0, 1\\]"):
-        S.encode(den, x0, torch.tensor([2.0, 0.5, 0.0]), 0.1, "flow", seed=0)
-    with pytest.raises(S.CodeError, match="family"):
-        S.encode(den, x0, VE_SIGMAS, 0.1, "edm", seed=0)
+    return bad
+
+
+REFUSED_ENCODES = {  # case: (encode arguments after the denoiser, what the error says)
+    "eta zero": (lambda: (torch.zeros(1, 4, 2, 2), VE_SIGMAS, 0.0, "ve"), "eta must be > 0"),
+    "nan image": (lambda: (_nan_image(), VE_SIGMAS, 0.1, "ve"), "NaN"),
+    "schedule not ending at 0": (lambda: (torch.zeros(1, 4, 2, 2), VE_SIGMAS[:-1], 0.1, "ve"), "must end at 0"),
+    "schedule increasing": (lambda: (torch.zeros(1, 4, 2, 2), torch.tensor([1.0, 2.0, 0.0]), 0.1, "ve"),
+                            "decrease strictly"),
+    "flow sigma above 1": (lambda: (torch.zeros(1, 4, 2, 2), torch.tensor([2.0, 0.5, 0.0]), 0.1, "flow"),
+                           "lie in \\[0, 1\\]"),
+    "unknown family": (lambda: (torch.zeros(1, 4, 2, 2), VE_SIGMAS, 0.1, "edm"), "family"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_ENCODES))
+def test_encode_refuses(S, case):
+    make_args, message = REFUSED_ENCODES[case]
+    x0, sigmas, eta, family = make_args()
+    with pytest.raises(S.CodeError, match=message):
+        S.encode(gaussian_denoiser("ve", 0.0, 1.0), x0, sigmas, eta, family, seed=0)
 
 
 def test_prior_code_scale(S):
