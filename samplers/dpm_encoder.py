@@ -395,7 +395,9 @@ def replay_step(denoise: Denoiser, x: torch.Tensor, i: int, code: LatentCode,
 def replay(denoise: Denoiser, code: LatentCode, callback: Optional[StepCallback] = None) -> torch.Tensor:
     """Run the stochastic sampler with the code's noises; returns the final latent.
 
-    With a mask in the code, every state outside it is the encoder's own (module doc)."""
+    With a mask in the code, every state outside it is the encoder's own (module doc).  This is the
+    reference replay: ``asyrp.asyrp_replay`` with no edit and no boosting, and
+    ``guidance.langevin.replay_differentiable``, are tested to give its result."""
     x = code.x_start()
     if code.mask is not None:
         x = blend(code.mask, x, code.trajectory[0])

@@ -223,6 +223,11 @@ def run_in_comfy(model, positive, negative, cfg: float, latent: torch.Tensor, si
                  work: Work, seed: int, steps_for_progress: Optional[int]) -> torch.Tensor:
     """Run ``work`` inside ComfyUI's sampling machinery; returns process_latent_out(work(...)).
 
+    ComfyUI hands a sampler only a latent and returns only a latent, so the callers follow one idiom:
+    ``latent`` is the input image (process_latent_in is applied to it) or, when the work starts from
+    a code, a zero placeholder of the right shape; anything else the work produces (a code, a trained
+    direction, a trace) it stores in a dict the caller made, and the caller reads it after this returns.
+
     ``steps_for_progress`` None: no per-step progress bar (the work reports its own)."""
     guider = make_guider(model, positive, negative, cfg)
     callback = None if steps_for_progress is None else latent_preview.prepare_callback(model, steps_for_progress)
