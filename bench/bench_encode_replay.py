@@ -56,7 +56,8 @@ def main(steps: int = 12, size: int = 24, batch: int = 1, repeats: int = 3) -> N
             for _ in range(2):
                 guider.sample(torch.randn_like(latent["samples"]), latent["samples"], s, sigmas)
 
-        ours(); bare()  # warm-up
+        ours()  # warm-up
+        bare()
         t_ours, t_bare, t_ks = timed_round_robin([ours, bare, ksampler], repeats)
     print(f"tiny SD1.5, latent {batch}x4x{size}x{size}, {steps} steps, best of {repeats} (interleaved)")
     print(f"  encode + replay          {t_ours:8.3f} s")

@@ -3,12 +3,12 @@
 
 Target density (Wu & De la Torre, ICCV 2023)::
 
-    p(z | C)  ∝  N(z; 0, I) · exp(-E(G(z) | C))
+    p(z | C)  proportional to  N(z; 0, I) · exp(-E(G(z) | C))
 
 with ``G`` the replay chain of a ``LatentCode`` followed by a decoder, and
-``E`` an energy that already carries its weight λ.  Each step::
+``E`` an energy that already carries its weight lambda.  Each step::
 
-    z <- z - (step / 2) * grad_z [ ½‖z‖² + E(G(z)) ] + sqrt(step) * ω,   ω ~ N(0, I)
+    z <- z - (step / 2) * grad_z [ ½|z|² + E(G(z)) ] + sqrt(step) * w,   w ~ N(0, I)
 
 ``z`` is the standardised part of the code: ``start_noise`` (the start latent
 is ``start_mean + start_scale * start_noise``, so its prior is
@@ -159,7 +159,7 @@ class LangevinTrace:
     """Per-step values, each a list over steps of per-sample floats."""
 
     energy: list[list[float]] = field(default_factory=list)
-    prior: list[list[float]] = field(default_factory=list)   # ‖z‖² / dim: ≈ 1 in the typical set
+    prior: list[list[float]] = field(default_factory=list)   # |z|² / dim: about 1 in the typical set
     dim: int = 0
     gradient: str = ""   # how the host took the gradient through the chain (recomputed or kept), for the log
 

@@ -57,7 +57,7 @@ residual ``x0 - d`` instead so that replay lands exactly on ``x0``.
 
 The latent code
 ---------------
-``z = start ⊕ eps_0 ⊕ ... ⊕ eps_{N-2} ⊕ residual`` where the start latent is
+``z = start | eps_0 | ... | eps_{N-2} | residual`` (``|``: concatenation) where the start latent is
 ``x_start = start_mean + start_scale * start_noise``.  For an encoded image
 ``start_mean = alpha_0 x0`` and ``start_scale = sigma_0`` (the true marginal
 ``q(x_start | x0)``); for a code drawn from the prior ``start_mean = 0`` and

@@ -612,7 +612,7 @@ def asyrp_markdown(a) -> list[str]:
         lo, hi = x[k + "_ci95"]
         return f"{fmt.format(x[k])} [{fmt.format(lo)}, {fmt.format(hi)}]"
 
-    lines = ["| Asyrp 'red → blue' (n held-out images; 95 % CI) | blue rate | colour shift red→blue (1 = all "
+    lines = ["| Asyrp 'red -> blue' (n held-out images; 95 % CI) | blue rate | colour shift red->blue (1 = all "
              "the way) | shape kept | centroid error (px) |", "|---|---|---|---|---|"]
     for which in ASYRP:
         m = a[which]
@@ -731,9 +731,9 @@ def metrics_markdown(m: dict) -> str:
         "| measure (n; rates with their Wilson 95 % interval) | DPM Latent | baseline |",
         "|---|---|---|",
         f"| reconstruction PSNR vs the VAE round trip (worst of n = {m['n_images']}) | {m['reconstruction_psnr_vs_vae_roundtrip_db']:.1f} dB | – |",
-        f"| translation A→B: square rate (n = {m['n_images']}) | {_r(t, 'square_rate')} | SDEdit {_r(s, 'square_rate')} |",
-        f"| translation A→B: colour kept (n = {m['n_images']}) | {_r(t, 'colour_kept')} | SDEdit {_r(s, 'colour_kept')} |",
-        f"| translation A→B: centroid error | {t['centroid_error_px']:.1f} px | SDEdit {s['centroid_error_px']:.1f} px |",
+        f"| translation A->B: square rate (n = {m['n_images']}) | {_r(t, 'square_rate')} | SDEdit {_r(s, 'square_rate')} |",
+        f"| translation A->B: colour kept (n = {m['n_images']}) | {_r(t, 'colour_kept')} | SDEdit {_r(s, 'colour_kept')} |",
+        f"| translation A->B: centroid error | {t['centroid_error_px']:.1f} px | SDEdit {s['centroid_error_px']:.1f} px |",
         f"| CLIP-guided generation: '{g['target']}' colour rate (n = {g['batch']}) | {_r(g, 'clip_guided')} | unguided {_r(g, 'unguided')} |",
         f"| CLIP-guided editing: '{e['target']}' colour rate (n = {e.get('n', '?')}) | {_r(e, 'target_colour_after')} | before {_r(e, 'target_colour_before')} |",
         f"| CLIP-guided editing: square kept / centroid error | {_r(e, 'square_kept')} / {e['centroid_error_px']:.1f} px | – |",
@@ -742,13 +742,13 @@ def metrics_markdown(m: dict) -> str:
         k = m["masked_translation"]
         d, b = k["dpm"], k["inpaint_baseline"]
         lines += [
-            f"| masked translation A→B (mask = shape box + {k['mask_margin_px']} px, {100 * k['mask_area_fraction']:.0f} % of the image): "
+            f"| masked translation A->B (mask = shape box + {k['mask_margin_px']} px, {100 * k['mask_area_fraction']:.0f} % of the image): "
             f"PSNR outside the mask vs the VAE round trip (worst / median of n = {k['n']}) | "
             f"{d['outside_psnr_db_min']:.1f} / {d['outside_psnr_db_median']:.1f} dB | "
             f"ComfyUI inpainting {b['outside_psnr_db_min']:.1f} / {b['outside_psnr_db_median']:.1f} dB |",
-            f"| masked translation A→B: square rate (n = {k['n']}; unmasked {t['square_rate']:.2f}) | "
+            f"| masked translation A->B: square rate (n = {k['n']}; unmasked {t['square_rate']:.2f}) | "
             f"{fmt_rate(d['square_rate'])} | ComfyUI inpainting {fmt_rate(b['square_rate'])} |",
-            f"| masked translation A→B: colour kept / centroid error | {fmt_rate(d['colour_kept'])} / "
+            f"| masked translation A->B: colour kept / centroid error | {fmt_rate(d['colour_kept'])} / "
             f"{d['centroid_error_px']:.1f} px | ComfyUI inpainting {fmt_rate(b['colour_kept'])} / "
             f"{b['centroid_error_px']:.1f} px |",
         ]
@@ -768,15 +768,15 @@ def pixel_ddpm_markdown(p: dict) -> list:
         return f"[{x[0]:.2f}, {x[1]:.2f}]"
 
     rec = p["reconstruction_psnr_vs_input_db"]
-    worst = f"{rec['worst']:.1f} dB" if math.isfinite(rec["worst"]) else "∞ (identical 8-bit images)"
+    worst = f"{rec['worst']:.1f} dB" if math.isfinite(rec["worst"]) else "inf (identical 8-bit images)"
     return [
         f"| pixel DDPMs (diffusers, {p['image_size']}²; n = {p['n_images']}): reconstruction vs input, worst PSNR / "
         f"max error | {worst} / {rec['max_abs_error_255']:.0f}/255 | – |",
-        f"| pixel DDPMs A→B: square rate (95 % CI) | {t['square_rate']:.2f} {ci(t['square_rate_ci95'])} "
+        f"| pixel DDPMs A->B: square rate (95 % CI) | {t['square_rate']:.2f} {ci(t['square_rate_ci95'])} "
         f"| SDEdit {s['square_rate']:.2f} {ci(s['square_rate_ci95'])} |",
-        f"| pixel DDPMs A→B: colour kept (95 % CI) | {t['colour_kept']:.2f} {ci(t['colour_kept_ci95'])} "
+        f"| pixel DDPMs A->B: colour kept (95 % CI) | {t['colour_kept']:.2f} {ci(t['colour_kept_ci95'])} "
         f"| SDEdit {s['colour_kept']:.2f} {ci(s['colour_kept_ci95'])} |",
-        f"| pixel DDPMs A→B: centroid error (95 % CI) | {t['centroid_error_px']:.1f} px {ci(t['centroid_error_px_ci95'])} "
+        f"| pixel DDPMs A->B: centroid error (95 % CI) | {t['centroid_error_px']:.1f} px {ci(t['centroid_error_px_ci95'])} "
         f"| SDEdit {s['centroid_error_px']:.1f} px {ci(s['centroid_error_px_ci95'])} |",
     ]
 
@@ -828,7 +828,7 @@ def main(argv=None) -> int:
     grid(images).save(out / "demo_grid.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     table = metrics_markdown(metrics)
-    (out / "metrics.md").write_text(table + "\n")
+    (out / "metrics.md").write_text(table + "\n", encoding="utf-8")
     print(table)
     print(f"\nwrote {out / 'demo_grid.png'}, {out / 'metrics.json'}, {out / 'metrics.md'}")
     print("\nTry it by hand: `python3 scripts/comfy_host.py serve`, open http://127.0.0.1:8188/ and drag "

@@ -140,13 +140,22 @@ def _class_name(path: Path) -> str:
 
 
 def resolve_folder(name: str) -> Path:
+    """The folder of a listed model name: ``<root>/<name>`` for the first diffusers root holding it.
+
+    As ComfyUI's own folder listing (and ``list_folders``) does, a name may be, or lie under, a
+    symbolic link to another disk; only names that leave the folder (absolute, ``..``) are refused.
+    The check is on the path as written, never on where its links point.
+    """
     if not isinstance(name, str) or not name:
         raise B.NodeInputError("model_name: pick a folder from models/diffusers/")
+    parts = name.replace("\\", "/").split("/")
+    if os.path.isabs(name) or name[:1] in ("/", "\\") or ":" in parts[0] or ".." in parts:
+        raise B.NodeInputError(
+            f"model_name: {name!r} is not a folder name inside models/diffusers/ (absolute paths and '..' "
+            "are refused); pick a folder from the list. To use a model stored elsewhere, put a symbolic "
+            "link to it in models/diffusers/")
     for root in folder_paths.get_folder_paths(FOLDER_KEY):
-        root_real = os.path.realpath(root)
         path = Path(root) / name
-        if not os.path.realpath(path).startswith(root_real + os.sep):
-            continue
         if path.is_dir():
             return path
     raise B.NodeInputError(

@@ -243,3 +243,62 @@ def test_folder_layouts_and_schedule_mapping(ddpm_mod, model_dirs, tmp_path):
     cfg_path.write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="prediction_type 'flow'"):
         ddpm_mod.schedule_from_config(cfg_path)
+
+
+def _link_outside(root, name, tmp_path_factory, seed=0):
+    """A DDPM folder built on "another disk" (a temporary folder outside ``root``), linked into ``root``
+    as ``name``: what ``comfy_host.py demo`` installs and what users with model folders elsewhere do."""
+    from dpmtools import tiny_ddpm
+    real = tiny_ddpm.make_ddpm_folder(tmp_path_factory.mktemp("other_disk") / name, seed=seed, layout="pipeline")
+    link = root / name
+    if not link.is_symlink():
+        link.symlink_to(real, target_is_directory=True)
+    assert link.resolve() == real.resolve() and not str(real.resolve()).startswith(str(root.resolve()))
+    return link, real
+
+
+def test_symlinked_folder_resolves_and_escapes_are_refused(ddpm_mod, tmp_path_factory, monkeypatch):
+    import folder_paths
+    root = tmp_path_factory.mktemp("diffusers_links")
+    link, real = _link_outside(root, "linked_ddpm", tmp_path_factory)
+    # a linked parent folder too: models/diffusers/shelf -> a folder of models elsewhere
+    shelf_model = _link_outside(tmp_path_factory.mktemp("shelf_parent"), "shelved_ddpm", tmp_path_factory, 1)[1]
+    (root / "shelf").symlink_to(shelf_model.parent, target_is_directory=True)
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusers", ([str(root)], set()))
+    listed = ddpm_mod.list_folders()
+    assert {"linked_ddpm", "shelf/shelved_ddpm"} <= set(listed), listed
+    for name in ("linked_ddpm", "shelf/shelved_ddpm"):
+        folder = ddpm_mod.resolve_folder(name)
+        assert folder == root / name
+        _patcher, _vae, info = ddpm_mod.load_ddpm(folder, "never")
+        assert info["prediction_type"] == "epsilon"
+    # names that leave the folder are refused, with a message naming the input and the fix
+    for bad in ("../linked_ddpm", "linked_ddpm/../../x", "shelf/../../other", str(real), "/etc",
+                "..\\x", "C:\\models\\x", "C:x"):
+        with pytest.raises(ddpm_mod.B.NodeInputError) as ei:
+            ddpm_mod.resolve_folder(bad)
+        msg = str(ei.value)
+        assert msg.startswith("model_name:") and repr(bad) in msg, msg
+        assert "absolute paths and '..'" in msg and "symbolic link" in msg, msg
+
+
+def test_symlinked_folder_runs_in_the_server(server, model_dirs, tmp_path_factory):
+    """Issue 18.1: a folder linked into models/diffusers/ from elsewhere (as ``comfy_host.py demo``
+    installs the demo's DDPM) loads in the server and is the same model as its twin built in place."""
+    _link_outside(model_dirs["diffusers"], "tiny_ddpm_linked", tmp_path_factory, seed=0)
+    assert "tiny_ddpm_linked" in server.object_info()["LoadDiffusersDDPM"]["input"]["required"]["model_name"][1][
+        "options"]
+    g = Graph()
+    empty = g.node("LoadLatent", latent=write_latent(server.input_dir, "ddpm_zero_link", torch.zeros(1, 3, H, W)))
+    saves = {}
+    for name in ("tiny_ddpm_linked", "tiny_ddpm_eps"):     # same seed: the same weights
+        load = g.node("LoadDiffusersDDPM", model_name=name)
+        cond = g.node("EmptyConditioning", model=load.out(0), tokens=1)
+        s = g.node("KSampler", model=load.out(0), seed=5, steps=3, cfg=1.0, sampler_name="euler",
+                   scheduler="normal", denoise=1.0, positive=cond.out(0), negative=cond.out(0),
+                   latent_image=empty.out(0))
+        saves[name] = g.node("SaveLatent", samples=s.out(0), filename_prefix=f"ddpm_link_{name}").id
+    entry = server.run(g.prompt())
+    a, b = (saved_latents(server, entry, saves[n]) for n in ("tiny_ddpm_linked", "tiny_ddpm_eps"))
+    assert a.shape == (1, 3, H, W) and float(a.std()) > 0.01
+    assert torch.equal(a, b)
