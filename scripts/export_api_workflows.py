@@ -30,7 +30,7 @@ API_DIR = WORKFLOWS / "api"
 
 def twins(object_info: dict) -> dict[str, str]:
     """{file name: text} of every twin, from the UI files."""
-    return {p.name: api_twin_text(ui_to_api(json.loads(p.read_text()), object_info))
+    return {p.name: api_twin_text(ui_to_api(json.loads(p.read_text(encoding="utf-8")), object_info))
             for p in sorted(WORKFLOWS.glob("*.json"))}
 
 
@@ -42,7 +42,7 @@ def differences(wanted: dict[str, str], api_dir: Path = API_DIR) -> list[str]:
         path = api_dir / name
         if not path.is_file():
             out.append(f"{api_dir.name}/{name}: missing")
-        elif path.read_text() != text:
+        elif path.read_text(encoding="utf-8") != text:
             out.append(f"{api_dir.name}/{name}: stale (workflows/{name} or the converter changed)")
     return out
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         if p.name not in wanted:
             p.unlink()
     for name, text in wanted.items():
-        (API_DIR / name).write_text(text)
+        (API_DIR / name).write_text(text, encoding="utf-8")
     print(f"wrote {len(wanted)} twins to {API_DIR.relative_to(REPO)}/ ({len(problems)} changed)")
     return 0
 

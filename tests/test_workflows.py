@@ -216,7 +216,7 @@ def test_api_twins_are_the_converters_output(object_info):
         f"twins without a UI file {sorted(twins - {p.name for p in WORKFLOWS})}, UI files without a twin "
         f"{sorted({p.name for p in WORKFLOWS} - twins)}: run python3 scripts/comfy_host.py export-api")
     stale = [p.name for p in WORKFLOWS
-             if (API_DIR / p.name).read_text() != api_twin_text(ui_to_api(_load(p), object_info))]
+             if (API_DIR / p.name).read_text(encoding="utf-8") != api_twin_text(ui_to_api(_load(p), object_info))]
     assert not stale, f"stale API twins {stale}: run python3 scripts/comfy_host.py export-api"
     # a twin is a prompt the server takes as it is: every node's class, inputs and title
     for p in WORKFLOWS:
