@@ -2,13 +2,19 @@
 """The shipped workflows in the real ComfyUI frontend, in headless Chromium, as a person uses them.
 
 One ComfyUI server (the demo models in its model folders, the demo's sample images in its input
-folder) serves the frontend it ships (comfyui_frontend_package 1.32.9).  One headless Debian
+folder) serves the frontend it ships (comfyui_frontend_package 1.32.9, pinned in scripts/host-lock.txt;
+``python3 scripts/comfy_host.py test-frontend [VERSION]`` runs this file against another one, by default
+the newest on the package index, installed beside the host).  The checks hold on both: node ids
+are compared as numbers (1.5x frontends give them as strings), and a node the page flags in error
+(``has_errors``, which 1.5x sets on a node whose model or image is not installed) is a problem only
+when no model or image of it is missing.  One headless Debian
 Chromium, driven by playwright, opens the page once; then, for every ``workflows/*.json`` (picked up
 by glob, so new workflows are tested too):
 
 * the workflow is loaded with ``app.loadGraphData(json)`` (the code path of a drop) and read back
   from the page's LiteGraph objects (``app.graph``) with ``page.evaluate``;
-* no node type is missing (every type is a registered LiteGraph node, none is flagged in error);
+* no node type is missing (every type is a registered LiteGraph node), and no node is flagged in
+  error but for a model or image this server lacks;
 * every link of the file is in the page, from the same output to the same input (by name), and
   both ends point at it; the page has no other link;
 * every widget shows the value the file stores for it: ``widgets_values`` is laid out by the
@@ -20,8 +26,10 @@ by glob, so new workflows are tested too):
   demo workflows' models and images are all on this server, so theirs must resolve;
 * every node is at least as large as the page's minimum size for its widgets (computeSize);
 * the page raised no uncaught error while loading;
-* the API prompt the page would queue (``app.graphToPrompt()``, what Run sends) is the one
-  ``tools/dpmtools/workflow.py`` makes from the file, which the workflow tests and the demo run.
+* the API prompt the page queues (the Queue Prompt command, as Run sends it; its POST to /prompt is
+  captured and answered by the test, so nothing runs) is the one ``tools/dpmtools/workflow.py`` makes
+  from the file, which the workflow tests and the demo run, and the file's shipped API twin
+  ``workflows/api/<name>.json``: classes, inputs and titles.
 
 Then a real file drop (a DragEvent with a DataTransfer holding the JSON file, dispatched on the
 canvas) loads ``workflows/demo_translate.json``; it is queued with the page's Queue Prompt shortcut
@@ -128,6 +136,33 @@ READ_OUTPUTS = """async (ids) => {
 
 def _load(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def api_twin(path: Path) -> dict:
+    """The shipped API-format twin of a UI workflow (workflows/api/, scripts/export_api_workflows.py)."""
+    twin = path.parent / "api" / path.name
+    assert twin.is_file(), f"{twin} is missing: run python3 scripts/comfy_host.py export-api"
+    return json.loads(twin.read_text())
+
+
+def queue_from_page(p) -> dict:
+    """What the page POSTs to /prompt when the user queues the loaded workflow (the Queue Prompt
+    command, as Run and Ctrl+Enter do), captured on its way out and answered in the server's stead,
+    so nothing runs: {"prompt": ..., "client_id": ..., "extra_data": ...}."""
+    def answer(route):
+        if route.request.method != "POST":
+            route.continue_()
+            return
+        route.fulfill(status=200, content_type="application/json",
+                      body=json.dumps({"prompt_id": "captured-by-the-test", "number": 0, "node_errors": {}}))
+
+    p.route("**/prompt", answer)
+    try:
+        with p.expect_request(lambda r: r.method == "POST" and r.url.split("?")[0].endswith("/prompt")) as req:
+            p.evaluate("() => window.app.extensionManager.command.execute('Comfy.QueuePrompt')")
+        return req.value.post_data_json
+    finally:
+        p.unroute("**/prompt", answer)
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -289,9 +324,8 @@ def check_graph(path: Path, wf: dict, shown: dict, object_info: dict, model_file
             problems.append(f"{where}: the page made it a {pn['type']}")
         if fn["type"] not in FRONTEND_ONLY and fn["type"] not in object_info:
             problems.append(f"{where}: the server does not know this node type")
-        if not pn["registered"] or pn["has_errors"]:
-            problems.append(f"{where}: missing node type in the page (registered={pn['registered']}, "
-                            f"has_errors={pn['has_errors']})")
+        if not pn["registered"]:
+            problems.append(f"{where}: missing node type in the page (not a registered LiteGraph node)")
         if pn["mode"] != fn.get("mode", 0):
             problems.append(f"{where}: mode {fn.get('mode', 0)} in the file, {pn['mode']} in the page")
 
@@ -307,6 +341,7 @@ def check_graph(path: Path, wf: dict, shown: dict, object_info: dict, model_file
             if not _same(w["value"], wval):
                 problems.append(f"{where}: widget {w['name']!r} shows {w['value']!r}, the file stores {wval!r}")
         specs = dict(ordered_inputs(object_info[fn["type"]])) if fn["type"] in object_info else {}
+        not_installed = []  # the user's own files this node names and this server does not have
         for w in pn["widgets"]:
             spec = specs.get(w["name"])
             if spec is None or not is_combo(spec) or w["options"] is None or w["value"] in w["options"]:
@@ -317,6 +352,13 @@ def check_graph(path: Path, wf: dict, shown: dict, object_info: dict, model_file
             if not user_file or path.stem.startswith("demo_"):
                 problems.append(f"{where}: combo {w['name']!r} shows {w['value']!r}, not one of its options "
                                 f"{sorted(opts)[:8]}")
+            else:
+                not_installed.append(w["name"])
+        # Newer frontends (1.5x) flag a node whose model or image is not installed (has_errors); that
+        # is the user's to install, as above.  A node in error for any other reason is a problem.
+        if pn["has_errors"] and not not_installed:
+            problems.append(f"{where}: the page flags the node in error (has_errors), and not for a model "
+                            "or image this server lacks")
 
         # size: the node has room for its widgets
         if pn["size"][0] + 1 < pn["min_size"][0] or pn["size"][1] + 1 < pn["min_size"][1]:
@@ -363,7 +405,8 @@ def check_graph(path: Path, wf: dict, shown: dict, object_info: dict, model_file
 
 
 def prompt_differences(page_prompt: dict, api: dict) -> list[str]:
-    """Where the API prompt the page would queue differs from tools/dpmtools/workflow.py's conversion."""
+    """Where the API prompt the page queues differs from another (tools/dpmtools/workflow.py's conversion,
+    a shipped API twin): node classes, titles and inputs."""
     problems = []
     if set(page_prompt) != set(api):
         problems.append(f"the page would queue nodes {sorted(page_prompt, key=int)}, the converter {sorted(api, key=int)}")
@@ -372,6 +415,9 @@ def prompt_differences(page_prompt: dict, api: dict) -> list[str]:
         if a["class_type"] != b["class_type"]:
             problems.append(f"node {nid}: {a['class_type']} in the page's prompt, {b['class_type']} converted")
             continue
+        ta, tb = (a.get("_meta") or {}).get("title"), (b.get("_meta") or {}).get("title")
+        if ta != tb:  # clients pick nodes (outputs) by this title
+            problems.append(f"node {nid} ({a['class_type']}): titled {ta!r} in the page's prompt, {tb!r} converted")
         for name in sorted(set(a["inputs"]) | set(b["inputs"])):
             va, vb = a["inputs"].get(name, "<missing>"), b["inputs"].get(name, "<missing>")
             if isinstance(va, list) and isinstance(vb, list):
@@ -394,6 +440,16 @@ def test_every_shipped_workflow_is_tested():
     assert len(WORKFLOWS) >= 9 and QUEUED in {p.stem for p in WORKFLOWS} and SCREENSHOT in {p.stem for p in WORKFLOWS}
 
 
+def test_the_page_is_the_frontend_under_test(page):
+    """The page runs the comfyui-frontend-package this Python imports (the host's pin, or the one
+    ``comfy_host.py test-frontend`` put first on PYTHONPATH, which it names in DPM_LATENT_FRONTEND)."""
+    from importlib.metadata import version
+
+    served = page.page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ || null")
+    assert served == version("comfyui-frontend-package"), served
+    assert served == os.environ.get("DPM_LATENT_FRONTEND", served), (served, os.environ["DPM_LATENT_FRONTEND"])
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_loads_in_the_frontend(path, page, object_info, model_files, tmp_path):
     wf = _load(path)
@@ -402,10 +458,13 @@ def test_workflow_loads_in_the_frontend(path, page, object_info, model_files, tm
     problems = check_graph(path, wf, shown, object_info, model_files)
     problems += [f"uncaught error in the page while loading: {e}" for e in page.errors[errors_before:]]
     assert not problems, f"{path.name} in the frontend:\n  " + "\n  ".join(problems)
-    # the prompt the page would send (Run) is the one the other tests and the demo send for this file
-    page_prompt = page.page.evaluate("async () => (await window.app.graphToPrompt()).output")
+    # the prompt the page sends when queued is the one the other tests and the demo send for this file,
+    # and the file's shipped API twin (titles included: clients pick outputs by title)
+    page_prompt = queue_from_page(page.page)["prompt"]
     problems = prompt_differences(page_prompt, ui_to_api(wf, object_info))
     assert not problems, f"{path.name}: the page's prompt and tools/dpmtools/workflow.py differ:\n  " + "\n  ".join(problems)
+    problems = prompt_differences(page_prompt, api_twin(path))
+    assert not problems, f"{path.name}: the page queues another prompt than workflows/api/{path.name}:\n  " + "\n  ".join(problems)
     if path.stem == SCREENSHOT:
         page.page.evaluate("() => window.app.extensionManager.command.execute('Comfy.Canvas.FitView')")
         page.page.wait_for_timeout(300)
@@ -440,6 +499,14 @@ def test_check_graph_finds_what_it_should(page, object_info, model_files):
     first_node["registered"] = False
     assert any("missing node type" in p for p in check_graph(path, wf, bad, object_info, model_files))
 
+    # the page's prompt against the API twin: a title that differs is reported (clients pick outputs by title)
+    renamed = json.loads(json.dumps(api_twin(path)))
+    save_id = next(k for k, n in renamed.items() if n["class_type"] == "SaveImage")
+    renamed[save_id]["_meta"]["title"] = "Save Image"
+    probs = prompt_differences(ui_to_api(wf, object_info), renamed)
+    assert probs == [f"node {save_id} (SaveImage): titled {api_twin(path)[save_id]['_meta']['title']!r} in the "
+                     "page's prompt, 'Save Image' converted"], probs
+
     bad = json.loads(json.dumps(shown))
     ks = next(n for n in bad["nodes"] if n["type"] == "KSampler")
     next(w for w in ks["widgets"] if w["name"] == "sampler_name")["value"] = "no_such_sampler"
@@ -467,11 +534,17 @@ def test_check_graph_finds_what_it_should(page, object_info, model_files):
     other = path.with_name("my_translation.json")
     bad = json.loads(json.dumps(shown))
     wf_other = json.loads(json.dumps(wf))
-    for n_page, n_file in ((n, next(m for m in wf_other["nodes"] if m["id"] == n["id"])) for n in bad["nodes"]
+    for n_page, n_file in ((n, next(m for m in wf_other["nodes"] if int(m["id"]) == int(n["id"]))) for n in bad["nodes"]
                            if n["type"] == "CheckpointLoaderSimple"):
         n_page["widgets"][0]["value"] = n_file["widgets_values"][0] = "v1-5-pruned-emaonly.safetensors"
+        n_page["has_errors"] = True  # as frontend 1.5x flags it
     assert check_graph(other, wf_other, bad, object_info, model_files) == []
     assert any("not one of its options" in p for p in check_graph(path, wf_other, bad, object_info, model_files))
+    # ... but a node in error with its files all there is reported, as is an unregistered one
+    bad = json.loads(json.dumps(shown))
+    next(n for n in bad["nodes"] if n["type"] == "DPMEncode")["has_errors"] = True
+    probs = check_graph(other, wf, bad, object_info, model_files)
+    assert len(probs) == 1 and "flags the node in error" in probs[0], probs
 
 
 def test_drop_demo_workflow_file_and_run_it_from_the_page(page, ui_server, object_info, model_files):
@@ -504,6 +577,7 @@ def test_drop_demo_workflow_file_and_run_it_from_the_page(page, ui_server, objec
     assert entry["status"]["status_str"] == "success", entry["status"]
     queued = entry["prompt"][2]  # what the server ran: the file's own settings, nothing changed by the page
     assert prompt_differences(queued, ui_to_api(wf, object_info)) == []
+    assert prompt_differences(queued, api_twin(path)) == []
     outs = p.evaluate(READ_OUTPUTS, saves)
     assert page.errors[errors_before:] == []
     pngs = {}

@@ -53,10 +53,12 @@ import pytest
 from PIL import Image
 
 from dpmtools.graphs import saved_latents
-from dpmtools.workflow import FRONTEND_ONLY, extra_widget_values, is_combo, is_widget, ordered_inputs, ui_to_api
+from dpmtools.workflow import (FRONTEND_ONLY, api_twin_text, extra_widget_values, is_combo, is_widget, ordered_inputs,
+                               output_titles, ui_to_api)
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+API_DIR = REPO / "workflows" / "api"  # the API-format twins, written by scripts/export_api_workflows.py
 STEPS = 6
 SIZE = 64
 LANGEVIN_STEPS = 2     # Langevin iterations in the tests
@@ -144,6 +146,82 @@ def test_workflow_nodes_exist_on_the_server(path, object_info):
         required = object_info[node["class_type"]]["input"].get("required", {})
         missing = set(required) - set(node["inputs"])
         assert not missing, (path.name, nid, node["class_type"], missing)
+
+
+
+# ---------------------------------------------------------------------------- outputs a client can address
+def output_problems(wf: dict, object_info: dict) -> list[str]:
+    """Why a client could not pick each output of a workflow by its title, one line each: an output
+    node without a title of its own, a title another node of the prompt also has, a file name prefix
+    another node of the workflow also writes to."""
+    problems = []
+    api = ui_to_api(wf, object_info)
+    titles = [(n.get("_meta") or {}).get("title") for n in api.values()]
+    for nid, title in output_titles(wf, object_info).items():
+        if not title:
+            problems.append(f"output node {nid} has no title of its own")
+        elif titles.count(title) > 1:
+            problems.append(f"output node {nid}: {titles.count(title)} nodes are titled {title!r}")
+    prefixes = [n["inputs"]["filename_prefix"] for n in api.values() if isinstance(n["inputs"].get("filename_prefix"), str)]
+    problems += [f"{prefixes.count(p)} nodes save under {p!r}" for p in sorted(set(prefixes)) if prefixes.count(p) > 1]
+    return problems
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_every_output_has_its_own_title_and_file_prefix(path, object_info):
+    wf = _load(path)
+    assert output_titles(wf, object_info), f"{path.name} has no output node"
+    problems = output_problems(wf, object_info)
+    assert not problems, f"{path.name}:\n  " + "\n  ".join(problems)
+
+
+def test_output_problems_are_found(object_info):
+    """The check can fail: untitled Save Images (demo_translate before issue 18), a title that a
+    non-output node also has, and two Save Images writing to one prefix are each reported."""
+    wf = _load(REPO / "workflows" / "demo_translate.json")
+    saves = [n for n in wf["nodes"] if n["type"] == "SaveImage"]
+    assert len(saves) == 4 and output_problems(wf, object_info) == []
+    bad = copy.deepcopy(wf)
+    for n in bad["nodes"]:
+        if n["type"] == "SaveImage":
+            del n["title"]
+    assert len(output_problems(bad, object_info)) == 4
+    bad = copy.deepcopy(wf)
+    enc = next(n for n in bad["nodes"] if n["type"] == "DPMEncode")
+    enc["title"] = saves[0]["title"]
+    assert output_problems(bad, object_info) == [f"output node {saves[0]['id']}: 2 nodes are titled {saves[0]['title']!r}"]
+    bad = copy.deepcopy(wf)
+    next(n for n in bad["nodes"] if n["id"] == saves[1]["id"])["widgets_values"][0] = saves[0]["widgets_values"][0]
+    assert output_problems(bad, object_info) == [f"2 nodes save under {saves[0]['widgets_values'][0]!r}"]
+
+
+def test_file_prefixes_differ_between_workflows():
+    """Two shipped workflows never write into one file series of ComfyUI's output folder."""
+    seen = {}
+    for path in WORKFLOWS:
+        for n in _load(path)["nodes"]:
+            if n["type"] in ("SaveImage", "SaveAsyrpDirection", "SaveLatentCode", "SaveLatent"):
+                prefix = n["widgets_values"][0]
+                assert prefix not in seen, f"{path.name} and {seen[prefix]} both save under {prefix!r}"
+                seen[prefix] = path.name
+    assert len(seen) >= 25, seen
+
+
+def test_api_twins_are_the_converters_output(object_info):
+    """workflows/api/<name>.json is exactly what tools/dpmtools/workflow.py makes of workflows/<name>.json
+    with this server's /object_info (tests/test_browser.py checks that the page queues the same), and
+    there is no twin without its UI file. After changing a workflow: python3 scripts/comfy_host.py export-api"""
+    twins = {p.name for p in API_DIR.glob("*.json")}
+    assert twins == {p.name for p in WORKFLOWS}, (
+        f"twins without a UI file {sorted(twins - {p.name for p in WORKFLOWS})}, UI files without a twin "
+        f"{sorted({p.name for p in WORKFLOWS} - twins)}: run python3 scripts/comfy_host.py export-api")
+    stale = [p.name for p in WORKFLOWS
+             if (API_DIR / p.name).read_text(encoding="utf-8") != api_twin_text(ui_to_api(_load(p), object_info))]
+    assert not stale, f"stale API twins {stale}: run python3 scripts/comfy_host.py export-api"
+    # a twin is a prompt the server takes as it is: every node's class, inputs and title
+    for p in WORKFLOWS:
+        twin = json.loads((API_DIR / p.name).read_text())
+        assert all(set(n) == {"class_type", "inputs", "_meta"} and n["_meta"].get("title") for n in twin.values())
 
 
 LANGEVIN_WORKFLOWS = [p for p in WORKFLOWS if p.stem.startswith("langevin_")]

