@@ -7,7 +7,7 @@ workflows/<name>.json (UI format, the source of truth).
     python3 scripts/comfy_host.py export-api --check    exit 1 when a twin is missing, stale or extra
 
 A twin is what ``POST /prompt`` accepts (``{"prompt": twin}``), the prompt the frontend queues for
-the UI file (tests/test_browser.py compares them). It is made by tools/dpmtools/workflow.py's
+the UI file (tests/product/test_browser.py compares them). It is made by tools/dpmtools/workflow.py's
 ``ui_to_api`` with the ``/object_info`` of a real ComfyUI server started with this pack only (no
 models are needed: the conversion reads the nodes' input lists, never the model files).
 Every output node keeps its title in ``_meta.title``, so a client can pick an output by title.
