@@ -123,6 +123,7 @@ def train(model, vae, latents, clip_name, source_text, target_text, steps, t_edi
         # ||delta_h|| / ||h|| per edited step, as the final direction last shifted h there
         levels = [round(AS.noise_level(float(s), family), 6) for s in sigmas[:AS.edited_steps(steps, t_edit)]]
         result["delta_over_h"] = [shift.ratios.get(lv, float("nan")) for lv in levels]
+        result["h_norm"] = [shift.norms.get(lv, float("nan")) for lv in levels]
         shift.ratios = None
         return x0
 
@@ -134,7 +135,7 @@ def train(model, vae, latents, clip_name, source_text, target_text, steps, t_edi
                 clip_weight=float(clip_weight), l1_weight=float(l1_weight),
                 loss_curve=[float(v) for v in result["trace"].losses],
                 clip_loss_curve=[float(v) for v in result["trace"].clip_losses],
-                text_cosine=result["text_cosine"], delta_over_h=result["delta_over_h"])
+                text_cosine=result["text_cosine"], delta_over_h=result["delta_over_h"], h_norm=result["h_norm"])
     trace = result["trace"]
     ratio = max((v for v in result["delta_over_h"] if math.isfinite(v)), default=float("nan"))
     title = f"loss per iteration; max ||dh||/||h|| {ratio:.3g}"
@@ -338,4 +339,5 @@ def from_examples(model, latents_with, latents_without, steps, t_edit, condition
     probe = torch.zeros(1, *h_shape)
     deltas = [direction.delta(probe, lv)[0] for lv in levels[:n_edit]]
     direction.meta["delta_over_h"] = AS.relative_norms(deltas, result["norms"])
+    direction.meta["h_norm"] = [float(v) for v in result["norms"]]
     return direction

@@ -120,6 +120,7 @@ class HShift:
         self.inner = None      # a replace patch that was already on the DiT block: it runs first
         self.seen = None       # while a list: every h that passes (before any shift) is appended to it
         self.ratios = None     # while a dict: noise level -> mean ||k delta_h|| / ||h|| of the last shift there
+        self.norms = {}        # with ratios: noise level -> mean ||h|| there
 
     def __deepcopy__(self, memo):
         return self
@@ -143,8 +144,10 @@ class HShift:
         shift = k.view(-1, *([1] * (h.dim() - 1))) * delta
         if self.ratios is not None:
             with torch.no_grad():
-                r = shift.detach().flatten(1).float().norm(dim=1) / h.detach().flatten(1).float().norm(dim=1).clamp_min(1e-12)
+                hn = h.detach().flatten(1).float().norm(dim=1)
+                r = shift.detach().flatten(1).float().norm(dim=1) / hn.clamp_min(1e-12)
             self.ratios[round(float(self.level), 6)] = float(r.mean())
+            self.norms[round(float(self.level), 6)] = float(hn.mean())
         return h + shift
 
     def __call__(self, h, hsp, transformer_options):
