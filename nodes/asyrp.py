@@ -24,9 +24,10 @@ class AsyrpTrainDirection(io.ComfyNode):
             description=(
                 "Asyrp (Kwon et al., ICLR 2023): learns an edit in the U-Net's h-space (its bottleneck) from "
                 "two texts. The images are inverted with deterministic DDIM; at each step of [T, t_edit] one "
-                "asymmetric step (h shifted only in the predicted x0) is scored by directional CLIP + L1 and "
-                "takes one SGD step; gradients never cross timesteps. The model is run unconditionally (zero "
-                "conditioning, cfg 1)."),
+                "asymmetric step (h shifted only in the predicted x0) is scored by directional CLIP + L1 (against "
+                "a separate plain chain's predicted x0, weighted by the texts' cosine; StepLR) and takes one SGD "
+                "step; gradients never cross timesteps. The model is run unconditionally (zero conditioning, cfg "
+                "1). The direction records ||delta_h|| / ||h|| per step; above 0.5 training warns."),
             inputs=[
                 io.Model.Input("model", tooltip="A U-Net model (SD1.x, SD2, SDXL; eps or v). Stays frozen."),
                 io.Vae.Input("vae", tooltip="Decodes the model's latents to pixels for CLIP."),
@@ -65,7 +66,8 @@ class AsyrpTrainDirection(io.ComfyNode):
             ],
             outputs=[
                 AsyrpDirectionIO.Output(display_name="direction", tooltip="The trained h-space direction."),
-                io.Image.Output(display_name="loss_plot", tooltip="Mean loss per iteration (total, CLIP, L1)."),
+                io.Image.Output(display_name="loss_plot", tooltip="Mean loss per iteration (total, CLIP, L1) and "
+                                                                 "||delta_h|| / ||h|| per edited step."),
             ],
         )
 
