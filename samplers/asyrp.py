@@ -385,6 +385,32 @@ def relative_norms(deltas: Sequence[torch.Tensor], h_norms: Sequence[float]) -> 
     return [float(d.float().norm()) / max(float(n), 1e-12) for d, n in zip(deltas, h_norms)]
 
 
+def gaussian_control(direction: Direction, seed: int = 0, relative: Optional[float] = None) -> Direction:
+    """The random control of a direction: per edited step a Gaussian delta_h over the whole h (every
+    position and channel), scaled to the direction's own ||delta_h|| there (``relative`` None) or to
+    ``relative * ||h||``. Needs the direction's records ``h_shape``, ``sigmas``, ``family``, ``h_norm``
+    and ``delta_over_h`` (trained and example directions carry them)."""
+    meta = direction.meta
+    for key in ("h_shape", "sigmas", "family", "h_norm", "delta_over_h"):
+        if key not in meta:
+            raise CodeError(f"the direction does not record {key!r}; make it again with this version to get a "
+                            "Gaussian control")
+    h_shape = tuple(int(v) for v in meta["h_shape"])
+    levels = [noise_level(float(s), meta["family"]) for s in meta["sigmas"][:-1]]
+    term = GlobalDelta(h_shape, levels)
+    gen = torch.Generator().manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+    with torch.no_grad():
+        for i, (hn, r) in enumerate(zip(meta["h_norm"], meta["delta_over_h"])):
+            z = torch.randn(h_shape, generator=gen, dtype=torch.float64)
+            size = float(hn) * (float(r) if relative is None else float(relative))
+            term.delta[i] = (z / z.norm() * size).to(term.delta.dtype)
+    term.requires_grad_(False)
+    what = "the direction's norm" if relative is None else f"{relative:g} ||h||"
+    return Direction([term], [1.0], dict(meta, source_text="control",
+                                         target_text=f"Gaussian delta_h at {what} (seed {seed})",
+                                         kind="gaussian control"))
+
+
 # ---------------------------------------------------------------- training
 
 def directional_clip_loss(img_emb: torch.Tensor, src_img_emb: torch.Tensor, text_dir: torch.Tensor) -> torch.Tensor:

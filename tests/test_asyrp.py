@@ -357,3 +357,21 @@ def test_training_l1_target_is_the_source_chain(A):
             drifted.append(float((p - d).abs().mean()))
             x = A._edit_term(a * x + b * d, p, d, s[i + 1], "ve")
     assert l1 > sum(drifted) / 6 * 1.05, (l1, sum(drifted) / 6)
+
+
+def test_gaussian_control_has_the_directions_norm_per_step(A):
+    sig = [1.0, 0.75, 0.5, 0.25, 0.0]
+    meta = {"h_shape": [8, 4, 4], "sigmas": sig, "family": "flow", "h_norm": [10.0, 20.0],
+            "delta_over_h": [0.1, 0.3]}
+    d = A.Direction([A.GlobalDelta((8, 1, 1), [A.noise_level(s, "flow") for s in sig[:-1]])], [1.0], meta)
+    h = torch.zeros(1, 8, 4, 4)
+    for rel, want in ((None, [1.0, 6.0]), (0.2, [2.0, 4.0])):
+        c = A.gaussian_control(d, seed=3, relative=rel)
+        for i, w in enumerate(want):
+            delta = c.delta(h, A.noise_level(sig[i], "flow"))
+            assert math.isclose(float(delta.norm()), w, rel_tol=1e-5) and float(delta.std()) > 0
+        assert float(c.delta(h, A.noise_level(sig[2], "flow")).abs().max()) == 0.0   # outside the records
+    a, b = A.gaussian_control(d, seed=3), A.gaussian_control(d, seed=4)
+    assert not torch.equal(a.terms[0].delta, b.terms[0].delta)
+    with pytest.raises(A.CodeError, match="h_norm"):
+        A.gaussian_control(A.Direction(d.terms, [1.0], {k: v for k, v in meta.items() if k != "h_norm"}))
