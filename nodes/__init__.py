@@ -5,8 +5,8 @@ A node file imports ``bridge`` (the ComfyUI glue), ``guidance`` and ``samplers``
 file; the math lives in ../samplers and ../guidance."""
 from comfy_api.latest import ComfyExtension, io
 
-from .asyrp import (AsyrpEdit, AsyrpEditDDIM, AsyrpTrainDirection, CombineAsyrpDirections, LoadAsyrpDirection,
-                    SaveAsyrpDirection)
+from .asyrp import (AsyrpDirectionFromExamples, AsyrpEdit, AsyrpEditDDIM, AsyrpTrainDirection,
+                    CombineAsyrpDirections, LoadAsyrpDirection, SaveAsyrpDirection)
 from .asyrp_interval import AsyrpInterval
 from .best_of_n import DPMSweep, RankByCLIP
 from .clip_guidance import CLIPEnergy, CombineEnergies, LangevinLatentSampler
@@ -28,6 +28,7 @@ class DPMLatentExtension(ComfyExtension):
             CombineEnergies,
             LangevinLatentSampler,
             AsyrpTrainDirection,
+            AsyrpDirectionFromExamples,
             AsyrpEdit,
             AsyrpEditDDIM,
             CombineAsyrpDirections,

@@ -24,9 +24,10 @@ class AsyrpTrainDirection(io.ComfyNode):
             description=(
                 "Asyrp (Kwon et al., ICLR 2023): learns an edit in the U-Net's h-space (its bottleneck) from "
                 "two texts. The images are inverted with deterministic DDIM; at each step of [T, t_edit] one "
-                "asymmetric step (h shifted only in the predicted x0) is scored by directional CLIP + L1 and "
-                "takes one SGD step; gradients never cross timesteps. The model is run unconditionally (zero "
-                "conditioning, cfg 1)."),
+                "asymmetric step (h shifted only in the predicted x0) is scored by directional CLIP + L1 (against "
+                "a separate plain chain's predicted x0, weighted by the texts' cosine; StepLR) and takes one SGD "
+                "step; gradients never cross timesteps. The model is run unconditionally (zero conditioning, cfg "
+                "1). The direction records ||delta_h|| / ||h|| per step; above 0.5 training warns."),
             inputs=[
                 io.Model.Input("model", tooltip="A U-Net model (SD1.x, SD2, SDXL; eps or v). Stays frozen."),
                 io.Vae.Input("vae", tooltip="Decodes the model's latents to pixels for CLIP."),
@@ -65,7 +66,8 @@ class AsyrpTrainDirection(io.ComfyNode):
             ],
             outputs=[
                 AsyrpDirectionIO.Output(display_name="direction", tooltip="The trained h-space direction."),
-                io.Image.Output(display_name="loss_plot", tooltip="Mean loss per iteration (total, CLIP, L1)."),
+                io.Image.Output(display_name="loss_plot", tooltip="Mean loss per iteration (total, CLIP, L1) and "
+                                                                 "||delta_h|| / ||h|| per edited step."),
             ],
         )
 
@@ -76,6 +78,46 @@ class AsyrpTrainDirection(io.ComfyNode):
         return io.NodeOutput(*R.train(model, vae, latents, clip_name, source_text, target_text, steps, t_edit,
                                       iterations, learning_rate, clip_weight, l1_weight, seed, kind, conditioning,
                                       validation_latents))
+
+
+class AsyrpDirectionFromExamples(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AsyrpDirectionFromExamples",
+            display_name="Asyrp Direction From Examples",
+            category=CATEGORY,
+            description=(
+                "An h-space direction without training (beyond the paper, as in Haas et al. 2023): both image "
+                "sets are inverted with deterministic DDIM, and at each step of [T, t_edit] delta_h is the mean "
+                "h of the images that show the attribute minus the mean h of those that do not (averaged over "
+                "h's positions too, so it applies wherever the object is). Seconds, not minutes; strength 1 "
+                "moves h by the mean difference. Feeds Asyrp Edit, Combine and Save like a trained direction."),
+            inputs=[
+                io.Model.Input("model", tooltip="The model to edit with (any model Asyrp Train Direction takes). "
+                                                "Stays frozen."),
+                io.Latent.Input("latents_with", tooltip="Images that show the attribute (VAE Encode of an image "
+                                                        "batch), e.g. blue shapes; paired with latents_without "
+                                                        "or not."),
+                io.Latent.Input("latents_without", tooltip="Images that do not show it (the edit's source), e.g. "
+                                                           "red shapes; the same image size as latents_with."),
+                I.ddim_steps("the inversion, and the steps the direction has a delta_h for"),
+                io.Float.Input("t_edit", default=0.5, min=0.0, max=0.99, step=0.01,
+                               tooltip="End of the editing interval as a fraction of the chain: steps starting "
+                                       "above it get a delta_h (and Asyrp Edit's t_edit -1 uses this)."),
+                io.Conditioning.Input("conditioning", optional=True,
+                                      tooltip="Optional prompt the model runs under while h is measured "
+                                              "(use the one you will edit with). Unconnected: zero "
+                                              "conditioning, the paper's unconditional setting."),
+            ],
+            outputs=[AsyrpDirectionIO.Output(display_name="direction",
+                                             tooltip="The mean-difference direction; its record holds "
+                                                     "||delta_h|| / ||h|| per step.")],
+        )
+
+    @classmethod
+    def execute(cls, model, latents_with, latents_without, steps, t_edit, conditioning=None) -> io.NodeOutput:
+        return io.NodeOutput(R.from_examples(model, latents_with, latents_without, steps, t_edit, conditioning))
 
 
 class AsyrpEdit(io.ComfyNode):

@@ -33,7 +33,8 @@ Directions
 ----------
 ``DeltaBlock`` is the implicit function ``f_t(h, t)``: a 1x1 conv, plus a
 projection of the noise-level embedding, GroupNorm, SiLU and a 1x1 conv
-(zero-initialised, so an untrained direction is no edit).  ``GlobalDelta``
+(zero-initialised by default, so an untrained block is no edit; Asyrp
+Train Direction starts from PyTorch's default init, as the official code).  ``GlobalDelta``
 is one learned ``delta_h`` per training step (looked up by the nearest noise
 level).  ``Direction`` is a linear combination of such terms plus the record
 of what they were trained on; scaling and adding directions is exact
@@ -101,7 +102,7 @@ class DeltaBlock(nn.Module):
 
     kind = "implicit function"
 
-    def __init__(self, channels: int, emb_dim: int = 64, hidden: Optional[int] = None):
+    def __init__(self, channels: int, emb_dim: int = 64, hidden: Optional[int] = None, zero_init: bool = True):
         super().__init__()
         hidden = int(hidden or channels)
         groups = math.gcd(hidden, 32) or 1
@@ -110,8 +111,9 @@ class DeltaBlock(nn.Module):
         self.emb = nn.Linear(emb_dim, hidden)
         self.norm = nn.GroupNorm(groups, hidden)
         self.conv_out = nn.Conv2d(hidden, channels, 1)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        if zero_init:  # an untrained block is no edit; training starts from PyTorch's default init (official)
+            nn.init.zeros_(self.conv_out.weight)
+            nn.init.zeros_(self.conv_out.bias)
 
     def config(self) -> dict:
         return {"kind": self.kind, "channels": self.channels, "emb_dim": self.emb_dim, "hidden": self.hidden}
@@ -141,7 +143,14 @@ class GlobalDelta(nn.Module):
     def index(self, level: float) -> int:
         return int(torch.argmin((self.levels - float(level)).abs()))
 
+    @property
+    def position_free(self) -> bool:
+        """One delta per channel (stored as (C, 1, 1)): it applies at every position of any h size."""
+        return len(self.h_shape) == 3 and self.h_shape[1:] == (1, 1)
+
     def forward(self, h: torch.Tensor, level: float) -> torch.Tensor:
+        if self.position_free and h.dim() == 4 and h.shape[1] == self.h_shape[0]:
+            return self.delta[self.index(level)].to(h.dtype).unsqueeze(0).expand_as(h)
         if tuple(h.shape[1:]) != self.h_shape:
             raise CodeError(f"this global direction was trained on h of shape {list(self.h_shape)}, the model's h "
                             f"here is {list(h.shape[1:])}: use the image size it was trained at, or an "
@@ -308,6 +317,100 @@ def asyrp_sample(plain: Denoiser, edited: Optional[Denoiser], x_start: torch.Ten
     return x
 
 
+# ---------------------------------------------------------------- directions from examples
+
+def mean_h_along_chain(plain: Denoiser, read_h: Callable[[Callable[[], torch.Tensor]], torch.Tensor],
+                       x0: torch.Tensor, sigmas: torch.Tensor, family: str, n_steps: int,
+                       batch_size: int = 8) -> tuple[list, list]:
+    """Per step ``i < n_steps`` of the deterministic DDIM chain that starts at the DDIM inversion of
+    ``x0``, the mean over the images of h at that step's level (a list of ``(C, H, W)`` tensors) and
+    the mean over the images of ||h|| (a list of floats).
+
+    ``read_h(call) -> h`` runs ``call()`` (one plain model evaluation) and returns the h that
+    evaluation passed through, ``(B, C, H, W)``; the chain is the one the edit replays, so the
+    means are taken at the same levels and site as training and editing."""
+    s = [float(v) for v in sigmas]
+    sums, norms = [None] * n_steps, [0.0] * n_steps
+    with torch.no_grad():
+        for start in range(0, x0.shape[0], max(int(batch_size), 1)):
+            x = ddim_invert(plain, x0[start:start + batch_size], sigmas, family)
+            for i in range(n_steps):
+                out = {}
+
+                def call(x=x, i=i):
+                    out["d"] = plain(x, s[i])
+                    return out["d"]
+                h = read_h(call).detach().float()
+                norms[i] += float(h.flatten(1).norm(dim=1).sum())
+                h = h.sum(0)
+                sums[i] = h if sums[i] is None else sums[i] + h
+                a, b, _c = step_coefficients(s[i], s[i + 1], 0.0, family)
+                x = a * x + b * out["d"]
+    return [v / x0.shape[0] for v in sums], [v / x0.shape[0] for v in norms]
+
+
+def example_direction(h_with: Sequence[torch.Tensor], h_without: Sequence[torch.Tensor],
+                      levels: Sequence[float], meta: Optional[dict] = None,
+                      per_position: bool = False) -> Direction:
+    """A global direction whose delta_h at step ``i`` is ``h_with[i] - h_without[i]`` (the mean h of the
+    images that show the attribute minus the mean h of those that do not, Haas et al. 2023): strength 1
+    moves h by the mean difference. Steps past the lists get no edit (their delta is zero).
+
+    ``per_position`` False (the default) also averages the difference over h's positions: one shift per
+    channel, applied at every position, so it does not carry where the examples' objects were (a
+    per-position mean pulls an edited object towards the examples' average layout) and it applies at
+    any image size."""
+    if len(h_with) != len(h_without) or not h_with:
+        raise CodeError("the two example sets give a different (or no) number of steps of h")
+    if len(h_with) > len(levels):
+        raise CodeError(f"{len(h_with)} steps of h for {len(levels)} levels")
+    shape = tuple(h_with[0].shape)
+    term = GlobalDelta(shape if per_position else (shape[0], 1, 1), levels)
+    with torch.no_grad():
+        for i, (a, b) in enumerate(zip(h_with, h_without)):
+            if tuple(a.shape) != shape or tuple(b.shape) != shape:
+                raise CodeError(f"h has shape {list(a.shape)} / {list(b.shape)} at step {i + 1}, {list(shape)} "
+                                "at step 1: both example sets must be at one image size")
+            diff = (a - b).float()
+            if not per_position:
+                diff = diff.mean(dim=tuple(range(1, diff.dim())), keepdim=True)
+            term.delta[i] = diff.to(term.delta.dtype)
+    term.requires_grad_(False)
+    return Direction([term], [1.0], dict(meta or {}))
+
+
+def relative_norms(deltas: Sequence[torch.Tensor], h_norms: Sequence[float]) -> list:
+    """Per step ||delta_h|| / ||h|| (``h_norms``: the mean ||h|| of single images at that step), the
+    size of an edit relative to the activation it shifts."""
+    return [float(d.float().norm()) / max(float(n), 1e-12) for d, n in zip(deltas, h_norms)]
+
+
+def gaussian_control(direction: Direction, seed: int = 0, relative: Optional[float] = None) -> Direction:
+    """The random control of a direction: per edited step a Gaussian delta_h over the whole h (every
+    position and channel), scaled to the direction's own ||delta_h|| there (``relative`` None) or to
+    ``relative * ||h||``. Needs the direction's records ``h_shape``, ``sigmas``, ``family``, ``h_norm``
+    and ``delta_over_h`` (trained and example directions carry them)."""
+    meta = direction.meta
+    for key in ("h_shape", "sigmas", "family", "h_norm", "delta_over_h"):
+        if key not in meta:
+            raise CodeError(f"the direction does not record {key!r}; make it again with this version to get a "
+                            "Gaussian control")
+    h_shape = tuple(int(v) for v in meta["h_shape"])
+    levels = [noise_level(float(s), meta["family"]) for s in meta["sigmas"][:-1]]
+    term = GlobalDelta(h_shape, levels)
+    gen = torch.Generator().manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+    with torch.no_grad():
+        for i, (hn, r) in enumerate(zip(meta["h_norm"], meta["delta_over_h"])):
+            z = torch.randn(h_shape, generator=gen, dtype=torch.float64)
+            size = float(hn) * (float(r) if relative is None else float(relative))
+            term.delta[i] = (z / z.norm() * size).to(term.delta.dtype)
+    term.requires_grad_(False)
+    what = "the direction's norm" if relative is None else f"{relative:g} ||h||"
+    return Direction([term], [1.0], dict(meta, source_text="control",
+                                         target_text=f"Gaussian delta_h at {what} (seed {seed})",
+                                         kind="gaussian control"))
+
+
 # ---------------------------------------------------------------- training
 
 def directional_clip_loss(img_emb: torch.Tensor, src_img_emb: torch.Tensor, text_dir: torch.Tensor) -> torch.Tensor:
@@ -330,18 +433,22 @@ def _chain(plain: Denoiser, edited_with, module: nn.Module, x_T: torch.Tensor, s
            sigmas: list, family: str, n_edit: int, embed_images, text_dir, clip_weight: float, l1_weight: float,
            opt=None, step_done=None) -> tuple[float, float, float]:
     """Run the first ``n_edit`` steps from ``x_T`` with the asymmetric step; at each one the loss of
-    P_t (and, with ``opt``, one optimiser step). Returns mean (total, clip, l1) over the steps."""
-    x = x_T
+    P_t (and, with ``opt``, one optimiser step). Returns mean (total, clip, l1) over the steps.
+
+    The L1 target is the official one: P_t of a separate plain (source) chain from the same x_T,
+    so drift the edited chain has already accumulated is penalised too."""
+    x, x_src = x_T, x_T
     tot = cl = l1s = 0.0
     for i in range(n_edit):
         a, b, _c = step_coefficients(sigmas[i], sigmas[i + 1], 0.0, family)
         xs = x.detach()
         with torch.no_grad():
             d = plain(xs, sigmas[i])
+            d_src = d if i == 0 else plain(x_src, sigmas[i])
         with torch.set_grad_enabled(opt is not None):
             p = edited_with(xs, sigmas[i], module)
             clip_l = directional_clip_loss(embed_images(p), src_emb, text_dir).mean()
-            l1 = (p - d).abs().mean()
+            l1 = (p - d_src).abs().mean()
             loss = clip_weight * clip_l + l1_weight * l1
         if opt is not None:
             opt.zero_grad(set_to_none=True)
@@ -349,6 +456,7 @@ def _chain(plain: Denoiser, edited_with, module: nn.Module, x_T: torch.Tensor, s
             opt.step()
         with torch.no_grad():
             x = _edit_term(a * xs + b * d, p.detach(), d, sigmas[i + 1], family)
+            x_src = a * x_src + b * d_src
         tot, cl, l1s = tot + float(loss.detach()), cl + float(clip_l.detach()), l1s + float(l1.detach())
         if step_done is not None:
             step_done(float(loss.detach()))
@@ -374,7 +482,8 @@ def train_direction(plain: Denoiser, edited_with: Callable[[torch.Tensor, float,
                     t_edit: float, iterations: int, learning_rate: float, clip_weight: float = 1.0,
                     l1_weight: float = 3.0, batch_size: int = 1, seed: int = 0,
                     progress: Optional[Callable[[int, int, float], None]] = None,
-                    held_out: Optional[torch.Tensor] = None) -> TrainTrace:
+                    held_out: Optional[torch.Tensor] = None, text_cosine: float = 1.0,
+                    lr_step: int = 3, lr_gamma: float = 0.1) -> TrainTrace:
     """Train ``module`` (f_t or a global delta) the way Asyrp does.
 
     ``embed_images(latents) -> (B, D)`` unit CLIP image embeddings of the
@@ -383,9 +492,14 @@ def train_direction(plain: Denoiser, edited_with: Callable[[torch.Tensor, float,
     run from x_T: at each step inside [T, t_edit] one asymmetric step on the
     detached x_t gives P_t (with gradient into ``module`` only) and the plain
     step gives d; the loss ``clip_weight * -log((1+cos)/2) + l1_weight *
-    |P_t - d|`` takes one SGD step, and the chain goes on from the detached
-    asymmetric result, so no gradient crosses timesteps.  ``held_out``
-    latents, if given, are scored with ``evaluate_direction`` before and after."""
+    text_cosine * |P_t - P_t(source chain)|`` takes one SGD step, and the chain
+    goes on from the detached asymmetric result, so no gradient crosses
+    timesteps.  As the official code: the L1 target is the P_t of a separate
+    plain chain from the same x_T, the L1 is weighted by ``text_cosine`` (the
+    cosine of the two texts' embeddings: a small edit keeps more), and the
+    learning rate falls by ``lr_gamma`` every ``lr_step`` iterations (StepLR).
+    ``held_out`` latents, if given, are scored with ``evaluate_direction``
+    before and after."""
     if iterations < 1:
         raise CodeError(f"iterations must be >= 1, got {iterations}")
     if not (learning_rate > 0 and math.isfinite(learning_rate)):
@@ -401,6 +515,8 @@ def train_direction(plain: Denoiser, edited_with: Callable[[torch.Tensor, float,
                                                    embed_images, text_dir, t_edit)
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=float(learning_rate))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(int(lr_step), 1), gamma=float(lr_gamma))
+    l1_weight = float(l1_weight) * float(text_cosine)
     with torch.no_grad():
         x_T = ddim_invert(plain, x0, sigmas, family)
         src_emb = embed_images(x0).detach()
@@ -424,6 +540,7 @@ def train_direction(plain: Denoiser, edited_with: Callable[[torch.Tensor, float,
         trace.losses.append(sums[0] / n_batches)
         trace.clip_losses.append(sums[1] / n_batches)
         trace.l1_losses.append(sums[2] / n_batches)
+        sched.step()
     if held_out is not None:
         trace.held_out_after = evaluate_direction(plain, edited_with, module, held_out, sigmas, family,
                                                   embed_images, text_dir, t_edit)

@@ -169,6 +169,20 @@ def write_sample_inputs(input_dir: Path) -> None:
     for domain, name in (("A", "circles"), ("B", "squares")):
         to_frames(sample_domain(1, 7, domain)[0])[0].save(input_dir / f"dpm_world_{name}.png")
     write_masked_sample(input_dir)
+    write_example_sets(input_dir)
+
+
+EXAMPLE_SETS = {"n": 16, "seed": 900}  # Asyrp Direction From Examples: the same scenes in blue and in red
+
+
+def write_example_sets(input_dir: Path) -> None:
+    """The inputs of workflows/asyrp_from_examples_demo.json: 16 blue squares, the same 16 scenes in red
+    (multi-frame TIFFs) and a new red square to edit."""
+    sample_world = world().sample_world
+    for colour in ("blue", "red"):
+        imgs, _ = sample_world(EXAMPLE_SETS["n"], EXAMPLE_SETS["seed"], ("square",), (colour,))
+        save_batch(input_dir / f"dpm_world_squares_{colour}_batch.tiff", to_frames(imgs))
+    to_frames(sample_world(1, 7, ("square",), ("red",))[0])[0].save(input_dir / "dpm_world_red_square.png")
 
 
 def write_inputs(input_dir: Path, n: int, seed: int, n_edit: int) -> dict:

@@ -7,6 +7,7 @@ private clone of the model at its h site (``hspace``) and runs the pure-torch As
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -21,6 +22,9 @@ from . import sampling as B
 from .autograd import UnsupportedWeights, alias_conds, gradients_through, vae_decoder
 from .conditioning import empty_conditioning
 from .hspace import check_direction_for_model, direction_on, model_record, patched
+
+
+DELTA_WARN = 0.5  # ||delta_h|| / ||h|| above this: training warns (the issue's measure: 4-5 destroys images)
 
 
 def train(model, vae, latents, clip_name, source_text, target_text, steps, t_edit, iterations, learning_rate,
@@ -59,7 +63,9 @@ def train(model, vae, latents, clip_name, source_text, target_text, steps, t_edi
         bundle, clip = CM.load_clip(clip_name, others=[guider.model_patcher, vae.patcher])
         device = x0.device
         with torch.inference_mode(False):
-            text_dir = (bundle.text_embeds([target_text]) - bundle.text_embeds([source_text])).detach()
+            e_src, e_trg = bundle.text_embeds([source_text]).detach(), bundle.text_embeds([target_text]).detach()
+            text_dir = e_trg - e_src
+            result["text_cosine"] = float(torch.nn.functional.cosine_similarity(e_src, e_trg, dim=-1).mean())
         try:
             with gradients_through(guider.inner_model, vae.first_stage_model, clip.model):
                 alias_conds(guider.conds)
@@ -70,7 +76,7 @@ def train(model, vae, latents, clip_name, source_text, target_text, steps, t_edi
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
                     if kind == "implicit function":
-                        module = AS.DeltaBlock(h_shape[0])
+                        module = AS.DeltaBlock(h_shape[0], zero_init=False)  # the official default init
                     else:
                         module = AS.GlobalDelta(h_shape, [AS.noise_level(float(s), family)
                                                           for s in sigmas[:-1]])
@@ -91,11 +97,12 @@ def train(model, vae, latents, clip_name, source_text, target_text, steps, t_edi
                 held = None
                 if val is not None:
                     held = guider.inner_model.process_latent_in(val.to(device).float()).clone()
+                shift.ratios = {}
                 try:
                     trace = AS.train_direction(denoise_fn, edited_with, module, x0, sigmas, family, embed,
                                                text_dir, t_edit, iterations, learning_rate, clip_weight,
                                                l1_weight, batch_size=1, seed=seed, progress=progress,
-                                               held_out=held)
+                                               held_out=held, text_cosine=max(result["text_cosine"], 0.0))
                 except CodeError as e:
                     raise B.code_error(e) from None
                 except RuntimeError as e:
@@ -113,6 +120,11 @@ def train(model, vae, latents, clip_name, source_text, target_text, steps, t_edi
                     f"learning_rate: training diverged ({name} of the direction became NaN or infinite at "
                     f"{learning_rate}); lower learning_rate or clip_weight, or train in fp32")
         result["module"], result["trace"], result["h_shape"] = module, trace, h_shape
+        # ||delta_h|| / ||h|| per edited step, as the final direction last shifted h there
+        levels = [round(AS.noise_level(float(s), family), 6) for s in sigmas[:AS.edited_steps(steps, t_edit)]]
+        result["delta_over_h"] = [shift.ratios.get(lv, float("nan")) for lv in levels]
+        result["h_norm"] = [shift.norms.get(lv, float("nan")) for lv in levels]
+        shift.ratios = None
         return x0
 
     B.run_in_comfy(work_model, cond, cond, 1.0, samples, sigmas, work, seed, None)
@@ -122,16 +134,25 @@ def train(model, vae, latents, clip_name, source_text, target_text, steps, t_edi
                 kind=kind, clip_name=clip_name, iterations=int(iterations), learning_rate=float(learning_rate),
                 clip_weight=float(clip_weight), l1_weight=float(l1_weight),
                 loss_curve=[float(v) for v in result["trace"].losses],
-                clip_loss_curve=[float(v) for v in result["trace"].clip_losses])
+                clip_loss_curve=[float(v) for v in result["trace"].clip_losses],
+                text_cosine=result["text_cosine"], delta_over_h=result["delta_over_h"], h_norm=result["h_norm"])
     trace = result["trace"]
-    title = "loss per iteration"
+    ratio = max((v for v in result["delta_over_h"] if math.isfinite(v)), default=float("nan"))
+    title = f"loss per iteration; max ||dh||/||h|| {ratio:.3g}"
+    if ratio > DELTA_WARN:
+        title += " (large: edits may leave the model's distribution)"
+        logging.warning("Asyrp Train Direction: ||delta_h|| / ||h|| reaches %.3g (above %.2g): delta_h this large "
+                        "is off the model's distribution and tends to destroy the picture; lower learning_rate or "
+                        "raise l1_weight", ratio, DELTA_WARN)
     if trace.held_out_before is not None:
         meta.update(held_out_clip_loss_before=trace.held_out_before, held_out_clip_loss_after=trace.held_out_after,
                     held_out_images=int(val.shape[0]))
         title += f"; held-out CLIP loss {trace.held_out_before:.4f} -> {trace.held_out_after:.4f}"
     direction = AS.Direction([result["module"]], [1.0], meta)
     plot = P.paint([P.Panel(title, [("total", trace.losses, None), ("clip", trace.clip_losses, None),
-                                    ("l1", trace.l1_losses, None)], legend=True)])
+                                    ("l1", trace.l1_losses, None)], legend=True),
+                    P.Panel("||delta_h|| / ||h|| per edited step (final direction)",
+                            [("ratio", result["delta_over_h"], None)], threshold=DELTA_WARN)])
     return direction, plot
 
 
@@ -162,6 +183,18 @@ def resolve_interval(direction: AS.Direction, t_edit: float, t_boost: float) -> 
     return te, tb
 
 
+def step_rescale(direction: AS.Direction, steps: int, t_edit: float) -> float:
+    """The official strength rescaling: edited steps the direction was made with / edited steps now, so
+    the same direction moves an image by about as much at 40 steps as at 20 (1 for directions that do
+    not record their steps)."""
+    meta = direction.meta
+    if "steps" not in meta or "t_edit" not in meta:
+        return 1.0
+    now = AS.edited_steps(int(steps), float(t_edit))
+    made = AS.edited_steps(int(meta["steps"]), float(meta["t_edit"]))
+    return made / now if now > 0 and made > 0 else 1.0
+
+
 def edit(model, positive, negative, cfg, latent_code, direction, strength, t_edit, t_boost, seed=0):
     """Asyrp Edit: the code replayed with the asymmetric step; returns the latent samples."""
     code = latent_code
@@ -174,7 +207,8 @@ def edit(model, positive, negative, cfg, latent_code, direction, strength, t_edi
     B.check_conditioning_batch(positive, code.batch_size, "positive")
     B.check_conditioning_batch(negative, code.batch_size, "negative")
     full = code.tiled(len(strengths))
-    per_latent = torch.tensor(strengths, dtype=torch.float32).repeat_interleave(code.batch_size)
+    per_latent = (torch.tensor(strengths, dtype=torch.float32) * step_rescale(direction, code.steps, te)
+                  ).repeat_interleave(code.batch_size)
     any_edit = any(v != 0.0 for v in strengths) and AS.edited_steps(code.steps, te) > 0
     work_model, shift = patched(model, rec)
     placeholder = torch.zeros(full.shape)
@@ -211,7 +245,8 @@ def edit_ddim(model, positive, negative, cfg, latent_image, direction, strength,
     family = rec["family"]
     sigmas = B.schedule(model, "normal", steps, 1.0)
     n = samples.shape[0]
-    per_latent = torch.tensor(strengths, dtype=torch.float32).repeat_interleave(n)
+    per_latent = (torch.tensor(strengths, dtype=torch.float32) * step_rescale(direction, steps, te)
+                  ).repeat_interleave(n)
     work_model, shift = patched(model, rec)
     result = {}
 
@@ -249,3 +284,60 @@ def combine(directions, coefficients):
         return AS.combine([d for d, _ in pairs], [c for _, c in pairs])
     except CodeError as e:
         raise B.NodeInputError(f"direction: {e}") from None
+
+
+def from_examples(model, latents_with, latents_without, steps, t_edit, conditioning=None):
+    """Asyrp Direction From Examples: per step, the mean h along the DDIM chains of ``latents_with``
+    minus that of ``latents_without`` (no training). Returns the direction."""
+    rec = model_record(model)
+    a, b = latents_with["samples"], latents_without["samples"]
+    B.check_latent(model, a, "latents_with")
+    B.check_latent(model, b, "latents_without")
+    if tuple(a.shape[1:]) != tuple(b.shape[1:]):
+        raise B.NodeInputError(f"latents_without: its images are {list(b.shape[1:])} latents, latents_with's "
+                               f"{list(a.shape[1:])}; both sets must be at one image size (h is compared per "
+                               "position)")
+    n_edit = AS.edited_steps(steps, t_edit)
+    if n_edit == 0:
+        raise B.NodeInputError(f"t_edit: {t_edit} leaves no step of {steps} to edit; lower it")
+    if conditioning is not None:
+        B.check_conditioning_batch(conditioning, 1, "conditioning")
+    cond = empty_conditioning(model) if conditioning is None else conditioning
+    sigmas = B.schedule(model, "normal", steps, 1.0)
+    family = rec["family"]
+    work_model, shift = patched(model, rec)
+    result = {}
+    n_a = a.shape[0]
+    pbar = comfy.utils.ProgressBar(2)
+
+    def work(denoise_fn, x0, _callback, guider):
+        x0 = x0.float()
+        try:
+            means = []
+            for k, part in enumerate((x0[:n_a], x0[n_a:])):
+                means.append(AS.mean_h_along_chain(denoise_fn, shift.read, part, sigmas, family, n_edit))
+                pbar.update_absolute(k + 1, 2)
+        except CodeError as e:
+            raise B.code_error(e) from None
+        (result["with"], norms_a), (result["without"], norms_b) = means
+        result["norms"] = [(u * n_a + v * (x0.shape[0] - n_a)) / x0.shape[0] for u, v in zip(norms_a, norms_b)]
+        return x0
+
+    B.run_in_comfy(work_model, cond, cond, 1.0, torch.cat([a, b]), sigmas, work, 0, None)
+    levels = [AS.noise_level(float(s), family) for s in sigmas[:-1]]
+    h_shape = tuple(result["with"][0].shape)
+    meta = {k: rec[k] for k in ("architecture", "unet", "latent_format", "family", "h_site", "h_block")}
+    meta.update(h_shape=list(h_shape), sigmas=[float(s) for s in sigmas], steps=int(steps),
+                source_text="examples without the attribute", target_text="examples with the attribute",
+                t_edit=float(t_edit), t_boost=0.0, kind="from examples", examples_with=int(n_a),
+                examples_without=int(b.shape[0]))
+    try:
+        direction = AS.example_direction([d.cpu() for d in result["with"]], [d.cpu() for d in result["without"]],
+                                         levels, meta)
+    except CodeError as e:
+        raise B.code_error(e) from None
+    probe = torch.zeros(1, *h_shape)
+    deltas = [direction.delta(probe, lv)[0] for lv in levels[:n_edit]]
+    direction.meta["delta_over_h"] = AS.relative_norms(deltas, result["norms"])
+    direction.meta["h_norm"] = [float(v) for v in result["norms"]]
+    return direction

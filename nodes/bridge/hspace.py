@@ -118,6 +118,9 @@ class HShift:
         self.active = False
         self.h_shape = None
         self.inner = None      # a replace patch that was already on the DiT block: it runs first
+        self.seen = None       # while a list: every h that passes (before any shift) is appended to it
+        self.ratios = None     # while a dict: noise level -> mean ||k delta_h|| / ||h|| of the last shift there
+        self.norms = {}        # with ratios: noise level -> mean ||h|| there
 
     def __deepcopy__(self, memo):
         return self
@@ -125,6 +128,8 @@ class HShift:
     def shift(self, h, transformer_options):
         """h: (B, C, H, W); records its shape and, while active, returns h + k * delta_h."""
         self.h_shape = tuple(h.shape[1:])
+        if self.seen is not None:
+            self.seen.append(h.detach())
         if not self.active:
             return h
         delta = self.direction.delta(h, self.level)
@@ -136,7 +141,14 @@ class HShift:
             k = k[:1].expand(h.shape[0])
         else:
             raise RuntimeError(f"Asyrp: h batch {h.shape[0]} does not split into {chunks} x {k.numel()} latents")
-        return h + k.view(-1, *([1] * (h.dim() - 1))) * delta
+        shift = k.view(-1, *([1] * (h.dim() - 1))) * delta
+        if self.ratios is not None:
+            with torch.no_grad():
+                hn = h.detach().flatten(1).float().norm(dim=1)
+                r = shift.detach().flatten(1).float().norm(dim=1) / hn.clamp_min(1e-12)
+            self.ratios[round(float(self.level), 6)] = float(r.mean())
+            self.norms[round(float(self.level), 6)] = float(hn.mean())
+        return h + shift
 
     def __call__(self, h, hsp, transformer_options):
         if transformer_options.get("block") != ("output", 0):
@@ -151,6 +163,19 @@ class HShift:
         h = img.transpose(1, 2).unsqueeze(-1)
         out["img"] = self.shift(h, args.get("transformer_options") or {}).squeeze(-1).transpose(1, 2)
         return out
+
+    def read(self, call):
+        """Runs ``call()`` (one model evaluation) and returns the h it passed through, (B, C, H, W): the
+        conditional half when ComfyUI batched cond and uncond together."""
+        self.seen = []
+        try:
+            call()
+            seen = self.seen
+        finally:
+            self.seen = None
+        if not seen:
+            raise RuntimeError("Asyrp: the model evaluation never reached the h site")
+        return seen[-1]
 
     def run(self, denoise_fn, x, sigma, family):
         self.level = AS.noise_level(sigma, family)

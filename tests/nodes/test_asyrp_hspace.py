@@ -209,3 +209,64 @@ def test_dit_patch_keeps_a_patch_already_on_its_block(AN, nodes, models):
         B.run_in_comfy(work, cond, cond, 1.0, x, sigmas, work_fn, 0, None)
         B.run_in_comfy(patched_by_other, cond, cond, 1.0, x, sigmas, plain_fn, 0, None)
     assert calls and torch.equal(out["with"], out["plain"])   # inactive shift: exactly the other patch's result
+
+
+@pytest.mark.parametrize("name", ["tiny_sd3", "tiny_ddpm_eps"])
+def test_direction_from_examples_is_the_mean_h_difference_and_edits_like_a_trained_one(AN, nodes, models, name,
+                                                                                      tmp_path):
+    """Asyrp Direction From Examples: delta_h at step i is mean h(with) - mean h(without) along their DDIM
+    chains (read through the same patch Edit uses); the same set on both sides is no edit; the direction
+    saves, loads, combines and edits (strength 0: the replay, bit for bit)."""
+    cyc, _B, _, asy = nodes
+    AS = importlib.import_module("dpm_latent.samplers.asyrp")
+    FMT = importlib.import_module("dpm_latent.samplers.asyrp_format")
+    model = models[name]
+    cond = cyc.EmptyConditioning.execute(model, 1).result[0]
+    shape = (3, 16, 8, 8) if name == "tiny_sd3" else (3, 3, 16, 16)
+    g = torch.Generator().manual_seed(5)
+    with_ = {"samples": torch.randn(*shape, generator=g)}
+    without = {"samples": torch.randn(*shape, generator=g) * 0.5}
+    with torch.inference_mode():
+        d = asy.AsyrpDirectionFromExamples.execute(model, with_, without, 6, 0.5, cond).result[0]
+        same = asy.AsyrpDirectionFromExamples.execute(model, with_, with_, 6, 0.5).result[0]
+    rec = AN.model_record(model)
+    assert d.meta["h_site"] == rec["h_site"] and d.meta["kind"] == "from examples"
+    n_edit = AS.edited_steps(6, 0.5)
+    assert len(d.meta["delta_over_h"]) == n_edit and all(0 < r < 10 for r in d.meta["delta_over_h"])
+    term = d.terms[0]
+    assert term.h_shape == (rec["h_channels"], 1, 1)           # one shift per channel, every position
+    assert float(term.delta[:n_edit].abs().max()) > 0 and float(term.delta[n_edit:].abs().max()) == 0
+    assert float(same.terms[0].delta.abs().max()) == 0.0
+
+    # h read independently: the patched model on the DDIM chain of each set, step 0 (x_T)
+    work, shift = AN.patched(model, rec)
+    sigmas = _B.schedule(model, "normal", 6, 1.0)
+    means = {}
+
+    def work_fn(denoise_fn, x0, _cb, _guider):
+        for key, lat in (("with", x0[:3]), ("without", x0[3:])):
+            x_T = AS.ddim_invert(denoise_fn, lat.float(), sigmas, rec["family"])
+            means[key] = shift.read(lambda: denoise_fn(x_T, float(sigmas[0]))).float().mean(0)
+        return x0
+    with torch.inference_mode():
+        _B.run_in_comfy(work, cond, cond, 1.0, torch.cat([with_["samples"], without["samples"]]), sigmas, work_fn, 0, None)
+    want = (means["with"] - means["without"]).mean(dim=(1, 2))
+    assert torch.allclose(term.delta[0].flatten(), want, atol=1e-4 * float(want.abs().max()) + 1e-6)
+
+    path = tmp_path / ("ex" + FMT.SUFFIX)
+    FMT.save_direction(d, path)
+    back = FMT.load_direction(path)
+    assert torch.equal(back.terms[0].delta, term.delta) and back.meta["delta_over_h"] == d.meta["delta_over_h"]
+    both = asy.CombineAsyrpDirections.execute(back, 0.5, d, 0.5).result[0]
+    lat = {"samples": torch.randn(*((2,) + shape[1:]), generator=g)}
+    with torch.inference_mode():
+        code = cyc.DPMEncode.execute(model, cond, cond, lat, 0, 6, "normal", 1.0, 0.1, 1.0).result[0]
+        replay = cyc.ReplayLatentWithPrompt.execute(model, cond, cond, code, 1.0).result[0]["samples"]
+        out = asy.AsyrpEdit.execute(model, cond, cond, 1.0, code, both, "0, 1", -1.0, 0.0, 0).result[0]["samples"]
+        one = asy.AsyrpEdit.execute(model, cond, cond, 1.0, code, d, "1", -1.0, 0.0, 0).result[0]["samples"]
+        zero = asy.AsyrpEdit.execute(model, cond, cond, 1.0, code, both, "0", -1.0, 0.0, 0).result[0]["samples"]
+    assert torch.equal(zero, replay)                            # strength 0: the replay, bit for bit
+    assert torch.allclose(out[:2], replay, atol=1e-3) and (out[2:] - replay).abs().max() > 1e-4
+    assert torch.allclose(out[2:], one, atol=1e-3)            # 0.5 d + 0.5 d = d
+    with pytest.raises(Exception, match="latents_without"):
+        asy.AsyrpDirectionFromExamples.execute(model, with_, {"samples": torch.randn(*shape[:2], 4, 4)}, 6, 0.5)

@@ -93,6 +93,9 @@ def test_training_lowers_directional_clip_loss_on_held_out_images(server, latent
         print(f"held-out directional CLIP loss, seed {seed}: {before:.4f} -> {after:.4f}")
         assert after < before - 0.02, (seed, before, after)
         assert meta["clip_loss_curve"][-1] < meta["clip_loss_curve"][0], meta["clip_loss_curve"]
+        # ||delta_h|| / ||h|| of the trained direction at each of the 3 edited steps (6 steps, t_edit 0.5)
+        assert len(meta["delta_over_h"]) == 3 and all(0.0 < r < 100.0 for r in meta["delta_over_h"]), meta
+        assert len(meta["h_norm"]) == 3 and all(v > 0 for v in meta["h_norm"]) and -1 <= meta["text_cosine"] <= 1
 
 
 def test_strength_zero_is_replay_bit_for_bit_and_the_patch_never_leaks(server, model_dirs, latents):

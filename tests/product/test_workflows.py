@@ -26,6 +26,7 @@ A workflow may add to its ``extra`` dict a key ``"dpm_latent_test"`` with::
     {"checkpoints": {"<ckpt_name in the workflow>": "<tiny checkpoint file>"},
      "clip_energy": {"<clip_name in the workflow>": "<folder in the test's clip_energy dir>"},
      "mode":        {"<node id>": 0 | 2 | 4},             # applied to the UI graph before conversion
+     "images":      {"<Load Image node id>": "inverted"}, # that node reads the test image colour-inverted
      "widgets":     {"<node id>": {"<input>": value}}}    # applied to the API prompt after conversion
 
 Then, for every DPM Encode -> Replay Latent with Prompt pair, the test adds two branches to the
@@ -327,15 +328,22 @@ def test_langevin_workflow_widgets_convert(path, object_info):
 
 
 # ---------------------------------------------------------------------------- running them
-def _test_image(path: Path) -> None:
+def _test_image(path: Path, inverted: bool = False) -> None:
+    """The test image; ``inverted``: its colours inverted (a second, different image set)."""
     y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / (SIZE - 1)
     disc = ((x - 0.4) ** 2 + (y - 0.55) ** 2 < 0.08).astype(np.float32)
     rgb = np.stack([0.2 + 0.6 * x, 0.3 + 0.5 * y * (1 - disc) + 0.4 * disc, 0.8 - 0.5 * x * y], axis=-1)
     # alpha 0 (Load Image's MASK = 1) on the left 40 columns: the region the masked-edit workflows may change
     alpha = np.full((SIZE, SIZE, 1), 255, dtype=np.uint8)
     alpha[:, :40] = 0
+    if inverted:
+        rgb = 1.0 - rgb
     rgba = np.concatenate([(rgb.clip(0, 1) * 255).round().astype(np.uint8), alpha], axis=-1)
     Image.fromarray(rgba, "RGBA").save(path)
+
+
+def inverted_name(image_name: str) -> str:
+    return image_name.replace(".png", "_inverted.png")
 
 
 def _adapt(ui: dict, object_info: dict, image_name: str, stem: str):
@@ -382,7 +390,9 @@ def _adapt(ui: dict, object_info: dict, image_name: str, stem: str):
                 "extra.dpm_latent_test.diffusers in the workflow")
             inp["model_name"] = ddpm_map[name]
         elif node["class_type"] == "LoadImage":
-            inp["image"] = image_name
+            variant = (cfg.get("images") or {}).get(nid)
+            assert variant in (None, "inverted"), f"{stem}: unknown test image variant {variant!r}"
+            inp["image"] = image_name if variant is None else inverted_name(image_name)
         elif node["class_type"] == "CLIPEnergy":
             name = inp["clip_name"]
             assert name in clip_map, (
@@ -558,6 +568,7 @@ def _png(server, entry: dict, nid: str) -> np.ndarray:
 def test_workflow_runs_and_reconstructs(path, server, object_info):
     image_name = f"wf_{path.stem}.png"
     _test_image(Path(server.input_dir) / image_name)
+    _test_image(Path(server.input_dir) / inverted_name(image_name), inverted=True)
     api, checks = _adapt(_load(path), object_info, image_name, path.stem)
     assert checks, (f"{path.name}: no DPM Encode -> Replay -> VAE Decode -> Save Image chain "
                     "and no Langevin Latent Sampler -> VAE Decode -> Save Image chain")

@@ -269,3 +269,109 @@ def test_masked_code_edits_only_inside_the_mask(A, S, family, sigmas):
     assert tiled.trajectory.shape[1] == 6 and tiled.batch_size == 6
     many = A.asyrp_replay(net.plain, net.edited_by(d, 2.0), tiled, t_edit=0.3)
     assert torch.equal(many[:2], out) and torch.equal(many[4:], out)
+
+
+# ---------------------------------------------------------------- directions from examples
+
+def test_example_direction_is_the_mean_difference_and_applies_at_every_position(A):
+    levels = [math.log(14.6), math.log(3.0), math.log(0.4)]
+    g = torch.Generator().manual_seed(0)
+    h_with = [torch.randn(8, 4, 4, generator=g) for _ in range(2)]
+    h_without = [torch.randn(8, 4, 4, generator=g) for _ in range(2)]
+    d = A.example_direction(h_with, h_without, levels, {"h_shape": [8, 4, 4]})
+    h = torch.randn(3, 8, 4, 4, generator=g)
+    for i in range(2):
+        want = (h_with[i] - h_without[i]).mean(dim=(1, 2), keepdim=True).expand(8, 4, 4)
+        assert torch.allclose(d.delta(h, levels[i]), want.expand(3, 8, 4, 4))
+    assert torch.equal(d.delta(h, levels[2]), torch.zeros_like(h))   # past the examples' steps: no edit
+    # position-free: the same per-channel shift on h of another size
+    big = torch.randn(1, 8, 6, 2, generator=g)
+    assert torch.allclose(d.delta(big, levels[0])[0, :, 5, 1], (h_with[0] - h_without[0]).mean(dim=(1, 2)))
+    # per position: exactly the difference map; strength scales it linearly
+    p = A.example_direction(h_with, h_without, levels, per_position=True)
+    assert torch.allclose(p.scaled(2.0).delta(h, levels[1]), 2.0 * (h_with[1] - h_without[1]).expand(3, 8, 4, 4))
+    with pytest.raises(A.CodeError, match="one image size"):
+        A.example_direction(h_with, [torch.zeros(8, 2, 2)] * 2, levels)
+
+
+@pytest.mark.parametrize("family,sigmas", [("ve", VE_SIGMAS), ("flow", FLOW_SIGMAS)])
+def test_mean_h_along_chain_reads_h_at_each_step_of_the_inverted_chain(A, family, sigmas):
+    """The means are of the h the model passes through on the plain DDIM chain from the DDIM-inverted x_T,
+    batch by batch: the same as one image at a time."""
+    net = ToyUNet(family)
+    x0 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    seen = []
+
+    def read_h(call):
+        net.hook = lambda h, s: (seen.append(h.clone()), torch.zeros_like(h))[1]
+        try:
+            call()
+        finally:
+            net.hook = None
+        return seen[-1]
+    def plain(x, sigma):  # net.plain would clear the hook read_h sets
+        return net(x, float(sigma))
+    means, norms = A.mean_h_along_chain(plain, read_h, x0, sigmas, family, 4, batch_size=2)
+    assert len(means) == 4 and means[0].shape == (8, 4, 4)
+    one = [A.mean_h_along_chain(plain, read_h, x0[k:k + 1], sigmas, family, 4) for k in range(3)]
+    for i in range(4):
+        assert torch.allclose(means[i], sum(o[0][i] for o in one) / 3, atol=1e-6)
+        assert math.isclose(norms[i], sum(o[1][i] for o in one) / 3, rel_tol=1e-5)
+    # step 0 is at x_T: h of the model at sigma_0 on the inverted latents
+    x_T = A.ddim_invert(net.plain, x0, sigmas, family)
+    seen.clear()
+    net.hook = lambda h, s: (seen.append(h.clone()), torch.zeros_like(h))[1]
+    net(x_T, float(sigmas[0]))
+    net.hook = None
+    assert torch.allclose(means[0], seen[0].mean(0), atol=1e-6)
+
+
+def test_training_l1_target_is_the_source_chain(A):
+    """With only the L1 term, a direction that keeps drifting the chain has a larger loss against the source
+    chain's P_t than against the plain prediction at the drifted x_t: the official target sees drift."""
+    sigmas = torch.cat([torch.exp(torch.linspace(math.log(14.6), math.log(0.05), 8)), torch.zeros(1)]).double()
+    net = ToyUNet("ve", seed=1)
+    g = torch.Generator().manual_seed(3)
+    x_T = torch.randn(2, 4, 8, 8, generator=g) * 14.6
+    module = A.GlobalDelta((8, 4, 4), [A.noise_level(float(s), "ve") for s in sigmas[:-1]])
+    with torch.no_grad():
+        module.delta.normal_(0.0, 0.3, generator=g)
+
+    def edited_with(x, sigma, mod):
+        net.hook = lambda h, s: mod(h, A.noise_level(s, "ve"))
+        try:
+            return net(x, float(sigma))
+        finally:
+            net.hook = None
+    s = [float(v) for v in sigmas]
+    zero = torch.zeros(2, 3)
+    _tot, _clip, l1 = A._chain(net.plain, edited_with, module, x_T, zero, s, "ve", 6, lambda p: torch.ones(p.shape[0], 3),
+                               torch.ones(3), 0.0, 1.0)
+    # the same steps scored against the plain prediction at the edited chain's own x_t
+    x, drifted = x_T, []
+    with torch.no_grad():
+        for i in range(6):
+            a, b, _c = A.step_coefficients(s[i], s[i + 1], 0.0, "ve")
+            d = net.plain(x, s[i])
+            p = edited_with(x, s[i], module)
+            drifted.append(float((p - d).abs().mean()))
+            x = A._edit_term(a * x + b * d, p, d, s[i + 1], "ve")
+    assert l1 > sum(drifted) / 6 * 1.05, (l1, sum(drifted) / 6)
+
+
+def test_gaussian_control_has_the_directions_norm_per_step(A):
+    sig = [1.0, 0.75, 0.5, 0.25, 0.0]
+    meta = {"h_shape": [8, 4, 4], "sigmas": sig, "family": "flow", "h_norm": [10.0, 20.0],
+            "delta_over_h": [0.1, 0.3]}
+    d = A.Direction([A.GlobalDelta((8, 1, 1), [A.noise_level(s, "flow") for s in sig[:-1]])], [1.0], meta)
+    h = torch.zeros(1, 8, 4, 4)
+    for rel, want in ((None, [1.0, 6.0]), (0.2, [2.0, 4.0])):
+        c = A.gaussian_control(d, seed=3, relative=rel)
+        for i, w in enumerate(want):
+            delta = c.delta(h, A.noise_level(sig[i], "flow"))
+            assert math.isclose(float(delta.norm()), w, rel_tol=1e-5) and float(delta.std()) > 0
+        assert float(c.delta(h, A.noise_level(sig[2], "flow")).abs().max()) == 0.0   # outside the records
+    a, b = A.gaussian_control(d, seed=3), A.gaussian_control(d, seed=4)
+    assert not torch.equal(a.terms[0].delta, b.terms[0].delta)
+    with pytest.raises(A.CodeError, match="h_norm"):
+        A.gaussian_control(A.Direction(d.terms, [1.0], {k: v for k, v in meta.items() if k != "h_norm"}))
