@@ -271,3 +271,27 @@ def test_ray_actor_server_killed_mid_run(br, job, model_dirs, capsys):
     # no actor's server outlives the run
     pids = [int(p.read_text()) for p in (out / ".server").glob("actor*_*/server.pid")]
     assert len(pids) >= 2 and all(_gone(p) for p in pids), pids
+
+
+def test_shipped_example_table_fits_its_workflow(br, server):
+    """docs/best-of-n.md's example (demo/batch/table.csv through the best-of-N demo workflow with
+    --models demo/models): every column names a node and input of the workflow, every image is there,
+    and every model the workflow loads is in demo/models (a renamed node title would fail every row)."""
+    info = server.object_info()
+    wf = REPO / "workflows" / "cyclediffusion_best_of_n_demo.json"
+    table = REPO / "demo" / "batch" / "table.csv"
+    base = br.load_workflow(wf, info)
+    rows = br.read_table(table)
+    assert len(rows) == 3
+    uploaded = []
+    for row in rows:
+        prompt, params = br.row_prompt(base, info, row, table.parent, lambda p: uploaded.append(p) or p.name)
+        assert params == row
+    assert [p.name for p in uploaded] == ["red_circle.png", "blue_circle.png", "green_circle.png"]
+    for node in base.values():
+        if node["class_type"] == "CheckpointLoaderSimple":
+            assert (REPO / "demo" / "models" / "checkpoints" / node["inputs"]["ckpt_name"]).is_file()
+        if node["class_type"] == "RankByCLIP":
+            assert (REPO / "demo" / "models" / "clip_energy" / node["inputs"]["clip_name"]).is_dir()
+    keys = {br.Job(k, r, wf, br.workflow_digest(wf), table.parent).key for k, r in enumerate(rows, 1)}
+    assert len(keys) == 3
