@@ -56,6 +56,7 @@ sys.argv = sys.argv[2:]
 os.execv(sys.executable, [sys.executable] + sys.argv)
 """
 
+
 def _spawn(make):
     """``make()`` (a Popen), forked by a thread that lives as long as the child does.
 
@@ -140,7 +141,8 @@ class ComfyServer:
             lines.append(f"  {key}: {json.dumps(str(path))}")
         cfg = self.workdir / "extra_model_paths.yaml"
         cfg.write_text("\n".join(lines) + "\n")
-        cmd = [self.python, "-c", _LAUNCHER, str(os.getpid()), "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [self.python, "-c", _LAUNCHER, str(os.getpid()),  # then ComfyUI:
+               "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--dont-print-server",
                "--input-directory", str(self.input_dir), "--output-directory", str(self.output_dir),
                "--temp-directory", str(self.workdir / "temp"), "--user-directory", str(self.workdir / "user"),
