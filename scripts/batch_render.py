@@ -9,18 +9,23 @@
   that title (the title shown on the node; ``#<id>.<input>`` names a node by id), e.g.
   ``Target prompt.text``, ``DPM Encode.seed``. An input with an image upload (Load Image's
   ``image``) takes a file path (relative to the table's folder) that is uploaded to the server.
-* Output: ``DIR/row_0001/...`` (every image the workflow's output nodes save), ``DIR/manifest.jsonl``
-  (one line per row: row, parameters, files, score and label of a Rank Images by CLIP node, error)
-  and ``DIR/contact_sheet.png`` (the first image of every row, with its row number and score).
-* Resumable: rows already in the manifest are skipped (``--retry-errors`` runs failed rows again).
-  A row's line is appended in one write after all of its files are in place, so a crash mid-row
-  redoes only that row. A bad row (missing file, invalid value, node error) is recorded with its
-  error and the run goes on.
+* A row is identified by what it renders: its key hashes the row's cells, the contents of the files
+  they name and the workflow (without its canvas layout). An edited row gets a new key and is
+  rendered anew; inserting or deleting rows leaves the other rows' results where they are.
+* Output: ``DIR/row_0001_<key>/...`` (every image the workflow's output nodes save; the number is the
+  row's position when it was rendered), ``DIR/manifest.jsonl`` (one line per render: row, key,
+  parameters, the sha256 of the input files and of the workflow, files, score and label of a Rank
+  Images by CLIP node, error) and ``DIR/contact_sheet.png`` (the first image of every row of the
+  table, with its row number and score).
+* Resumable: rows whose key is already in the manifest are skipped (``--retry-errors`` runs failed
+  rows again). A row's line is appended in one write after all of its files are in place, so a crash
+  mid-row redoes only that row. A bad row (missing file, invalid value, node error) is recorded with
+  its error and the run goes on.
 * Servers: by default the embedded host (scripts/comfy_host.py build) with this pack, on the CPU
   unless CUDA is there; ``--comfyui PATH`` (or $COMFYUI_PATH) starts that ComfyUI instead;
   ``--server URL`` uses a running one. A server this script starts is dpmtools.server's ComfyServer
   (tools/dpmtools/server.py), which loads this checkout as the pack ``dpm-latent-batch`` and no
-  other custom node.
+  other custom node, and which dies with the process that started it, however that process dies.
 * ``--ray [ADDRESS]``: one Ray actor per GPU (``num_gpus=1``; CPU actors where there is no GPU), each
   starting its own ComfyUI (or, with ``--server``, reusing that one). Without an ADDRESS a local Ray
   cluster is started on this machine (``ray.init()``), ``auto`` joins the running cluster. A row whose
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import mimetypes
 import os
@@ -72,6 +78,71 @@ def read_table(path: Path) -> list[dict]:
             raise SystemExit(f"{path}: the table has no header row")
         rows = [{k.strip(): (v if v is not None else "") for k, v in r.items() if k} for r in reader]
     return rows
+
+
+# ---------------------------------------------------------------------------- what a row renders
+# UI-workflow keys that only place things on the canvas: moving a node does not change a render
+_LAYOUT_KEYS = {"pos", "size", "flags", "order", "color", "bgcolor", "shape", "selected"}
+_LAYOUT_TOP_KEYS = {"extra", "groups", "id", "revision"}
+
+
+def _sha256(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=False,
+                                     separators=(",", ":")).encode()).hexdigest()
+
+
+def workflow_digest(path: Path) -> str:
+    """sha256 of the workflow as it renders (a UI workflow without its canvas layout)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{path}: cannot read the workflow: {e}") from None
+    if isinstance(data, dict) and isinstance(data.get("nodes"), list):
+        data = {k: v for k, v in data.items() if k not in _LAYOUT_TOP_KEYS}
+        data["nodes"] = [{k: v for k, v in n.items() if k not in _LAYOUT_KEYS} if isinstance(n, dict) else n
+                         for n in data["nodes"]]
+    return _sha256(data)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def input_files(row: dict, table_dir: Path) -> dict[str, str]:
+    """{column: sha256} of the cells that name a file (relative to the table's folder, or absolute):
+    a replaced image makes a new render even under the same name."""
+    files = {}
+    for column, raw in sorted(row.items()):
+        if not raw.strip():
+            continue
+        path = Path(raw) if Path(raw).is_absolute() else table_dir / raw
+        try:
+            if path.is_file():
+                files[column] = _file_sha256(path)
+        except (OSError, ValueError):  # a prompt too long or odd to be a file name
+            continue
+    return files
+
+
+def row_key(workflow_sha256: str, row: dict, files: dict[str, str]) -> str:
+    """What a row renders, as 16 hex digits: the same cells, files and workflow give the same key,
+    wherever the row stands in the table."""
+    return _sha256({"workflow": workflow_sha256, "params": row, "files": files})[:16]
+
+
+class Job:
+    """One row to render: its position in the table, its key and what the manifest records of it."""
+
+    def __init__(self, row_no: int, row: dict, workflow: Path, workflow_sha256: str, table_dir: Path):
+        self.row_no = row_no
+        self.row = row
+        self.files = input_files(row, table_dir)
+        self.key = row_key(workflow_sha256, row, self.files)
+        self.meta = {"workflow": str(workflow), "workflow_sha256": workflow_sha256, "input_files": self.files}
 
 
 def load_workflow(path: Path, object_info: dict) -> dict:
@@ -285,7 +356,9 @@ class Output:
             with open(self.path, "r+b") as f:
                 f.truncate(cut)
 
-    def entries(self) -> dict[int, dict]:
+    def entries(self) -> dict[str, dict]:
+        """{key: the latest manifest line of that key}. Lines without a key (written before rows had
+        keys) identify nothing: those rows are rendered again."""
         done = {}
         if self.path.exists():
             for line in self.path.read_text(encoding="utf-8").splitlines():
@@ -293,16 +366,17 @@ class Output:
                     e = json.loads(line)
                 except ValueError:
                     continue
-                done[int(e["row"])] = e
+                if isinstance(e, dict) and e.get("key"):
+                    done[e["key"]] = e
         return done
 
-    def row_dir(self, row_no: int) -> Path:
-        return self.folder / f"row_{row_no:04d}"
+    def row_dir(self, row_no: int, key: str) -> Path:
+        return self.folder / f"row_{row_no:04d}_{key}"
 
-    def commit(self, result: dict) -> dict:
+    def commit(self, result: dict, job: Job) -> dict:
         """Write the row's files, then its manifest line in one append."""
         with self.lock:
-            d = self.row_dir(result["row"])
+            d = self.row_dir(job.row_no, job.key)
             if d.exists():
                 shutil.rmtree(d)  # what a crashed earlier attempt left
             files = []
@@ -314,7 +388,7 @@ class Output:
                     (tmp / name).write_bytes(data)
                     files.append(f"{d.name}/{name}")
                 os.replace(tmp, d)
-            entry = {"row": result["row"], "params": result["params"], "files": files,
+            entry = {"row": job.row_no, "key": job.key, "params": result["params"], **job.meta, "files": files,
                      "score": result.get("score"), "label": result.get("label"), "error": result["error"],
                      "finished": round(time.time(), 3)}
             line = (json.dumps(entry, ensure_ascii=False) + "\n").encode()
@@ -326,24 +400,26 @@ class Output:
                 os.close(fd)
             return entry
 
-    def contact_sheet(self, cell: int = 160, cols: int = 6) -> Path | None:
+    def contact_sheet(self, jobs: list[Job], cell: int = 160, cols: int = 6) -> Path | None:
+        """The first image of every row of the table (in table order) that has one."""
         from PIL import Image, ImageDraw
 
-        entries = [e for _, e in sorted(self.entries().items()) if e.get("files")]
+        done = self.entries()
+        entries = [(j.row_no, done[j.key]) for j in jobs if done.get(j.key, {}).get("files")]
         if not entries:
             return None
         rows = (len(entries) + cols - 1) // cols
         cols = min(cols, len(entries))
         sheet = Image.new("RGB", (cols * cell, rows * (cell + 18)), (24, 24, 24))
         draw = ImageDraw.Draw(sheet)
-        for i, e in enumerate(entries):
+        for i, (row_no, e) in enumerate(entries):
             with Image.open(self.folder / e["files"][0]) as im:
                 im = im.convert("RGB")
                 im.thumbnail((cell, cell))
                 r, c = divmod(i, cols)
                 x, y = c * cell, r * (cell + 18)
                 sheet.paste(im, (x + (cell - im.width) // 2, y + (cell - im.height) // 2))
-            cap = f"row {e['row']}" + (f"  {e['score']:.4f}" if isinstance(e.get("score"), (int, float)) else "")
+            cap = f"row {row_no}" + (f"  {e['score']:.4f}" if isinstance(e.get("score"), (int, float)) else "")
             draw.text((x + 4, y + cell + 3), cap, fill=(235, 235, 235))
         path = self.folder / "contact_sheet.png"
         sheet.save(path)
@@ -366,7 +442,7 @@ def start_server(comfy: Path, python: str, workdir: Path, models: str | None, cp
     started dpmtools.server.ComfyServer."""
     model_dirs = {}
     if models:
-        for sub in Path(models).iterdir():
+        for sub in Path(models).resolve().iterdir():
             if sub.is_dir():
                 model_dirs[sub.name] = sub
     if cpu is None:
@@ -411,7 +487,7 @@ def _progress(total: int, initial: int = 0):
 
 
 # ---------------------------------------------------------------------------- runs
-def run_local(args, rows: dict[int, dict], out: Output, table_dir: Path) -> None:
+def run_local(args, jobs: list[Job], out: Output, table_dir: Path) -> None:
     srv = None
     if args.server:
         client = Client(args.server)
@@ -422,13 +498,13 @@ def run_local(args, rows: dict[int, dict], out: Output, table_dir: Path) -> None
     try:
         object_info = client.get_json("/object_info", timeout=120)
         base = load_workflow(args.workflow, object_info)
-        bar = _progress(len(rows))
-        for row_no, row in rows.items():
-            res = render_row(client, base, object_info, row_no, row, table_dir)
-            entry = out.commit(res)
+        bar = _progress(len(jobs))
+        for job in jobs:
+            res = render_row(client, base, object_info, job.row_no, job.row, table_dir)
+            entry = out.commit(res, job)
             bar.update(1)
             if entry["error"]:
-                bar.set_postfix_str(f"row {row_no}: error")
+                bar.set_postfix_str(f"row {job.row_no}: error")
         bar.close()
     finally:
         if srv is not None:
@@ -465,7 +541,7 @@ class Worker:
             self.srv.stop()
 
 
-def run_ray(args, rows: dict[int, dict], out: Output, table_dir: Path) -> None:
+def run_ray(args, jobs: list[Job], out: Output, table_dir: Path) -> None:
     import ray
     from ray import cloudpickle
 
@@ -501,44 +577,45 @@ def run_ray(args, rows: dict[int, dict], out: Output, table_dir: Path) -> None:
                 print(f"actor {i} failed to start: {e}", file=sys.stderr)
         if not ready:
             raise SystemExit("no Ray actor could start a ComfyUI server")
-        todo = list(rows.items())
-        attempts: dict[int, int] = {}
+        todo = list(jobs)
+        attempts: dict[str, int] = {}
         bar = _progress(len(todo))
-        running = {}  # object ref -> (actor index, row_no, row)
+        running = {}  # object ref -> (actor index, job)
         idle = list(ready)
 
         def submit():
             while todo and idle:
                 i = idle.pop(0)
-                row_no, row = todo.pop(0)
-                running[ready[i].render.remote(row_no, row)] = (i, row_no, row)
+                job = todo.pop(0)
+                running[ready[i].render.remote(job.row_no, job.row)] = (i, job)
 
         submit()
         while running:
             done, _ = ray.wait(list(running), num_returns=1)
             ref = done[0]
-            i, row_no, row = running.pop(ref)
+            i, job = running.pop(ref)
             try:
                 res = ray.get(ref)
             except Exception as e:  # noqa: BLE001  the actor or its server died: retry elsewhere
-                attempts[row_no] = attempts.get(row_no, 0) + 1
-                print(f"\nactor {i} lost ({type(e).__name__}); row {row_no} goes to another actor",
+                attempts[job.key] = attempts.get(job.key, 0) + 1
+                print(f"\nactor {i} lost ({type(e).__name__}); row {job.row_no} goes to another actor",
                       file=sys.stderr, flush=True)
                 try:
                     ray.kill(ready.pop(i))
                 except Exception:  # noqa: BLE001
                     pass
-                if attempts[row_no] > args.max_retries or not ready:
-                    out.commit({"row": row_no, "params": row, "images": [],
-                                "error": f"lost with its worker {attempts[row_no]} times: {type(e).__name__}: {e}"})
+                if attempts[job.key] > args.max_retries or not ready:
+                    out.commit({"row": job.row_no, "params": job.row, "images": [],
+                                "error": f"lost with its worker {attempts[job.key]} times: {type(e).__name__}: {e}"},
+                               job)
                     bar.update(1)
                 else:
-                    todo.insert(0, (row_no, row))
+                    todo.insert(0, job)
                 if not ready and todo:
                     raise SystemExit("every Ray actor died; run again to resume")
                 submit()
                 continue
-            out.commit(res)
+            out.commit(res, job)
             bar.update(1)
             idle.append(i)
             submit()
@@ -595,27 +672,50 @@ def _run(args, argv) -> int:
     if __name__ == "__main__" and not args.comfyui and not os.environ.get("COMFYUI_PATH"):
         _reexec_in_host(sys.argv[1:] if argv is None else list(argv))
 
+    _absolute_paths(args)
     table = read_table(args.table)
+    table_dir = args.table.parent
+    wf_sha = workflow_digest(args.workflow)
+    jobs = [Job(k, row, args.workflow, wf_sha, table_dir) for k, row in enumerate(table, start=1)]
     out = Output(args.out or args.table.with_name(args.table.stem + "_renders"))
     done = out.entries()
-    rows = {}
-    for k, row in enumerate(table, start=1):
-        prev = done.get(k)
-        if prev is None or (args.retry_errors and prev.get("error")):
-            rows[k] = row
-    print(f"{len(table)} rows, {len(table) - len(rows)} already in {out.path}, {len(rows)} to render",
-          file=sys.stderr, flush=True)
-    if rows:
+    todo: dict[str, Job] = {}  # one render per key (identical rows render the same image)
+    for job in jobs:
+        prev = done.get(job.key)
+        if (prev is None or (args.retry_errors and prev.get("error"))) and job.key not in todo:
+            todo[job.key] = job
+    print(f"{len(table)} rows, {sum(1 for j in jobs if j.key in done)} already rendered in {out.path}, "
+          f"{len(todo)} to render", file=sys.stderr, flush=True)
+    if todo:
         if args.ray is not None:
-            run_ray(args, rows, out, args.table.resolve().parent)
+            run_ray(args, list(todo.values()), out, table_dir)
         else:
-            run_local(args, rows, out, args.table.resolve().parent)
-    sheet = out.contact_sheet()
-    entries = out.entries()
-    errors = sum(1 for e in entries.values() if e.get("error"))
-    print(f"done: {len(entries)} rows in {out.path} ({errors} with errors)"
+            run_local(args, list(todo.values()), out, table_dir)
+    sheet = out.contact_sheet(jobs)
+    done = out.entries()
+    rendered = [done[j.key] for j in jobs if j.key in done]
+    errors = sum(1 for e in rendered if e.get("error"))
+    print(f"done: {len(rendered)} of {len(jobs)} rows in {out.path} ({errors} with errors)"
           + (f"; contact sheet {sheet}" if sheet else ""), file=sys.stderr, flush=True)
     return 0
+
+
+def _absolute_paths(args) -> None:
+    """Every path argument made absolute against the working directory here: the servers run in
+    ComfyUI's folder and Ray actors wherever Ray puts them, where a relative path means something else."""
+    for name in ("workflow", "table", "out", "comfyui", "models"):
+        value = getattr(args, name)
+        if value is not None and str(value) != "":
+            setattr(args, name, type(value)(Path(value).expanduser().resolve()))
+    if not args.workflow.is_file():
+        raise SystemExit(f"workflow {args.workflow}: no such file")
+    if not args.table.is_file():
+        raise SystemExit(f"table {args.table}: no such file")
+    if args.models is not None and not Path(args.models).is_dir():
+        raise SystemExit(f"--models {args.models}: no such folder (give the folder that holds checkpoints/, "
+                         "clip_energy/, ...; e.g. demo/models)")
+    if args.comfyui is not None and not (Path(args.comfyui) / "main.py").is_file():
+        raise SystemExit(f"--comfyui {args.comfyui}: no ComfyUI there (no main.py)")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ demo job runs on it. The test suite and the benchmarks use it too.
 The pack is loaded from this repository through a temporary extra-model-paths
 config (key ``custom_nodes``), with every other custom node disabled, so a
 user's own ComfyUI (COMFYUI_PATH) is used without being modified.
+
+A server never outlives the process that started it, however that process dies (SIGKILL by the
+OOM killer included): on Linux the server is started with PR_SET_PDEATHSIG = SIGKILL, set by a
+tiny launcher between fork and ComfyUI's exec, and ``stop`` kills its whole process group.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -33,6 +38,55 @@ class PromptError(RuntimeError):
     def __init__(self, message: str, payload):
         super().__init__(message)
         self.payload = payload
+
+
+# Run by the server's own Python between fork and ComfyUI's main.py: ask the kernel to SIGKILL this
+# process when the thread that forked it ends (PR_SET_PDEATHSIG survives exec), then make sure that
+# parent had not already died before the request took effect (then its pid is no longer our parent).
+_LAUNCHER = """
+import ctypes, os, signal, sys
+parent = int(sys.argv[1])
+if sys.platform.startswith("linux"):
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+        sys.exit("PR_SET_PDEATHSIG failed: errno %d" % ctypes.get_errno())
+    if os.getppid() != parent:
+        sys.exit("the process that started this server is gone")
+sys.argv = sys.argv[2:]
+os.execv(sys.executable, [sys.executable] + sys.argv)
+"""
+
+
+def _spawn(make):
+    """``make()`` (a Popen), forked by a thread that lives as long as the child does.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked the child ends, not the process: a server
+    started from a short-lived thread (a thread pool, a Ray actor's executor) would die with that
+    thread. The main thread ends only with the process; any other caller has the fork done by a
+    daemon thread of its own that then waits for the server to exit (and dies with the process).
+    No module state: Ray ships this module by value to its actors.
+    """
+    if threading.current_thread() is threading.main_thread():
+        return make()
+    got: list = []
+    ready = threading.Event()
+
+    def hold():
+        try:
+            proc = make()
+        except BaseException as e:  # noqa: BLE001  handed back to the caller
+            got.append(e)
+            ready.set()
+            return
+        got.append(proc)
+        ready.set()
+        proc.wait()
+
+    threading.Thread(target=hold, name="dpm-server-parent", daemon=True).start()
+    ready.wait()
+    if isinstance(got[0], BaseException):
+        raise got[0]
+    return got[0]
 
 
 def _free_port() -> int:
@@ -55,14 +109,15 @@ class ComfyServer:
     def __init__(self, comfy_dir: Path, workdir: Path, python: str | None = None,
                  model_dirs: dict[str, Path] | None = None, extra_args: list[str] | None = None,
                  cpu: bool = True, *, pack_name: str):
-        self.comfy_dir = Path(comfy_dir)
+        # absolute paths only: ComfyUI runs in comfy_dir and would read a relative one from there
+        self.comfy_dir = Path(comfy_dir).resolve()
         self.pack_name = pack_name
         if (self.comfy_dir / "custom_nodes" / pack_name).exists():
             raise ValueError(f"{self.comfy_dir / 'custom_nodes' / pack_name} exists: ComfyUI would load it as well "
                              "as this checkout; give the server another pack_name")
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).resolve()
         self.python = python or sys.executable
-        self.model_dirs = model_dirs or {}
+        self.model_dirs = {key: Path(path).resolve() for key, path in (model_dirs or {}).items()}
         self.extra_args = extra_args or []
         self.cpu = cpu
         self.port = _free_port()
@@ -79,13 +134,15 @@ class ComfyServer:
         link = self.workdir / "custom_nodes" / self.pack_name
         if not link.exists():
             link.symlink_to(REPO, target_is_directory=True)
-        lines = ["dpm_latent_server:", f"  custom_nodes: {self.workdir / 'custom_nodes'}"]
+        # paths as JSON strings (valid YAML double-quoted scalars): any character in a path is safe
+        lines = ["dpm_latent_server:", f"  custom_nodes: {json.dumps(str(self.workdir / 'custom_nodes'))}"]
         for key, path in self.model_dirs.items():
-            Path(path).mkdir(parents=True, exist_ok=True)
-            lines.append(f"  {key}: {path}")
+            path.mkdir(parents=True, exist_ok=True)
+            lines.append(f"  {key}: {json.dumps(str(path))}")
         cfg = self.workdir / "extra_model_paths.yaml"
         cfg.write_text("\n".join(lines) + "\n")
-        cmd = [self.python, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [self.python, "-c", _LAUNCHER, str(os.getpid()),  # then ComfyUI:
+               "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--dont-print-server",
                "--input-directory", str(self.input_dir), "--output-directory", str(self.output_dir),
                "--temp-directory", str(self.workdir / "temp"), "--user-directory", str(self.workdir / "user"),
@@ -95,8 +152,10 @@ class ComfyServer:
                *self.extra_args]
         self._log = open(self.log_path, "wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=env, start_new_session=True)
+        # its own session (stop kills the group), and see _LAUNCHER: it dies with this process
+        self.proc = _spawn(lambda: subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log,
+                                                    stderr=subprocess.STDOUT, env=env, start_new_session=True))
+        (self.workdir / "server.pid").write_text(f"{self.proc.pid}\n")
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
