@@ -148,10 +148,10 @@ class DPMPrunedReplay(io.ComfyNode):
                 I.target_text("a photo of a cat", multiline=True),
                 io.Combo.Input("metric", options=list(METRICS), default="directional CLIP",
                                tooltip="The CLIP score of the checkpoints (use Rank Images by CLIP's)."),
-                io.String.Input("checkpoints", default="0.2, 0.4",
+                io.String.Input("checkpoints", default="0.2, 0.5",
                                 tooltip="Where to score, as fractions of each replay's steps, increasing "
                                         "(empty: no pruning)."),
-                io.String.Input("keep", default="0.25, 0.5",
+                io.String.Input("keep", default="0.33, 0.33",
                                 tooltip="The fraction of the live candidates kept at each checkpoint (at least "
                                         "one per group)."),
                 io.Combo.Input("rank_within", options=list(GROUPS), default="all images",

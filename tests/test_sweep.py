@@ -321,3 +321,32 @@ def test_pruned_replay_against_the_full_sweep(mods, model_dirs, gn):
     with pytest.raises(ValueError, match="pruning: the record is for 16 candidates but 8 images"):
         rank(full[:8], [pr])
 
+
+
+def test_halving_metrics_claims(mods):
+    """docs/best-of-n.md's successive-halving figures (docs/halving_metrics.json, from bench_sweep_halving):
+    the 540 grid under the target, and on the demo world (n = 16) the default schedule's picked images
+    inside the full sweep's intervals; the table in the docs is the JSON's."""
+    import json
+
+    sw, _n, _c = mods
+    m = json.loads((REPO / "docs" / "halving_metrics.json").read_text())
+    default = sw.parse_halving("0.2, 0.5", "0.33, 0.33").text()  # DPM Pruned Replay's default schedule
+    assert default == "0.2:0.33, 0.5:0.33"
+    grid = m["paper_grid"][default]
+    again = sw.count_halving(sw.paper_sweep(), 100, sw.parse_halving("0.2, 0.5", "0.33, 0.33"))
+    assert grid["ratio_worst"] == pytest.approx(again["ratio_worst"]) and grid["ratio_worst"] <= 0.35
+    d = m["demo_world"]
+    assert d["n_images"] == 16 and d["candidates_per_image"] == 18
+    full, pr = d["schedules"]["full"], d["schedules"][default]
+    assert full["same_pick"] == 1.0 and pr["ratio_naive"] < 0.7
+    for k in ("square_rate", "colour_kept", "centroid_error_px"):
+        lo, hi = full[k + "_ci95"]
+        assert lo <= pr[k] <= hi, (k, pr[k], full[k + "_ci95"])
+        assert pr[k + "_ci95"][0] <= pr[k] <= pr[k + "_ci95"][1]
+    assert pr["same_pick_ci95"][0] <= pr["same_pick"] <= pr["same_pick_ci95"][1]
+    assert abs(pr["mean_directional_clip"] - full["mean_directional_clip"]) < 0.01
+    doc = (REPO / "docs" / "best-of-n.md").read_text()
+    assert (f"| {default} | {pr['ratio_naive']:.3f} | {pr['same_pick']:.2f} [{pr['same_pick_ci95'][0]:.2f}, "
+            f"{pr['same_pick_ci95'][1]:.2f}] | {pr['square_rate']:.2f}") in doc
+    assert f"**{grid['ratio_expected']:.3f}, {grid['ratio_worst']:.3f}**" in doc
