@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ...guidance.clip_rank import GROUPS, METRICS, clip_scores
-from ...samplers import replay_step
+from ...samplers import blend, replay_step
 from ...samplers.sweep import Halving, SweepError, evals_per_step, parse_halving, prune, split_cfg
 from . import clip_models as CM
 from . import sampling as B
@@ -33,7 +33,7 @@ def halving_of(checkpoints: str, keep: str) -> Halving:
 
 
 def _run_rows(model, positive, negative, code, rows, x, i0, i1, values, bsz, count):
-    """Steps i0..i1-1 of the tiled code's images ``rows`` from states ``x``; returns (x, last denoised).
+    """Steps i0..i1-1 of the candidate rows ``rows`` of ``code`` from states ``x``; returns (x, last denoised).
     cfg-1 rows run as one batch without the unconditional branch, the others with a per-image scale
     (once per value when the model already has a custom CFG function, to keep that patch)."""
     ones, others = split_cfg([values[r // bsz] for r in rows])
@@ -48,7 +48,7 @@ def _run_rows(model, positive, negative, code, rows, x, i0, i1, values, bsz, cou
         groups.append(others)
     x_out, d_out = x.clone(), x.clone()
     for js in groups:
-        sub = code.rows([rows[j] for j in js])
+        sub = code.rows([rows[j] % bsz for j in js])  # row r is cfg r // bsz of the code's image r % bsz
         scales = [values[rows[j] // bsz] for j in js]
         m, cfg = model, scales[0]
         if len(set(scales)) > 1:
@@ -111,8 +111,9 @@ def pruned_replay(model, positive, negative, codes, cfg_values, vae, clip_name, 
     nv, per_code = len(values), len(values) * bsz
     n = len(codes) * per_code
     groups = [list(range(n))] if rank_within == GROUPS[0] else [list(range(b, n, bsz)) for b in range(bsz)]
-    tiled = [c.tiled(nv) for c in codes]
-    states = [t.x_start().cpu().float() for t in tiled]
+    # candidate rows of a code are cfg-major (row r: cfg r // bsz, image r % bsz); the code is never tiled
+    # (a sweep's codes, once per cfg, would not fit in memory at SD sizes): each run picks its rows
+    states = [torch.cat([_start(c).cpu().float()] * nv) for c in codes]
     ends = [halving.stage_ends(c.steps) for c in codes]
     fmt = model.get_model_object("latent_format")
     count = {"replay": 0}
@@ -130,8 +131,7 @@ def pruned_replay(model, positive, negative, codes, cfg_values, vae, clip_name, 
             i0 = 0 if k == 0 else ends[ci][k - 1]
             i1 = ends[ci][k]
             if i1 > i0:
-                x, d = _run_rows(model, positive, negative, tiled[ci], rows, states[ci][rows], i0, i1, values, bsz,
-                                 count)
+                x, d = _run_rows(model, positive, negative, code, rows, states[ci][rows], i0, i1, values, bsz, count)
                 states[ci][rows] = x
                 last.update({ci * per_code + r: d[j] for j, r in enumerate(rows)})
         if k == len(halving.checkpoints):
@@ -174,6 +174,12 @@ def pruned_replay(model, positive, negative, codes, cfg_values, vae, clip_name, 
             f"replay model evaluations {count['replay']:,} of {full:,} "
             f"({count['replay'] / full:.3f} of the full sweep's replays)")
     return outs, record, text
+
+
+def _start(code):
+    """The replay's first state (a masked code starts from the encoder's chain outside the mask, as replay does)."""
+    x = code.x_start()
+    return x if code.mask is None else blend(code.mask, x, code.trajectory[0])
 
 
 def score_of_all(score_of: dict, n: int) -> list:
