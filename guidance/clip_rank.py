@@ -75,17 +75,23 @@ def batch_groups(sizes: Sequence[int], rank_within: str) -> list[list[int]]:
 
 
 def rank_groups(scores: torch.Tensor, groups: Sequence[Sequence[int]], names: Sequence[str],
-                top_k: int) -> tuple[dict, list[int], list[int], list[str]]:
+                top_k: int, dropped: Optional[dict] = None) -> tuple[dict, list[int], list[int], list[str]]:
     """Rank each group by score. Returns (rank of every candidate within its group, the top_k of
-    each group in group order, the best of each group, one text line per candidate best first)."""
+    each group in group order, the best of each group, one text line per candidate best first).
+    ``dropped`` ({candidate: note}, from successive halving): those rank after every finished candidate
+    of their group and are never among the top_k (unless nothing in the group finished)."""
+    dropped = dropped or {}
     pos, best, bests, lines = {}, [], [], []
     for gi, members in enumerate(groups):
         order = [members[j] for j in rank(scores[list(members)])]
+        order = [i for i in order if i not in dropped] + [i for i in order if i in dropped]
         pos.update({i: r for r, i in enumerate(order)})
-        best.extend(order[:min(int(top_k), len(order))])
-        bests.append(order[0])
+        done = [i for i in order if i not in dropped] or order
+        best.extend(done[:min(int(top_k), len(done))])
+        bests.append(done[0])
         head = f"batch index {gi}: " if len(groups) > 1 else ""
-        lines += [f"{head}#{r + 1}  {float(scores[i]):.6f}  [{i}] {names[i]}" for r, i in enumerate(order)]
+        lines += [f"{head}#{r + 1}  {float(scores[i]):.6f}  [{i}] {names[i]}"
+                  + (f"  ({dropped[i]})" if i in dropped else "") for r, i in enumerate(order)]
     return pos, best, bests, lines
 
 

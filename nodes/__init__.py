@@ -8,7 +8,7 @@ from comfy_api.latest import ComfyExtension, io
 from .asyrp import (AsyrpDirectionFromExamples, AsyrpEdit, AsyrpEditDDIM, AsyrpTrainDirection,
                     CombineAsyrpDirections, LoadAsyrpDirection, SaveAsyrpDirection)
 from .asyrp_interval import AsyrpInterval
-from .best_of_n import DPMSweep, RankByCLIP
+from .best_of_n import DPMPrunedReplay, DPMSweep, RankByCLIP
 from .clip_guidance import CLIPEnergy, CombineEnergies, LangevinLatentSampler
 from .diffusers_ddpm import LoadDiffusersDDPM
 from .latent_codes import (DPMEncode, EmptyConditioning, LoadLatentCode, RandomLatentCode, ReplayLatentWithPrompt,
@@ -38,4 +38,5 @@ class DPMLatentExtension(ComfyExtension):
             LoadDiffusersDDPM,
             DPMSweep,
             RankByCLIP,
+            DPMPrunedReplay,
         ]

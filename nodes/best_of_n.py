@@ -9,8 +9,9 @@ from ..guidance.clip_rank import GROUPS, METRICS
 from ..samplers.sweep import SweepError, make_sweep, steps_for
 from .bridge import inputs as I
 from .bridge import sampling as B
+from .bridge.halving import pruned_replay
 from .bridge.ranking import rank_images
-from .bridge.types import CATEGORY
+from .bridge.types import CATEGORY, LatentCodeIO, PruningIO
 
 
 class DPMSweep(io.ComfyNode):
@@ -97,6 +98,9 @@ class RankByCLIP(io.ComfyNode):
                                tooltip="The input image before the edit; for directional CLIP."),
                 io.String.Input("labels", optional=True, force_input=True,
                                 tooltip="One label per candidate (DPM Sweep's label output), shown on the sheet."),
+                PruningIO.Input("pruning", optional=True,
+                                tooltip="From DPM Pruned Replay: only the candidates that finished can be picked; "
+                                        "the sheet shows where each of the others was dropped."),
             ],
             outputs=[
                 io.Image.Output(display_name="images", tooltip="The top_k images, best first."),
@@ -112,7 +116,64 @@ class RankByCLIP(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, clip_name, target_text, metric, top_k, rank_within, source_text=None,
-                source_image=None, labels=None) -> io.NodeOutput:
+                source_image=None, labels=None, pruning=None) -> io.NodeOutput:
         top, scores, best, sheet, text, info = rank_images(images, clip_name, target_text, metric, top_k,
-                                                           rank_within, source_text, source_image, labels)
+                                                           rank_within, source_text, source_image, labels, pruning)
         return io.NodeOutput(top, scores, best, sheet, text, ui={"text": [text], "dpm_rank": [info]})
+
+
+class DPMPrunedReplay(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DPMPrunedReplay",
+            display_name="DPM Pruned Replay (successive halving)",
+            category=CATEGORY,
+            description=(
+                "Replay Latent with Prompt (cfg_values) + VAE Decode for a whole sweep, with successive halving: "
+                "every candidate is replayed to the first checkpoint, scored by CLIP on its predicted x0 there, "
+                "and only the best 'keep' fraction goes on (then the next checkpoint, and so on). Survivors "
+                "finish exactly as in the full sweep. Connect images and pruning to Rank Images by CLIP (same "
+                "CLIP, texts and metric). Empty checkpoints: the full sweep."),
+            is_input_list=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The replay model (as for Replay Latent with Prompt)."),
+                io.Conditioning.Input("positive", tooltip="The target prompt (batch 1)."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt (batch 1)."),
+                LatentCodeIO.Input("latent_code", tooltip="The sweep's codes (DPM Encode driven by DPM Sweep)."),
+                io.String.Input("cfg_values", default="1", force_input=True,
+                                tooltip="DPM Sweep's cfg output: every code is replayed at each value."),
+                io.Vae.Input("vae", tooltip="Decodes the predicted x0 at the checkpoints and the finished images."),
+                I.clip_name(),
+                I.target_text("a photo of a cat", multiline=True),
+                io.Combo.Input("metric", options=list(METRICS), default="directional CLIP",
+                               tooltip="The CLIP score of the checkpoints (use Rank Images by CLIP's)."),
+                io.String.Input("checkpoints", default="0.2, 0.5",
+                                tooltip="Where to score, as fractions of each replay's steps, increasing "
+                                        "(empty: no pruning)."),
+                io.String.Input("keep", default="0.33, 0.33",
+                                tooltip="The fraction of the live candidates kept at each checkpoint (at least "
+                                        "one per group)."),
+                io.Combo.Input("rank_within", options=list(GROUPS), default="all images",
+                               tooltip="Groups pruned separately (as Rank Images by CLIP's rank_within)."),
+                I.source_text("", multiline=True, optional=True),
+                io.Image.Input("source_image", optional=True,
+                               tooltip="The input image before the edit; for directional CLIP."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="images", is_output_list=True,
+                                tooltip="One batch per code, cfg-major (as Replay + VAE Decode); a dropped "
+                                        "candidate shows its predicted x0 where it stopped."),
+                PruningIO.Output(display_name="pruning", tooltip="To Rank Images by CLIP's pruning input."),
+                io.String.Output(display_name="report",
+                                 tooltip="Candidates finished and replay model evaluations against the full sweep."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_code, cfg_values, vae, clip_name, target_text, metric,
+                checkpoints, keep, rank_within, source_text=None, source_image=None) -> io.NodeOutput:
+        images, record, text = pruned_replay(model, positive, negative, latent_code, cfg_values, vae, clip_name,
+                                             target_text, metric, source_text, source_image, checkpoints, keep,
+                                             rank_within)
+        return io.NodeOutput(images, record, text, ui={"text": [text]})

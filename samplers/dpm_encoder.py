@@ -242,6 +242,22 @@ class LatentCode:
                 changes[f.name] = torch.cat([v] * k, dim=0)
         return replace(self, **changes)
 
+    def rows(self, idx) -> "LatentCode":
+        """The code of the batch images ``idx`` (a list of indices, repeats allowed), as a new object:
+        per-step stacks indexed along dim 1, batch-first tensors (a per-image mask too) along dim 0."""
+        idx = torch.as_tensor(list(idx), dtype=torch.long)
+        bsz = self.batch_size
+        changes = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, torch.Tensor) or f.name == "sigmas" or v.dim() == 0:
+                continue
+            if v.dim() == len(self.shape) + 1 and v.shape[1] == bsz and v.shape[2:] == self.shape[1:]:
+                changes[f.name] = v.index_select(1, idx.to(v.device))
+            elif v.shape[0] == bsz:
+                changes[f.name] = v.index_select(0, idx.to(v.device))
+        return replace(self, **changes)
+
     def with_mask(self, mask: Optional[torch.Tensor]) -> "LatentCode":
         """The same code with another edit mask (None: no mask), checked; tensors are shared, not copied."""
         if mask is not None:

@@ -138,3 +138,136 @@ def split_cfg(values: Sequence[float]) -> Tuple[List[int], List[int]]:
     """Indices of the cfg values at exactly 1 (no unconditional branch) and of the others."""
     ones = [i for i, c in enumerate(values) if math.isclose(c, 1.0)]
     return ones, [i for i in range(len(values)) if i not in ones]
+
+
+# ---------------------------------------------------------------------------- successive halving
+@dataclass(frozen=True)
+class Halving:
+    """Score every live candidate by the CLIP score of its predicted x0 at each checkpoint (a fraction of
+    its own replay's steps) and keep the best ``keep`` fraction of the live ones (at least one per group)."""
+    checkpoints: Tuple[float, ...]
+    keep: Tuple[float, ...]
+
+    def stage_ends(self, steps: int) -> List[int]:
+        """The step after which each checkpoint scores, for a replay of ``steps`` steps (at least 1, at most
+        ``steps``; non-decreasing), then ``steps`` (the end of the chain)."""
+        ends = [min(steps, max(1, int(round(f * steps)))) for f in self.checkpoints]
+        return ends + [steps]
+
+    def kept(self, alive: int, stage: int) -> int:
+        return max(1, min(alive, int(math.ceil(self.keep[stage] * alive - 1e-9))))
+
+    def text(self) -> str:
+        return ", ".join(f"{fmt(f)}:{fmt(k)}" for f, k in zip(self.checkpoints, self.keep))
+
+
+def parse_halving(checkpoints: str, keep: str) -> Halving:
+    """checkpoints '0.3, 0.6' (fractions of each replay's steps, increasing) and keep '0.25, 0.5' (the fraction
+    of the live candidates kept at each); an empty checkpoints list is the full sweep (no pruning)."""
+    cps = parse_floats(checkpoints, "checkpoints", 0.0, 1.0) if (checkpoints or "").strip() else []
+    if not cps:
+        return Halving((), ())
+    ks = [float(t) for t in _split_checked(keep, "keep")]
+    if len(ks) == 1 and len(cps) > 1:
+        ks = ks * len(cps)
+    if len(ks) != len(cps):
+        raise SweepError(f"keep: {len(ks)} values for {len(cps)} checkpoints; give one keep fraction per "
+                         "checkpoint (or one for all)")
+    if any(not 0.0 < k <= 1.0 for k in ks):
+        raise SweepError("keep: each fraction must be in (0, 1], e.g. '0.25, 0.5'")
+    if any(not 0.0 < f < 1.0 for f in cps) or any(b <= a for a, b in zip(cps, cps[1:])):
+        raise SweepError("checkpoints: fractions of the chain strictly between 0 and 1, increasing, "
+                         "e.g. '0.3, 0.6'")
+    return Halving(tuple(cps), tuple(ks))
+
+
+def _split_checked(text: str, name: str) -> List[str]:
+    toks = _split(text or "")
+    for t in toks:
+        try:
+            v = float(t)
+        except ValueError:
+            raise SweepError(f"{name}: {t!r} is not a number; write e.g. '0.25, 0.5'") from None
+        if not math.isfinite(v):
+            raise SweepError(f"{name}: {t} is not finite")
+    if not toks:
+        raise SweepError(f"{name}: give at least one fraction, e.g. '0.25, 0.5'")
+    return toks
+
+
+def prune(scores: Sequence[float], alive: Sequence[int], groups: Sequence[Sequence[int]], n_keep) -> List[int]:
+    """The live candidates kept: in each group, the ``n_keep(live in group)`` best by score (ties: input order)."""
+    live = set(alive)
+    out: List[int] = []
+    for g in groups:
+        members = [i for i in g if i in live]
+        if not members:
+            continue
+        order = sorted(members, key=lambda i: (-float(scores[i]), i))
+        out.extend(order[:n_keep(len(members))])
+    return sorted(out)
+
+
+def count_halving(sweep: Sweep, total_steps: int, halving: Halving, encode_cfg: float = 1.0,
+                  group_size: int = 0) -> dict:
+    """Model evaluations of the shared sweep with successive halving, against the naive product.
+
+    Survivors are not known before the images are, so two counts: ``expected`` (every candidate equally
+    likely to survive: each stage keeps the same fraction of every encode's candidates at every cfg) and
+    ``worst`` (each stage keeps the costliest live candidates: cfg != 1 and the longest replays).
+    ``group_size`` 0: one group of all candidates (rank_within 'all images')."""
+    base = count_evaluations(sweep, total_steps, encode_cfg)
+    cands = sweep.candidates
+    enc = sum(steps_for(d, total_steps) * evals_per_step(encode_cfg) for _s, d in sweep.encodes)
+    per_step = [evals_per_step(c) for _s, _d, c in cands]
+    ends = [halving.stage_ends(steps_for(d, total_steps)) for _s, d, _c in cands]
+
+    def seg(i, k):  # evaluations of candidate i in stage k
+        lo = 0 if k == 0 else ends[i][k - 1]
+        return (ends[i][k] - lo) * per_step[i]
+
+    n = len(cands)
+    stages = len(halving.checkpoints)
+    # expected: fraction alive in stage k = prod of keep fractions before it (ceil-rounded on the whole group)
+    alive_n, expected = n, 0.0
+    for k in range(stages + 1):
+        frac = alive_n / n
+        expected += frac * sum(seg(i, k) for i in range(n))
+        if k < stages:
+            alive_n = halving.kept(alive_n, k)
+    # worst: keep the candidates with the most evaluations left
+    alive, worst = list(range(n)), 0
+    for k in range(stages + 1):
+        worst += sum(seg(i, k) for i in alive)
+        if k < stages:
+            left = {i: sum(seg(i, j) for j in range(k + 1, stages + 1)) for i in alive}
+            alive = prune(left, alive, [list(range(n))], lambda m, k=k: halving.kept(m, k))
+    return {"candidates": n, "naive": base["naive"], "shared": base["shared"], "encode": enc,
+            "expected": enc + expected, "worst": enc + worst,
+            "ratio_expected": (enc + expected) / base["naive"], "ratio_worst": (enc + worst) / base["naive"],
+            "survivors": alive_n}
+
+
+def simulate_halving(scores_at: dict, final: Sequence[float], groups: Sequence[Sequence[int]],
+                     halving: Halving) -> Tuple[List[int], List[int]]:
+    """What a pruned sweep picks, from a full sweep's scores (replay is deterministic, so pruning changes
+    only which candidates finish): ``scores_at[f][i]`` is candidate i's score at checkpoint fraction f,
+    ``final[i]`` its final score. Returns (the pick of each group, the checkpoint index where each
+    candidate was dropped, -1 for the finished)."""
+    n = len(final)
+    alive = list(range(n))
+    stage_of = [-1] * n
+    for k, f in enumerate(halving.checkpoints):
+        kept = prune(scores_at[f], alive, groups, lambda m, k=k: halving.kept(m, k))
+        for i in set(alive) - set(kept):
+            stage_of[i] = k
+        alive = kept
+    live = set(alive)
+    picks = [min((i for i in g if i in live), key=lambda i: (-float(final[i]), i)) for g in groups]
+    return picks, stage_of
+
+
+def replay_evaluations(steps: Sequence[int], cfgs: Sequence[float], stage_of: Sequence[int], halving: Halving) -> int:
+    """Replay model evaluations of candidates with these step counts and cfg values, each run up to the
+    checkpoint where it was dropped (``stage_of`` -1: to the end)."""
+    return sum(halving.stage_ends(n)[k] * evals_per_step(c) for n, c, k in zip(steps, cfgs, stage_of))

@@ -8,6 +8,7 @@ import torch
 from ...guidance.clip_rank import GROUPS, METRICS, batch_groups, clip_scores, contact_sheet, rank_groups
 from . import clip_models as CM
 from . import sampling as B
+from .halving import pruning_notes
 
 
 def _flat_images(images, name: str) -> list[torch.Tensor]:
@@ -40,7 +41,7 @@ def _labels(labels, n: int, sizes: list[int]) -> list[str]:
 
 
 def rank_images(images, clip_name, target_text, metric, top_k, rank_within, source_text=None, source_image=None,
-                labels=None):
+                labels=None, pruning=None):
     """Rank Images by CLIP (its inputs arrive as lists): returns (top images, their scores, best index,
     contact sheet, ranking text, info for the UI)."""
     first = lambda v, d=None: v[0] if isinstance(v, list) and v else (d if isinstance(v, list) else v)  # noqa: E731
@@ -58,6 +59,10 @@ def rank_images(images, clip_name, target_text, metric, top_k, rank_within, sour
         raise B.NodeInputError(f"rank_within: must be one of {GROUPS}, got {rank_within!r}")
     if not (target_text or "").strip():
         raise B.NodeInputError("target_text: give the target prompt")
+    record = first(pruning) if isinstance(pruning, list) else pruning
+    dropped = pruning_notes(record, n) if record is not None else {}
+    if record is not None:  # the pruned replay's candidates are batches of its input images, whatever the lists
+        sizes = [int(record["batch"])] * (n // int(record["batch"]))
     bsz = sizes[0]
     try:
         groups = batch_groups(sizes, rank_within)
@@ -89,20 +94,21 @@ def rank_images(images, clip_name, target_text, metric, top_k, rank_within, sour
                              source_text=source_text)
     except ValueError as e:
         raise B.NodeInputError(str(e)) from None
-    pos, best, bests, lines = rank_groups(scores, groups, names, int(top_k))
+    pos, best, bests, lines = rank_groups(scores, groups, names, int(top_k), dropped)
     shapes = {tuple(cands[i].shape) for i in best}
     if len(shapes) > 1:
         raise B.NodeInputError(f"images: the best images differ in size {sorted(shapes)}; use top_k 1 "
                                "or candidates of one size")
     top = torch.stack([cands[i] for i in best]).clone()
-    caps = [f"#{pos[i] + 1}  {float(scores[i]):.4f}\n{names[i]}" for i in range(n)]
+    caps = [f"#{pos[i] + 1}  {float(scores[i]):.4f}\n{names[i]}" if i not in dropped
+            else f"#{pos[i] + 1} {dropped[i]}\n{names[i]}" for i in range(n)]
     sheet = contact_sheet(torch.stack([c[..., :3] for c in cands]) if len({tuple(c.shape) for c in cands}) == 1
                           else _padded(cands), caps)
     text = f"{metric}, best of {len(groups[0])}" + (f" for each of {len(groups)} batch indices" if len(groups) > 1
                                                      else "") + ":\n" + "\n".join(lines)
     info = {"metric": metric, "best_index": int(bests[0]), "best_label": names[bests[0]],
             "best_score": float(scores[bests[0]]), "scores": [float(x) for x in scores],
-            "best_indices": [int(i) for i in bests]}
+            "best_indices": [int(i) for i in bests], "dropped": sorted(dropped)}
     return top, [float(scores[i]) for i in best], int(bests[0]), sheet, text, info
 
 

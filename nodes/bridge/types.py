@@ -10,3 +10,5 @@ EnergyIO = io.Custom("DPM_ENERGY")
 CATEGORY = "sampling/dpm_latent"
 # An Asyrp h-space direction (samplers.asyrp.Direction); shared like every output: never modify one.
 AsyrpDirectionIO = io.Custom("ASYRP_DIRECTION")
+# Which candidates of a DPM Pruned Replay finished and where the others were dropped (a dict; never modify it).
+PruningIO = io.Custom("DPM_PRUNING")

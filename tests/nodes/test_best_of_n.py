@@ -236,3 +236,117 @@ def test_schema_lists_and_tooltips(server):
         for group in ("required", "optional"):
             for name, spec in info[n]["input"].get(group, {}).items():
                 assert len(spec) > 1 and spec[1].get("tooltip"), (n, name)
+
+
+# ---------------------------------------------------------------------------- successive halving
+def test_halving_schedule_parsing_and_counts(mods):
+    sw, _n, _c = mods
+    h = sw.parse_halving("0.2, 0.4", "0.25, 0.5")
+    assert h.stage_ends(85) == [17, 34, 85] and h.stage_ends(2) == [1, 1, 2]
+    assert h.kept(540, 0) == 135 and h.kept(135, 1) == 68 and h.kept(1, 0) == 1
+    assert sw.parse_halving("", "").checkpoints == () and sw.parse_halving("0.3, 0.6", "0.5").keep == (0.5, 0.5)
+    for cp, keep, msg in (("0.6, 0.3", "0.5", "checkpoints: .*increasing"), ("1", "0.5", "checkpoints"),
+                          ("0.3", "0", "keep: each fraction"), ("0.3, 0.6", "0.5, 0.5, 0.5", "keep: 3 values for 2"),
+                          ("0.3", "x", "keep: 'x' is not a number")):
+        with pytest.raises(sw.SweepError, match=msg):
+            sw.parse_halving(cp, keep)
+    # the paper's 540 grid at the shipped schedule: <= 0.35 of the naive evaluations even if the costliest
+    # candidates survive (encodes 90 x n; 135 candidates to 40 %, 68 to the end)
+    c = sw.count_halving(sw.paper_sweep(), 100, h)
+    assert c["naive"] == 107100 and c["survivors"] == 68
+    assert c["ratio_expected"] == pytest.approx(0.269, abs=5e-4) and c["ratio_worst"] == pytest.approx(0.295, abs=5e-4)
+    assert c["ratio_worst"] <= 0.35
+    # simulation: two groups of three; the 0.5 checkpoint keeps 2 of 3, the pick is the best finished one
+    picks, stage_of = sw.simulate_halving({0.5: [3, 1, 2, 0, 5, 4]}, [0, 9, 1, 2, 0, 1], [[0, 1, 2], [3, 4, 5]],
+                                          sw.parse_halving("0.5", "0.6"))
+    assert stage_of == [-1, 0, -1, 0, -1, -1] and picks == [2, 5]
+    assert sw.replay_evaluations([10, 10], [1.0, 2.0], [0, -1], sw.parse_halving("0.5", "0.6")) == 5 + 20
+
+
+def test_pruned_replay_against_the_full_sweep(mods, model_dirs, gn):
+    """On a small grid (2 images x 4 encodes x cfg 1, 2 = 16 candidates, ranked per image) the pruned replay's
+    survivors are the full sweep's images (to rounding), its pick is what the full sweep's own checkpoint scores
+    predict, the dropped are never picked, and the model evaluations are the counted ones."""
+    import comfy.sd
+
+    sw, nodes, cyc = mods
+    with torch.inference_mode():
+        model, _c, vae, _ = comfy.sd.load_checkpoint_guess_config(
+            str(model_dirs["checkpoints"] / "tiny_sd15.safetensors"), output_vae=True, output_clip=False)
+        cond = cyc.EmptyConditioning.execute(model, 4).result[0]
+        pos = [[torch.randn(1, 4, 768, generator=torch.Generator().manual_seed(3)), {}]]
+        src = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(1))
+        lat = {"samples": vae.encode(src)}
+        seeds, den, steps, cfg_text, _labels, _count = nodes.DPMSweep.execute("0-1", "0.5, 0.8", "1, 2", 10).result
+        codes = [cyc.DPMEncode.execute(model, cond, cond, lat, s, k, "normal", d, 0.1, 1.0).result[0]
+                 for s, d, k in zip(seeds, den, steps)]
+        ref = torch.cat([vae.decode(cyc.ReplayLatentWithPrompt.execute(model, pos, cond, c, 1.0, cfg_values=cfg_text)
+                                    .result[0]["samples"]) for c in codes])
+
+        def run(cp, keep, m=model):
+            return nodes.DPMPrunedReplay.execute(
+                [m], [pos], [cond], codes, [cfg_text], [vae], ["tiny_clip"], ["a photo of a square"],
+                ["directional CLIP"], [cp], [keep], ["each batch index"], ["a photo of a disc"], [src]).result
+
+        full_imgs, full_rec, _ = run("", "")
+        rec_imgs, rec, _ = run("0.3, 0.6", "1")
+        counter = Counter()
+        imgs, pr, report = run("0.3, 0.6", "0.5", counter.patch(model))
+    full, recd, pruned = torch.cat(full_imgs), torch.cat(rec_imgs), torch.cat(imgs)
+    n = 16
+    assert full.shape == (n, 64, 64, 3) and full_rec["finished"] == list(range(n)) and rec["finished"] == list(range(n))
+    assert float((full - ref).abs().max()) < 1e-4 and torch.equal(full, recd)
+    groups = [list(range(b, n, 2)) for b in range(2)]
+    scores_at = {f: [s[k] for s in rec["stage_scores"]] for k, f in enumerate((0.3, 0.6))}
+    rank = lambda images, pruning=None: nodes.RankByCLIP.execute(  # noqa: E731
+        list(images.split(4)), ["tiny_clip"], ["a photo of a square"], ["directional CLIP"], [1], ["each batch index"],
+        ["a photo of a disc"], [src], pruning=pruning)
+    final = rank(full, [full_rec]).ui["dpm_rank"][0]["scores"]
+    want_picks, want_stage = sw.simulate_halving(scores_at, final, groups, sw.parse_halving("0.3, 0.6", "0.5"))
+    assert pr["stage_of"] == want_stage
+    assert sum(k == -1 for k in pr["stage_of"]) == 4 and sum(k == 0 for k in pr["stage_of"]) == 8  # 8 -> 4 -> 2 per image
+    fin = pr["finished"]
+    # survivors are the full sweep's images (other batch compositions: rounding only)
+    assert float((pruned[fin] - full[fin]).abs().max()) < 1e-4
+    top, _s, best, sheet, text = rank(pruned, [pr]).result
+    assert best == want_picks[0] and torch.equal(top[0], pruned[want_picks[0]]) and torch.equal(top[1], pruned[want_picks[1]])
+    assert "dropped at 30%" in text and "dropped at 60%" in text and sheet.shape[0] == 1
+    # evaluations: counted by a wrapper on the model, against the record and the count model
+    cand_steps = [k for k in steps for _c in (1, 2) for _b in range(2)]
+    cand_cfg = [c for _k in steps for c in (1.0, 2.0) for _b in range(2)]
+    want = sw.replay_evaluations(cand_steps, cand_cfg, pr["stage_of"], sw.parse_halving("0.3, 0.6", "0.5"))
+    assert counter.images == pr["replay_evaluations"] == want
+    assert pr["full_replay_evaluations"] == sum(k * 3 * 2 for k in steps) == 78 * 2
+    assert want / pr["full_replay_evaluations"] < 0.7 and "4 of 16 candidates finished" in report
+    with pytest.raises(ValueError, match="pruning: the record is for 16 candidates but 8 images"):
+        rank(full[:8], [pr])
+
+
+
+def test_halving_metrics_claims(mods):
+    """docs/best-of-n.md's successive-halving figures (docs/halving_metrics.json, from bench_sweep_halving):
+    the 540 grid under the target, and on the demo world (n = 16) the default schedule's picked images
+    inside the full sweep's intervals; the table in the docs is the JSON's."""
+    import json
+
+    sw, _n, _c = mods
+    m = json.loads((REPO / "docs" / "halving_metrics.json").read_text())
+    default = sw.parse_halving("0.2, 0.5", "0.33, 0.33").text()  # DPM Pruned Replay's default schedule
+    assert default == "0.2:0.33, 0.5:0.33"
+    grid = m["paper_grid"][default]
+    again = sw.count_halving(sw.paper_sweep(), 100, sw.parse_halving("0.2, 0.5", "0.33, 0.33"))
+    assert grid["ratio_worst"] == pytest.approx(again["ratio_worst"]) and grid["ratio_worst"] <= 0.35
+    d = m["demo_world"]
+    assert d["n_images"] == 16 and d["candidates_per_image"] == 18
+    full, pr = d["schedules"]["full"], d["schedules"][default]
+    assert full["same_pick"] == 1.0 and pr["ratio_naive"] < 0.7
+    for k in ("square_rate", "colour_kept", "centroid_error_px"):
+        lo, hi = full[k + "_ci95"]
+        assert lo <= pr[k] <= hi, (k, pr[k], full[k + "_ci95"])
+        assert pr[k + "_ci95"][0] <= pr[k] <= pr[k + "_ci95"][1]
+    assert pr["same_pick_ci95"][0] <= pr["same_pick"] <= pr["same_pick_ci95"][1]
+    assert abs(pr["mean_directional_clip"] - full["mean_directional_clip"]) < 0.01
+    doc = (REPO / "docs" / "best-of-n.md").read_text()
+    assert (f"| {default} | {pr['ratio_naive']:.3f} | {pr['same_pick']:.2f} [{pr['same_pick_ci95'][0]:.2f}, "
+            f"{pr['same_pick_ci95'][1]:.2f}] | {pr['square_rate']:.2f}") in doc
+    assert f"**{grid['ratio_expected']:.3f}, {grid['ratio_worst']:.3f}**" in doc

@@ -400,7 +400,7 @@ def _adapt(ui: dict, object_info: dict, image_name: str, stem: str):
                 "extra.dpm_latent_test.clip_energy in the workflow")
             inp["clip_name"] = clip_map[name]
             inp["augmentations"] = min(inp["augmentations"], AUGMENTATIONS)
-        elif node["class_type"] in ("AsyrpTrainDirection", "RankByCLIP", "AsyrpInterval"):
+        elif node["class_type"] in ("AsyrpTrainDirection", "RankByCLIP", "AsyrpInterval", "DPMPrunedReplay"):
             name = inp["clip_name"]
             assert name in clip_map, f"{stem}: no tiny CLIP for {node['class_type']}'s clip_name {name!r} (see CLIP_ENERGY)"
             inp["clip_name"] = clip_map[name]
