@@ -214,8 +214,9 @@ def _live_tensors() -> int:
 def test_auto_memory_probe_leaves_no_graph_behind(pack, lr):
     """issue 18: the ``auto`` probe's saved-tensors hook handed autograd each tensor back as-is, so an
     op that saves its own output (here tanh) made a cycle through C++ that the collector cannot free:
-    every probe's graph lived as long as the server (+12.5 MB per prompt on tiny SD1.5). The probe's
-    output must die with it, and the count is still what the graph saves (conv input + tanh output)."""
+    every probe's graph lived as long as the server (+12.5 MB per prompt on tiny SD1.5). Nothing the
+    probe made may outlive it (before the fix the tanh output, the conv input and x stayed: 3 tensors
+    per probe), and the count is still what the graph saves (conv input + tanh output)."""
     net = TinyDenoiser()
     code = _code(pack)
     outs = []
