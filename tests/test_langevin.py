@@ -233,3 +233,20 @@ def test_auto_memory_probe_leaves_no_graph_behind(pack, lr):
     assert _live_tensors() == before
     b, c, h, w = code.shape
     assert counted == 4 * b * h * w * (c + 16), counted   # float32 conv input (B,4,6,6) + tanh output (B,16,6,6)
+
+
+def test_auto_memory_runs_leave_no_tensors_behind(comfy_models, gn, lc, lr):
+    """The same through ComfyUI's real model: a third ``auto`` run ends with as many live tensors as the
+    second (before the fix each run left its probe's graph behind: +214 tensors a prompt on tiny SD1.5)."""
+    model, vae = comfy_models
+    cond = [[torch.zeros(1, 8, 32), {"pooled_output": torch.zeros(1, 32)}]]
+    counts = []
+    with torch.inference_mode():
+        code = lc.RandomLatentCode.execute(model, 32, 32, 1, 0, 3, "simple", 0.3).result[0]
+        energy = gn.CLIPEnergy.execute("tiny_clip", "a red square", 500.0, 2, False, False, False, False).result[0]
+        for seed in range(3):
+            out = lr.run_langevin(model, cond, cond, 1.0, vae, energy, code, 1, 0.05, seed, "all components", "auto")
+            assert out[3].gradient.startswith("whole chain kept (auto"), out[3].gradient
+            del out
+            counts.append(_live_tensors())
+    assert counts[2] == counts[1], counts
