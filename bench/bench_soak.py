@@ -12,6 +12,7 @@ prompt over the N, its n, and the spread (the slopes of the first and second hal
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
 import sys
 import tempfile
@@ -87,6 +88,8 @@ def main() -> None:
             d.mkdir()
         tiny_models.make_sd15_checkpoint(dirs["checkpoints"] / "tiny_sd15.safetensors", seed=0)
         tiny_clip.make_tiny_clip_folder(dirs["clip_energy"] / "tiny_clip", seed=0)
+        # a SIGTERM (a timeout) unwinds through the finally below, so the server never outlives the run
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         srv = ComfyServer(comfy_dir(), root / "server", python=sys.executable, model_dirs=dirs,
                           pack_name=TEST_PACK_NAME).start()
         try:
