@@ -15,6 +15,7 @@ from PIL import Image
 
 import comfy.model_management
 import comfy.utils
+import latent_preview
 
 from ...guidance.langevin import langevin
 from ...samplers import replay
@@ -37,21 +38,35 @@ MEMORY_MODES = ["auto", "low: recompute each step", "fast: keep the whole chain"
 
 def _graph_bytes_of_one_step(denoise_fn, code, params) -> int:
     """Bytes autograd saves for the backward pass of one chain step (the first, at the code's start),
-    counted by a saved-tensors hook on one probe call; the model's own weights are not counted."""
+    counted by a saved-tensors hook on one probe call; the model's own weights are not counted.
+
+    The hook hands autograd a placeholder, never the tensor: a saved tensor that is its own node's
+    output (sigmoid, SiLU, softmax ...) and is handed back as-is by a pack hook makes a reference cycle
+    (tensor -> grad_fn -> saved tensor) through C++ that Python's collector cannot see, so every probe
+    kept its whole graph alive for the life of the server (12.5 MB per prompt on the tiny SD1.5). The
+    probe holds the saved tensors in a plain list instead, as the graph would (so that a freed
+    tensor's address is not reused and counted twice), and drops them on return."""
     weights = {p.data_ptr() for p in params}
-    seen, total = set(), [0]
+    held, seen, total = [], set(), [0]
 
     def pack(t):
         ptr = t.untyped_storage().data_ptr() if t.device.type != "meta" else None
         if ptr is not None and ptr not in weights and ptr not in seen:
             seen.add(ptr)
             total[0] += t.untyped_storage().nbytes()
-        return t
+        held.append(t)
+        return None
+
+    def unpack(_placeholder):
+        raise RuntimeError("the Langevin memory probe's graph is for measuring only; it has no backward pass")
 
     x = code.x_start().detach().requires_grad_(True)
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = denoise_fn(x, float(code.sigmas[0]))
-    del out, x
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            out = denoise_fn(x, float(code.sigmas[0]))
+        del out
+    finally:
+        held.clear()
     return total[0]
 
 
@@ -79,6 +94,25 @@ def _keep_whole_chain(memory, denoise_fn, guider, code, need: int, device) -> tu
     return keep, (f"auto: the whole chain's graph, measured {per_step / 2**20:.3g} MB per step, "
                   f"{graph / 2**20:.0f} MB with the decode, {'fits' if keep else 'does not fit'} in half of "
                   f"{free / 2**20:.0f} MB free")
+
+
+def _previews_on(model) -> bool:
+    """Whether ComfyUI's samplers would send previews for this model: not under ``--preview-method none``
+    (ComfyUI's default), nor where it has no previewer for the model's latents (no latent2rgb factors, no
+    TAESD file). The previewer's own picture is not needed: each Langevin step has already decoded its
+    sample with the VAE, an exact picture at no extra cost."""
+    try:
+        return latent_preview.get_previewer(model.load_device, model.model.latent_format) is not None
+    except Exception as e:  # noqa: BLE001 -- a preview is never worth failing the prompt for
+        logging.warning("Langevin Latent Sampler: no previews (%s: %s)", type(e).__name__, e)
+        return False
+
+
+def step_preview(images: torch.Tensor) -> tuple:
+    """The first image of a Langevin step as ComfyUI's samplers hand a preview to the progress bar: a JPEG
+    the server scales to fit ``--preview-size`` (512 by default), one per step."""
+    pixels = (images[0].detach().movedim(0, -1).clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return "JPEG", Image.fromarray(pixels), latent_preview.MAX_PREVIEW_RESOLUTION
 
 
 def _is_out_of_memory(e: BaseException) -> bool:
@@ -111,6 +145,7 @@ def run_langevin(model, positive, negative, cfg, vae, energy, latent_code, steps
     mode = "all" if update == "all components" else "start"
     result = {}
     pbar = comfy.utils.ProgressBar(max(steps, 1))
+    previews = _previews_on(model)
 
     def work(denoise_fn, x0, _callback, guider):
         # Keep what sampling loaded (model, ControlNets, patches) and add the VAE; the backward pass
@@ -140,8 +175,7 @@ def run_langevin(model, positive, negative, cfg, vae, energy, latent_code, steps
                 decode = vae_decoder(vae, guider)
 
                 def progress(k, images, _e):
-                    preview = Image.fromarray((images[0].movedim(0, -1).clamp(0, 1).cpu().numpy() * 255).astype(np.uint8))
-                    pbar.update_absolute(k + 1, max(steps, 1), ("JPEG", preview, 512))
+                    pbar.update_absolute(k + 1, max(steps, 1), step_preview(images) if previews else None)
 
                 keep, why = _keep_whole_chain(memory, denoise_fn, guider, dev_code, need, device)
                 result["gradient"] = ("whole chain kept" if keep else "recomputed per step") + f" ({why})"

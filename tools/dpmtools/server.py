@@ -244,5 +244,44 @@ class ComfyServer:
     def run(self, prompt: dict, timeout: float = 600) -> dict:
         return self.wait(self.queue(prompt), timeout=timeout)
 
+    def run_watched(self, prompt: dict, timeout: float = 600) -> tuple[dict, list[tuple[int, bytes]]]:
+        """Run a prompt as an API client does: over ComfyUI's websocket (``/ws?clientId=``, no feature
+        flags sent, as comfy-api-simplified and most scripts connect), queued under that client id.
+
+        Returns the history entry and every binary frame the server sent this client while the prompt
+        ran, as (event type, payload after the 4-byte type): 1 is a preview image, whose payload is a
+        4-byte image type (1 JPEG, 2 PNG) and the encoded picture."""
+        import asyncio
+
+        import aiohttp
+
+        client_id = uuid.uuid4().hex
+        frames: list[tuple[int, bytes]] = []
+
+        async def watch() -> str:
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(f"{self.url}/ws?clientId={client_id}", max_msg_size=0) as ws:
+                    res = self.post("/prompt", {"prompt": prompt, "client_id": client_id})
+                    if res.get("node_errors"):
+                        raise PromptError(f"prompt partly refused: {res['node_errors']}", res["node_errors"])
+                    prompt_id = res["prompt_id"]
+                    async for msg in ws:
+                        if msg.type == aiohttp.WSMsgType.BINARY:
+                            frames.append((int.from_bytes(msg.data[:4], "big"), bytes(msg.data[4:])))
+                        elif msg.type == aiohttp.WSMsgType.TEXT:
+                            event = json.loads(msg.data)
+                            data = event.get("data") or {}
+                            if data.get("prompt_id") != prompt_id:
+                                continue
+                            if event["type"] == "execution_error" or (
+                                    event["type"] == "executing" and data.get("node") is None):
+                                return prompt_id
+                        else:
+                            raise RuntimeError(f"the websocket closed while prompt {prompt_id} ran:\n{self.log_tail()}")
+            raise RuntimeError("the websocket closed")
+
+        prompt_id = asyncio.run(asyncio.wait_for(watch(), timeout))
+        return self.wait(prompt_id, timeout=60), frames
+
     def interrupt(self) -> None:
         self.post("/interrupt", {})
