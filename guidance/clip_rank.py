@@ -60,6 +60,16 @@ def rank(scores: torch.Tensor, top_k: Optional[int] = None) -> list[int]:
     return order if top_k is None else order[:top_k]
 
 
+def check_options(metric: str, rank_within: str, target_text: str) -> None:
+    """ValueError naming the option when a ranking's metric, grouping or target text is unusable."""
+    if metric not in METRICS:
+        raise ValueError(f"metric: must be one of {METRICS}, got {metric!r}")
+    if rank_within not in GROUPS:
+        raise ValueError(f"rank_within: must be one of {GROUPS}, got {rank_within!r}")
+    if not (target_text or "").strip():
+        raise ValueError("target_text: give the target prompt")
+
+
 def batch_groups(sizes: Sequence[int], rank_within: str) -> list[list[int]]:
     """The groups of candidate indices ranked separately. ``sizes``: the batch size of each input
     batch, in order (candidate i is image i of their concatenation)."""

@@ -230,17 +230,7 @@ class LatentCode:
         dim 1, batch-first tensors (a per-image mask too) along dim 0; the schedule is shared."""
         if k == 1:
             return self
-        bsz = self.batch_size
-        changes = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if not isinstance(v, torch.Tensor) or f.name == "sigmas" or v.dim() == 0:
-                continue
-            if v.dim() == len(self.shape) + 1 and v.shape[1] == bsz and v.shape[2:] == self.shape[1:]:
-                changes[f.name] = torch.cat([v] * k, dim=1)
-            elif v.shape[0] == bsz:
-                changes[f.name] = torch.cat([v] * k, dim=0)
-        return replace(self, **changes)
+        return self.rows(list(range(self.batch_size)) * k)
 
     def rows(self, idx) -> "LatentCode":
         """The code of the batch images ``idx`` (a list of indices, repeats allowed), as a new object:

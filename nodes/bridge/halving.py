@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ...guidance.clip_rank import GROUPS, METRICS, clip_scores
+from ...guidance.clip_rank import batch_groups, check_options, clip_scores
 from ...samplers import blend, replay_step
 from ...samplers.sweep import Halving, SweepError, evals_per_step, parse_halving, prune, split_cfg
 from . import clip_models as CM
@@ -82,12 +82,10 @@ def pruned_replay(model, positive, negative, codes, cfg_values, vae, clip_name, 
         raise B.NodeInputError("latent_code: no code to replay; connect DPM Encode (driven by DPM Sweep)")
     halving = halving_of(checkpoints, keep)
     values = parse_cfg_values(cfg_values) if (cfg_values or "").strip() else [1.0]
-    if metric not in METRICS:
-        raise B.NodeInputError(f"metric: must be one of {METRICS}, got {metric!r}")
-    if rank_within not in GROUPS:
-        raise B.NodeInputError(f"rank_within: must be one of {GROUPS}, got {rank_within!r}")
-    if not (target_text or "").strip():
-        raise B.NodeInputError("target_text: give the target prompt")
+    try:
+        check_options(metric, rank_within, target_text)
+    except ValueError as e:
+        raise B.NodeInputError(str(e)) from None
     bsz = codes[0].batch_size
     for k, code in enumerate(codes):
         B.check_code_for_model(model, code, f"latent_code (item {k})")
@@ -110,7 +108,7 @@ def pruned_replay(model, positive, negative, codes, cfg_values, vae, clip_name, 
             raise B.NodeInputError(f"source_image: {len(src)} images; give one, or one per batch index ({bsz})")
     nv, per_code = len(values), len(values) * bsz
     n = len(codes) * per_code
-    groups = [list(range(n))] if rank_within == GROUPS[0] else [list(range(b, n, bsz)) for b in range(bsz)]
+    groups = batch_groups([bsz] * (n // bsz), rank_within)
     # candidate rows of a code are cfg-major (row r: cfg r // bsz, image r % bsz); the code is never tiled
     # (a sweep's codes, once per cfg, would not fit in memory at SD sizes): each run picks its rows
     states = [torch.cat([_start(c).cpu().float()] * nv) for c in codes]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ...guidance.clip_rank import GROUPS, METRICS, batch_groups, clip_scores, contact_sheet, rank_groups
+from ...guidance.clip_rank import batch_groups, check_options, clip_scores, contact_sheet, rank_groups
 from . import clip_models as CM
 from . import sampling as B
 from .halving import pruning_notes
@@ -53,12 +53,10 @@ def rank_images(images, clip_name, target_text, metric, top_k, rank_within, sour
     sizes = [int(b.shape[0]) for b in images if b is not None]
     n = len(cands)
     names = _labels(labels, n, sizes)
-    if metric not in METRICS:
-        raise B.NodeInputError(f"metric: must be one of {METRICS}, got {metric!r}")
-    if rank_within not in GROUPS:
-        raise B.NodeInputError(f"rank_within: must be one of {GROUPS}, got {rank_within!r}")
-    if not (target_text or "").strip():
-        raise B.NodeInputError("target_text: give the target prompt")
+    try:
+        check_options(metric, rank_within, target_text)
+    except ValueError as e:
+        raise B.NodeInputError(str(e)) from None
     record = first(pruning) if isinstance(pruning, list) else pruning
     dropped = pruning_notes(record, n) if record is not None else {}
     if record is not None:  # the pruned replay's candidates are batches of its input images, whatever the lists
