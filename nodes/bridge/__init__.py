@@ -12,7 +12,7 @@ Node files (``nodes/*.py``) hold schemas and short ``execute`` methods; they imp
 * ``codes``         DPM Encode, Replay (one cfg or several), Random Latent Code
 * ``langevin_run``  the Langevin Latent Sampler's run and its memory modes
 * ``asyrp_run``     Asyrp training and editing; ``interval_run`` the editing interval measurement
-* ``ranking``       Rank Images by CLIP
+* ``ranking``       Rank Images by CLIP; ``halving`` DPM Pruned Replay (successive halving)
 * ``diffusers_unet`` diffusers UNet2DModel folders as ComfyUI models
 * ``files``, ``plot``, ``types``, ``inputs``  file lists, plots, socket types, shared inputs
 """

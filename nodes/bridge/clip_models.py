@@ -162,7 +162,10 @@ def load_clip(clip_name: str, memory_required: int = 0, others=()):
     """The one managed-load sequence: read the folder onto the offload device (outside inference mode,
     so that its tensors can take part in autograd), wrap it in its patcher, load it with ``others``
     (the models the caller needs at the same time). Returns (bundle on its device, patcher)."""
-    folder = clip_folder(clip_name)
+    return _load_managed(clip_folder(clip_name), memory_required, others)
+
+
+def _load_managed(folder: str, memory_required: int = 0, others=()):
     with torch.inference_mode(False):
         try:
             bundle = load_clip_folder(folder, device=offload_device())
@@ -176,10 +179,10 @@ def load_clip(clip_name: str, memory_required: int = 0, others=()):
 def clip_energy(clip_name: str, text: str, weight: float, augmentations: int, policies: tuple, image=None):
     """CLIP Energy's output: an energy towards ``text`` (or the target ``image``) that holds its CLIP's
     patcher and CPU targets only, so a cached output never pins anything on the GPU."""
-    clip_folder(clip_name)
+    folder = clip_folder(clip_name)
     if image is None and not text.strip():
         raise NodeInputError("text: give a target text or connect a target image")
-    bundle, patcher = load_clip(clip_name)
+    bundle, patcher = _load_managed(folder)
     with torch.inference_mode(False):
         target = None
         if image is not None:

@@ -250,7 +250,7 @@ def test_halving_schedule_parsing_and_counts(mods):
                           ("0.3", "x", "keep: 'x' is not a number")):
         with pytest.raises(sw.SweepError, match=msg):
             sw.parse_halving(cp, keep)
-    # the paper's 540 grid at the shipped schedule: <= 0.35 of the naive evaluations even if the costliest
+    # the paper's 540 grid at a two-checkpoint schedule (0.2 keeping 0.25, 0.4 keeping 0.5): <= 0.35 of the naive evaluations even if the costliest
     # candidates survive (encodes 90 x n; 135 candidates to 40 %, 68 to the end)
     c = sw.count_halving(sw.paper_sweep(), 100, h)
     assert c["naive"] == 107100 and c["survivors"] == 68

@@ -210,7 +210,7 @@ def test_file_prefixes_differ_between_workflows():
 
 def test_api_twins_are_the_converters_output(object_info):
     """workflows/api/<name>.json is exactly what tools/dpmtools/workflow.py makes of workflows/<name>.json
-    with this server's /object_info (tests/test_browser.py checks that the page queues the same), and
+    with this server's /object_info (tests/product/test_browser.py checks that the page queues the same), and
     there is no twin without its UI file. After changing a workflow: python3 scripts/comfy_host.py export-api"""
     twins = {p.name for p in API_DIR.glob("*.json")}
     assert twins == {p.name for p in WORKFLOWS}, (

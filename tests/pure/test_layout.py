@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""The shape DEVELOPERS.md and docs/development.md describe, checked on the files themselves
+"""The shape docs/development.md describes, checked on the files themselves
 (pure: reads source text, imports nothing of the pack or of ComfyUI)."""
 from __future__ import annotations
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -195,7 +196,7 @@ def cmd_test(args: list[str]) -> int:
     # The test models are tiny: torch's thread pools only fight each other (pytest and the
     # server process share 2 cores on CI), which made runs up to 20x slower.
     env.setdefault("OMP_NUM_THREADS", "1")
-    # `test tests/test_x.py` runs that file only; without a path, the whole suite (pytest, run from the
+    # `test tests/pure/test_x.py` runs that file only; without a path, the whole suite (pytest, run from the
     # repository, collects pyproject.toml's testpaths)
     named = [a for a in args if not a.startswith("-") and Path(a.split("::")[0]).exists()]
     args = ["::".join([str(Path(a.split("::")[0]).resolve()), *a.split("::")[1:]]) if a in named else a
@@ -225,6 +226,7 @@ def side_frontend(python: Path, version: str | None) -> tuple[Path, str]:
         folder = base / f"frontend-{version}"
         if _frontend_version(folder) == version:
             return folder, version
+    base.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=base) as tmp:
         spec = f"{FRONTEND_PACKAGE}=={version}" if version else FRONTEND_PACKAGE
         _run([python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "-q", "--no-deps",
@@ -241,7 +243,8 @@ def side_frontend(python: Path, version: str | None) -> tuple[Path, str]:
 
 
 def cmd_test_frontend(args: list[str]) -> int:
-    version = args[0] if args and not args[0].startswith("-") and not args[0].endswith(".py") else None
+    # a version is digits and dots (1.58.1); anything else is for pytest (a path, a node id, an option)
+    version = args[0] if args and re.fullmatch(r"\d+(\.\d+)*", args[0]) else None
     rest = args[1:] if version else args
     comfy, python = build()
     folder, version = side_frontend(python, version)

@@ -159,7 +159,9 @@ class ComfyServer:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log_tail()}")
+                code = self.proc.returncode
+                self.stop()  # closes the log
+                raise RuntimeError(f"ComfyUI exited with {code}:\n{self.log_tail()}")
             try:
                 self.get("/system_stats", timeout=2)
                 return self
@@ -171,15 +173,19 @@ class ComfyServer:
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=20)
-        self._log.close()
-        self.proc = None
+        try:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait(timeout=20)
+        except ProcessLookupError:  # it ended between poll() and the signal
+            pass
+        finally:
+            self._log.close()
+            self.proc = None
 
     def log_tail(self, n: int = 60) -> str:
         try:

@@ -307,7 +307,7 @@ def api_to_ui(prompt: dict, object_info: dict, note: str | None = None, titles: 
 
 def load_prompt(path: str | Path, object_info: dict) -> dict:
     """The API prompt of a workflow file: a UI-format workflow is converted, an API-format one kept."""
-    wf = json.loads(Path(path).read_text())
+    wf = json.loads(Path(path).read_text(encoding="utf-8"))
     return ui_to_api(wf, object_info) if "nodes" in wf else wf
 
 
