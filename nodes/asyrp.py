@@ -119,6 +119,11 @@ class AsyrpDirectionFromExamples(io.ComfyNode):
                                        "without the attribute), so the background is not shifted; for pictures "
                                        "of one object on a plain background (measured on the demo pixel DDPM "
                                        "with h_site 'after first up block', docs/asyrp.md)."),
+                io.Float.Input("t_start", default=1.0, min=0.01, max=1.0, step=0.01, optional=True,
+                               tooltip="Start of the shifted steps as a fraction of the chain: steps starting "
+                                       "above it get no delta_h (1: from T, as training). Lower it when the edit "
+                                       "moves the layout, which the first, noisiest steps set (demo pixel DDPM: "
+                                       "0.6)."),
             ],
             outputs=[AsyrpDirectionIO.Output(display_name="direction",
                                              tooltip="The mean-difference direction; its record holds "
@@ -127,9 +132,9 @@ class AsyrpDirectionFromExamples(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, latents_with, latents_without, steps, t_edit, conditioning=None,
-                h_site="middle", spread="everywhere") -> io.NodeOutput:
+                h_site="middle", spread="everywhere", t_start=1.0) -> io.NodeOutput:
         return io.NodeOutput(R.from_examples(model, latents_with, latents_without, steps, t_edit, conditioning,
-                                             h_site, spread))
+                                             h_site, spread, t_start))
 
 
 class AsyrpEdit(io.ComfyNode):

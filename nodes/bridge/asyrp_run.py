@@ -288,11 +288,12 @@ def combine(directions, coefficients):
 
 
 def from_examples(model, latents_with, latents_without, steps, t_edit, conditioning=None, h_site="middle",
-                  spread="everywhere"):
+                  spread="everywhere", t_start=1.0):
     """Asyrp Direction From Examples: per step, the mean h along the DDIM chains of ``latents_with``
     minus that of ``latents_without`` (no training), at ``h_site``. ``spread`` "everywhere": one shift per
     channel at every position (``AS.example_direction``); "object": the difference of the examples' object
-    contrasts, applied where h looks like the object (``AS.object_direction``). Returns the direction."""
+    contrasts, applied where h looks like the object (``AS.object_direction``). Steps starting above
+    ``t_start`` get no delta_h (1: from T, as training). Returns the direction."""
     rec = model_record(model, h_site)
     if spread not in SPREADS:
         raise B.NodeInputError(f"spread: {spread!r} is not one of {list(SPREADS)}")
@@ -306,6 +307,10 @@ def from_examples(model, latents_with, latents_without, steps, t_edit, condition
     n_edit = AS.edited_steps(steps, t_edit)
     if n_edit == 0:
         raise B.NodeInputError(f"t_edit: {t_edit} leaves no step of {steps} to edit; lower it")
+    n_skip = AS.edited_steps(steps, float(t_start)) if float(t_start) < 1.0 else 0
+    if not (0.0 < float(t_start) <= 1.0) or n_skip >= n_edit:
+        raise B.NodeInputError(f"t_start: {t_start} leaves no step of {steps} between it and t_edit {t_edit}; "
+                               "t_start must lie in (t_edit, 1] (1: from T)")
     if conditioning is not None:
         B.check_conditioning_batch(conditioning, 1, "conditioning")
     cond = empty_conditioning(model) if conditioning is None else conditioning
@@ -352,8 +357,12 @@ def from_examples(model, latents_with, latents_without, steps, t_edit, condition
                                              levels, meta)
             probe = torch.zeros(1, *h_shape)
             deltas = [direction.delta(probe, lv)[0] for lv in levels[:n_edit]]
+        with torch.no_grad():
+            direction.terms[0].delta[:n_skip] = 0.0   # steps starting above t_start: no shift
+        deltas = [torch.zeros_like(d) if i < n_skip else d for i, d in enumerate(deltas)]
     except CodeError as e:
         raise B.code_error(e) from None
+    direction.meta["t_start"] = float(t_start)
     direction.meta["delta_over_h"] = AS.relative_norms(deltas, result["norms"])
     direction.meta["h_norm"] = [float(v) for v in result["norms"]]
     return direction

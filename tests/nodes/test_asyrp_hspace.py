@@ -348,6 +348,8 @@ def test_after_first_up_block_on_the_pixel_ddpm_edits_and_is_checked(AN, nodes, 
                                                    "after first up block", "object").result[0]
         mid = asy.AsyrpDirectionFromExamples.execute(model, ex, {"samples": ex["samples"] * 0.5}, 6, 0.5, cond,
                                                      "middle").result[0]
+        late = asy.AsyrpDirectionFromExamples.execute(model, ex, {"samples": ex["samples"] * 0.5}, 6, 0.5, cond,
+                                                      "after first up block", "object", 0.7).result[0]
         code = cyc.DPMEncode.execute(model, cond, cond, lat, 0, 6, "normal", 1.0, 0.1, 1.0).result[0]
         replay = cyc.ReplayLatentWithPrompt.execute(model, cond, cond, code, 1.0).result[0]["samples"]
         zero = asy.AsyrpEdit.execute(model, cond, cond, 1.0, code, d, "0", 0.5, 0.0, 0).result[0]["samples"]
@@ -356,6 +358,9 @@ def test_after_first_up_block_on_the_pixel_ddpm_edits_and_is_checked(AN, nodes, 
     assert d.meta["h_site"] == AN.UNET_UP_SITE and d.meta["h_block"] == rec["h_block"]
     assert d.meta["h_shape"] == [rec["h_channels"], 16, 16] and d.meta["spread"] == "object"
     assert mid.meta["h_site"] == AN.UNET_SITE and mid.meta["h_shape"] == [rec["h_channels"], 8, 8]
+    # t_start 0.7 of 6 steps: the steps starting at 1 and 0.83 get no shift, the third (0.67) keeps d's
+    assert float(late.terms[0].delta[:2].abs().max()) == 0.0 and late.meta["delta_over_h"][:2] == [0.0, 0.0]
+    assert torch.equal(late.terms[0].delta[2], d.terms[0].delta[2]) and late.meta["t_start"] == 0.7
     assert torch.equal(zero, replay) and (one - replay).abs().max() > 1e-4
     assert (one - out_mid).abs().max() > 1e-4                      # another site, another edit
     assert not (model.model_options.get("transformer_options", {}).get("patches", {}) or {}).get("output_block_patch")
@@ -367,5 +372,7 @@ def test_after_first_up_block_on_the_pixel_ddpm_edits_and_is_checked(AN, nodes, 
         AN.check_direction_for_model(models["tiny_sd3"], d)
     with pytest.raises(Exception, match="h_site: h site 'after first up block' exists on U-Nets only"):
         asy.AsyrpDirectionFromExamples.execute(models["tiny_sd3"], ex, ex, 6, 0.5, None, "after first up block")
+    with pytest.raises(Exception, match="t_start: 0.5 leaves no step"):
+        asy.AsyrpDirectionFromExamples.execute(model, ex, ex, 6, 0.5, None, "middle", "everywhere", 0.5)
     with pytest.raises(Exception, match="spread: 'nowhere'"):
         asy.AsyrpDirectionFromExamples.execute(model, ex, ex, 6, 0.5, None, "middle", "nowhere")
