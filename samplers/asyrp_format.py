@@ -5,8 +5,8 @@ Tensors: ``term<k>.<name>``, the state of each term of the direction.  The heade
 metadata: the format name and version, ``terms`` (JSON: each term's ``config()`` and its
 coefficient) and ``direction`` (JSON: the record of what the direction was made on: model
 architecture and network layout, latent format, family, h site (files without one: the U-Net
-middle block), h shape, schedule, texts, editing interval).  Loading verifies the digest, rebuilds each term from its config and checks
-every tensor's name, shape and finiteness against it.
+middle block), h shape, schedule, texts, editing interval).  Loading verifies the digest, rebuilds
+each term from its config and checks every tensor's name, shape and finiteness against it.
 """
 from __future__ import annotations
 
