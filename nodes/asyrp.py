@@ -63,6 +63,7 @@ class AsyrpTrainDirection(io.ComfyNode):
                                 tooltip="Optional held-out images (not trained on): their directional CLIP loss "
                                         "of P_t is measured before and after training, shown on the plot and "
                                         "stored in the direction."),
+                I.h_site(),
             ],
             outputs=[
                 AsyrpDirectionIO.Output(display_name="direction", tooltip="The trained h-space direction."),
@@ -74,10 +75,10 @@ class AsyrpTrainDirection(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, latents, clip_name, source_text, target_text, steps, t_edit, iterations,
                 learning_rate, clip_weight, l1_weight, seed, kind, conditioning=None,
-                validation_latents=None) -> io.NodeOutput:
+                validation_latents=None, h_site="middle") -> io.NodeOutput:
         return io.NodeOutput(*R.train(model, vae, latents, clip_name, source_text, target_text, steps, t_edit,
                                       iterations, learning_rate, clip_weight, l1_weight, seed, kind, conditioning,
-                                      validation_latents))
+                                      validation_latents, h_site))
 
 
 class AsyrpDirectionFromExamples(io.ComfyNode):
@@ -109,6 +110,20 @@ class AsyrpDirectionFromExamples(io.ComfyNode):
                                       tooltip="Optional prompt the model runs under while h is measured "
                                               "(use the one you will edit with). Unconnected: zero "
                                               "conditioning, the paper's unconditional setting."),
+                I.h_site(),
+                io.Combo.Input("spread", options=list(R.SPREADS), default="everywhere", optional=True,
+                               tooltip="'everywhere': delta_h is one shift per channel, applied at every position "
+                                       "(the mean difference averaged over positions). 'object' (beyond Haas et "
+                                       "al.): the difference of the examples' object-minus-background h, applied "
+                                       "only where h looks like the object (a per-position gate from the images "
+                                       "without the attribute), so the background is not shifted; for pictures "
+                                       "of one object on a plain background (measured on the demo pixel DDPM "
+                                       "with h_site 'after first up block', docs/asyrp.md)."),
+                io.Float.Input("t_start", default=1.0, min=0.01, max=1.0, step=0.01, optional=True,
+                               tooltip="Start of the shifted steps as a fraction of the chain: steps starting "
+                                       "above it get no delta_h (1: from T, as training). Lower it when the edit "
+                                       "moves the layout, which the first, noisiest steps set (demo pixel DDPM: "
+                                       "0.6)."),
             ],
             outputs=[AsyrpDirectionIO.Output(display_name="direction",
                                              tooltip="The mean-difference direction; its record holds "
@@ -116,8 +131,10 @@ class AsyrpDirectionFromExamples(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, latents_with, latents_without, steps, t_edit, conditioning=None) -> io.NodeOutput:
-        return io.NodeOutput(R.from_examples(model, latents_with, latents_without, steps, t_edit, conditioning))
+    def execute(cls, model, latents_with, latents_without, steps, t_edit, conditioning=None,
+                h_site="middle", spread="everywhere", t_start=1.0) -> io.NodeOutput:
+        return io.NodeOutput(R.from_examples(model, latents_with, latents_without, steps, t_edit, conditioning,
+                                             h_site, spread, t_start))
 
 
 class AsyrpEdit(io.ComfyNode):

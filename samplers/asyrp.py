@@ -158,8 +158,72 @@ class GlobalDelta(nn.Module):
         return self.delta[self.index(level)].to(h.dtype).unsqueeze(0).expand_as(h)
 
 
+def object_contrast(h: torch.Tensor, fraction: float = 0.5) -> torch.Tensor:
+    """(B, C): per image, the mean of ``h - background`` over the object's positions. The background is
+    h's per-channel median over positions (the object covers less than half of the picture); the object
+    is where ``||h - background||`` reaches ``fraction`` of its maximum in that image."""
+    h = h.float()
+    bg = h.flatten(2).median(dim=2).values[..., None, None]
+    dev = h - bg
+    size = dev.norm(dim=1, keepdim=True)
+    mask = (size >= fraction * size.flatten(1).amax(dim=1).view(-1, 1, 1, 1)).to(h.dtype)
+    return (dev * mask).flatten(2).sum(2) / mask.flatten(2).sum(2).clamp_min(1.0)
+
+
+def object_stats(h: torch.Tensor) -> torch.Tensor:
+    """(B, C + 1): ``object_contrast`` and, last, the object's position count (to size the edit)."""
+    h = h.float()
+    bg = h.flatten(2).median(dim=2).values[..., None, None]
+    size = (h - bg).norm(dim=1, keepdim=True)
+    count = (size >= 0.5 * size.flatten(1).amax(dim=1).view(-1, 1, 1, 1)).flatten(1).sum(1, keepdim=True)
+    return torch.cat([object_contrast(h), count.to(h.dtype)], dim=1)
+
+
+class ObjectDelta(nn.Module):
+    """One shift per channel and step, applied where h looks like the object the examples show.
+
+    At step i, ``delta_h = delta[i] * g`` with the per-position gate
+    ``g = clamp(<h - background, probe[i]> / ||probe[i]||^2, 0, 1)``: background is h's per-channel
+    median over positions, ``probe[i]`` the examples' mean object-minus-background h (``object_contrast``
+    of the images without the attribute). So g is about 1 on the object, 0 on the background, and the
+    edit follows the object wherever it is, at any image size; the rest of the picture is not shifted."""
+
+    kind = "object direction"
+
+    def __init__(self, channels: int, levels: Sequence[float], gain: float = 1.0):
+        super().__init__()
+        self.channels = int(channels)
+        self.gain = float(gain)
+        self.register_buffer("levels", torch.tensor([float(v) for v in levels], dtype=torch.float64))
+        self.delta = nn.Parameter(torch.zeros(len(levels), self.channels))
+        self.probe = nn.Parameter(torch.zeros(len(levels), self.channels))
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "channels": self.channels, "levels": [float(v) for v in self.levels],
+                "gain": self.gain}
+
+    def index(self, level: float) -> int:
+        return int(torch.argmin((self.levels - float(level)).abs()))
+
+    def gate(self, h: torch.Tensor, level: float) -> torch.Tensor:
+        u = self.probe[self.index(level)].to(device=h.device, dtype=torch.float32).view(1, -1, 1, 1)
+        hf = h.float()
+        bg = hf.flatten(2).median(dim=2).values[..., None, None]
+        proj = ((hf - bg) * u).sum(1, keepdim=True) / u.pow(2).sum().clamp_min(1e-12)
+        return (self.gain * proj).clamp(0.0, 1.0)
+
+    def forward(self, h: torch.Tensor, level: float) -> torch.Tensor:
+        if h.dim() != 4 or h.shape[1] != self.channels:
+            raise CodeError(f"this object direction has {self.channels} channels, the model's h here is "
+                            f"{list(h.shape[1:])}")
+        d = self.delta[self.index(level)].to(device=h.device, dtype=torch.float32).view(1, -1, 1, 1)
+        return (d * self.gate(h, level)).to(h.dtype)
+
+
 def make_term(config: dict) -> nn.Module:
     kind = config.get("kind")
+    if kind == ObjectDelta.kind:
+        return ObjectDelta(int(config["channels"]), config["levels"], float(config.get("gain", 1.0)))
     if kind == DeltaBlock.kind:
         return DeltaBlock(int(config["channels"]), int(config["emb_dim"]), int(config["hidden"]))
     if kind == GlobalDelta.kind:
@@ -321,14 +385,15 @@ def asyrp_sample(plain: Denoiser, edited: Optional[Denoiser], x_start: torch.Ten
 
 def mean_h_along_chain(plain: Denoiser, read_h: Callable[[Callable[[], torch.Tensor]], torch.Tensor],
                        x0: torch.Tensor, sigmas: torch.Tensor, family: str, n_steps: int,
-                       batch_size: int = 8) -> tuple[list, list]:
+                       batch_size: int = 8, reduce: Optional[Callable] = None) -> tuple[list, list]:
     """Per step ``i < n_steps`` of the deterministic DDIM chain that starts at the DDIM inversion of
     ``x0``, the mean over the images of h at that step's level (a list of ``(C, H, W)`` tensors) and
     the mean over the images of ||h|| (a list of floats).
 
     ``read_h(call) -> h`` runs ``call()`` (one plain model evaluation) and returns the h that
     evaluation passed through, ``(B, C, H, W)``; the chain is the one the edit replays, so the
-    means are taken at the same levels and site as training and editing."""
+    means are taken at the same levels and site as training and editing. ``reduce(h) -> (B, ...)``:
+    what is averaged instead of h itself (e.g. ``object_contrast``)."""
     s = [float(v) for v in sigmas]
     sums, norms = [None] * n_steps, [0.0] * n_steps
     with torch.no_grad():
@@ -342,7 +407,7 @@ def mean_h_along_chain(plain: Denoiser, read_h: Callable[[Callable[[], torch.Ten
                     return out["d"]
                 h = read_h(call).detach().float()
                 norms[i] += float(h.flatten(1).norm(dim=1).sum())
-                h = h.sum(0)
+                h = (h if reduce is None else reduce(h)).sum(0)
                 sums[i] = h if sums[i] is None else sums[i] + h
                 a, b, _c = step_coefficients(s[i], s[i + 1], 0.0, family)
                 x = a * x + b * out["d"]
@@ -375,6 +440,28 @@ def example_direction(h_with: Sequence[torch.Tensor], h_without: Sequence[torch.
             if not per_position:
                 diff = diff.mean(dim=tuple(range(1, diff.dim())), keepdim=True)
             term.delta[i] = diff.to(term.delta.dtype)
+    term.requires_grad_(False)
+    return Direction([term], [1.0], dict(meta or {}))
+
+
+def object_direction(c_with: Sequence[torch.Tensor], c_without: Sequence[torch.Tensor],
+                     levels: Sequence[float], meta: Optional[dict] = None, orthogonal: bool = True,
+                     gain: float = 1.0) -> Direction:
+    """An ``ObjectDelta`` direction from the examples' mean ``object_contrast`` per step: delta is the
+    contrast of the images with the attribute minus that of those without (strength 1 moves the
+    object's h by the mean difference), the gate's probe the contrast of those without."""
+    if len(c_with) != len(c_without) or not c_with:
+        raise CodeError("the two example sets give a different (or no) number of steps of h")
+    if len(c_with) > len(levels):
+        raise CodeError(f"{len(c_with)} steps of h for {len(levels)} levels")
+    term = ObjectDelta(int(c_with[0].numel()), levels, gain)
+    with torch.no_grad():
+        for i, (a, b) in enumerate(zip(c_with, c_without)):
+            d, u = (a - b).float().flatten(), b.float().flatten()
+            if orthogonal:
+                d = d - (d @ u) / (u @ u).clamp_min(1e-12) * u
+            term.delta[i] = d
+            term.probe[i] = u
     term.requires_grad_(False)
     return Direction([term], [1.0], dict(meta or {}))
 

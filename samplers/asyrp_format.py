@@ -4,9 +4,9 @@
 Tensors: ``term<k>.<name>``, the state of each term of the direction.  The header's string
 metadata: the format name and version, ``terms`` (JSON: each term's ``config()`` and its
 coefficient) and ``direction`` (JSON: the record of what the direction was made on: model
-architecture and network layout, latent format, family, h site, h shape, schedule, texts,
-editing interval).  Loading verifies the digest, rebuilds each term from its config and checks
-every tensor's name, shape and finiteness against it.
+architecture and network layout, latent format, family, h site (files without one: the U-Net
+middle block), h shape, schedule, texts, editing interval).  Loading verifies the digest, rebuilds
+each term from its config and checks every tensor's name, shape and finiteness against it.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from .dpm_encoder import CodeError
 FORMAT = "dpm-latent-asyrp-direction"
 FORMAT_VERSION = 1
 SUFFIX = ".asyrp.safetensors"
+OLD_SITE = "unet middle block"  # files from before h sites existed are U-Net middle-block directions
 
 
 def direction_tensors(direction: AS.Direction) -> tuple[dict, dict]:
@@ -42,6 +43,8 @@ def direction_from_tensors(tensors: dict, meta: dict, name: str) -> AS.Direction
             raise CodeError(f"format version {version}; this pack reads version {FORMAT_VERSION}")
         terms_spec = json.loads(meta["terms"])
         info = json.loads(meta["direction"])
+        if isinstance(info, dict):
+            info.setdefault("h_site", OLD_SITE)
         for key in ("architecture", "unet", "latent_format", "family", "h_shape", "sigmas", "source_text",
                     "target_text", "t_edit", "t_boost"):
             if key not in info:

@@ -24,18 +24,19 @@ from .conditioning import empty_conditioning
 from .hspace import check_direction_for_model, direction_on, model_record, patched
 
 
+SPREADS = ("everywhere", "object")  # Direction From Examples: one shift at every position, or gated to the object
 DELTA_WARN = 0.5  # ||delta_h|| / ||h|| above this: training warns (the issue's measure: 4-5 destroys images)
 
 
 def train(model, vae, latents, clip_name, source_text, target_text, steps, t_edit, iterations, learning_rate,
-          clip_weight, l1_weight, seed, kind, conditioning=None, validation_latents=None):
+          clip_weight, l1_weight, seed, kind, conditioning=None, validation_latents=None, h_site="middle"):
     """Asyrp Train Direction: returns (direction, loss plot)."""
     samples = latents["samples"]
     val = None
     if validation_latents is not None:
         val = validation_latents["samples"]
         B.check_latent(model, val, "validation_latents")
-    rec = model_record(model)
+    rec = model_record(model, h_site)
     B.check_latent(model, samples, "latents")
     if vae is None or getattr(vae, "first_stage_model", None) is None:
         raise B.NodeInputError("vae: connect the VAE that decodes this model's latents")
@@ -286,10 +287,16 @@ def combine(directions, coefficients):
         raise B.NodeInputError(f"direction: {e}") from None
 
 
-def from_examples(model, latents_with, latents_without, steps, t_edit, conditioning=None):
+def from_examples(model, latents_with, latents_without, steps, t_edit, conditioning=None, h_site="middle",
+                  spread="everywhere", t_start=1.0):
     """Asyrp Direction From Examples: per step, the mean h along the DDIM chains of ``latents_with``
-    minus that of ``latents_without`` (no training). Returns the direction."""
-    rec = model_record(model)
+    minus that of ``latents_without`` (no training), at ``h_site``. ``spread`` "everywhere": one shift per
+    channel at every position (``AS.example_direction``); "object": the difference of the examples' object
+    contrasts, applied where h looks like the object (``AS.object_direction``). Steps starting above
+    ``t_start`` get no delta_h (1: from T, as training). Returns the direction."""
+    rec = model_record(model, h_site)
+    if spread not in SPREADS:
+        raise B.NodeInputError(f"spread: {spread!r} is not one of {list(SPREADS)}")
     a, b = latents_with["samples"], latents_without["samples"]
     B.check_latent(model, a, "latents_with")
     B.check_latent(model, b, "latents_without")
@@ -300,6 +307,10 @@ def from_examples(model, latents_with, latents_without, steps, t_edit, condition
     n_edit = AS.edited_steps(steps, t_edit)
     if n_edit == 0:
         raise B.NodeInputError(f"t_edit: {t_edit} leaves no step of {steps} to edit; lower it")
+    n_skip = AS.edited_steps(steps, float(t_start)) if float(t_start) < 1.0 else 0
+    if not (0.0 < float(t_start) <= 1.0) or n_skip >= n_edit:
+        raise B.NodeInputError(f"t_start: {t_start} leaves no step of {steps} between it and t_edit {t_edit}; "
+                               "t_start must lie in (t_edit, 1] (1: from T)")
     if conditioning is not None:
         B.check_conditioning_batch(conditioning, 1, "conditioning")
     cond = empty_conditioning(model) if conditioning is None else conditioning
@@ -315,7 +326,8 @@ def from_examples(model, latents_with, latents_without, steps, t_edit, condition
         try:
             means = []
             for k, part in enumerate((x0[:n_a], x0[n_a:])):
-                means.append(AS.mean_h_along_chain(denoise_fn, shift.read, part, sigmas, family, n_edit))
+                means.append(AS.mean_h_along_chain(denoise_fn, shift.read, part, sigmas, family, n_edit,
+                                                   reduce=AS.object_stats if spread == "object" else None))
                 pbar.update_absolute(k + 1, 2)
         except CodeError as e:
             raise B.code_error(e) from None
@@ -325,19 +337,32 @@ def from_examples(model, latents_with, latents_without, steps, t_edit, condition
 
     B.run_in_comfy(work_model, cond, cond, 1.0, torch.cat([a, b]), sigmas, work, 0, None)
     levels = [AS.noise_level(float(s), family) for s in sigmas[:-1]]
-    h_shape = tuple(result["with"][0].shape)
+    h_shape = tuple(shift.h_shape)  # the last h the patch saw
     meta = {k: rec[k] for k in ("architecture", "unet", "latent_format", "family", "h_site", "h_block")}
     meta.update(h_shape=list(h_shape), sigmas=[float(s) for s in sigmas], steps=int(steps),
                 source_text="examples without the attribute", target_text="examples with the attribute",
                 t_edit=float(t_edit), t_boost=0.0, kind="from examples", examples_with=int(n_a),
                 examples_without=int(b.shape[0]))
     try:
-        direction = AS.example_direction([d.cpu() for d in result["with"]], [d.cpu() for d in result["without"]],
-                                         levels, meta)
+        if spread == "object":
+            # each step's stats: the object contrast (C) and the object's position count (1)
+            ca, cb = [d.cpu()[:-1] for d in result["with"]], [d.cpu()[:-1] for d in result["without"]]
+            count = [0.5 * float(u[-1] + v[-1]) for u, v in zip(result["with"], result["without"])]
+            meta.update(spread="object")
+            direction = AS.object_direction(ca, cb, levels, meta)
+            # ||delta_h|| where the gate is about 1: delta on the examples' object positions
+            deltas = [direction.terms[0].delta[i] * count[i] ** 0.5 for i in range(n_edit)]
+        else:
+            direction = AS.example_direction([d.cpu() for d in result["with"]], [d.cpu() for d in result["without"]],
+                                             levels, meta)
+            probe = torch.zeros(1, *h_shape)
+            deltas = [direction.delta(probe, lv)[0] for lv in levels[:n_edit]]
+        with torch.no_grad():
+            direction.terms[0].delta[:n_skip] = 0.0   # steps starting above t_start: no shift
+        deltas = [torch.zeros_like(d) if i < n_skip else d for i, d in enumerate(deltas)]
     except CodeError as e:
         raise B.code_error(e) from None
-    probe = torch.zeros(1, *h_shape)
-    deltas = [direction.delta(probe, lv)[0] for lv in levels[:n_edit]]
+    direction.meta["t_start"] = float(t_start)
     direction.meta["delta_over_h"] = AS.relative_norms(deltas, result["norms"])
     direction.meta["h_norm"] = [float(v) for v in result["norms"]]
     return direction

@@ -77,7 +77,10 @@ class DiffusersUNet(torch.nn.Module):
     index.  Conditioning (``context``, ``y``, ``control``) is ignored: the UNet is unconditional.
     ``transformer_options["patches"]["output_block_patch"]`` is applied to the mid-block output
     (the U-Net's h-space) with ``transformer_options["block"] = ("output", 0)``, as ComfyUI's own
-    U-Net does before its first output block; a patch's change to ``hsp`` is not used.
+    U-Net does before its first output block, and to the output of ``up_blocks[0]`` with
+    ``("output", k)``, k = that block's resnet count: ComfyUI's U-Net numbers one output block per
+    resnet, so k is where the second up level starts there too.  A patch's change to ``hsp`` is not
+    used (diffusers joins the skips inside its up blocks).
     """
 
     def __init__(self, unet, out_channels: int):
@@ -85,22 +88,34 @@ class DiffusersUNet(torch.nn.Module):
         self.unet = unet
         self.out_channels = out_channels
         self._options = None
+        self.up_block_index = len(unet.up_blocks[0].resnets) if len(unet.up_blocks) else 0
         unet.mid_block.register_forward_hook(self._mid_block_hook)
+        if len(unet.up_blocks) > 1:
+            unet.up_blocks[0].register_forward_hook(self._up_block_hook)
 
     @property
     def dtype(self):
         return next(self.unet.parameters()).dtype
 
-    def _mid_block_hook(self, _module, args, output):
+    def _patched(self, h, hsp, block):
         options = self._options
         patches = (options or {}).get("patches", {}).get("output_block_patch")
         if not patches:
             return None
-        options["block"] = ("output", 0)
-        h, hsp = output, args[0]
+        options["block"] = block
         for p in patches:
             h, hsp = p(h, hsp, options)
         return h
+
+    def _mid_block_hook(self, _module, args, output):
+        return self._patched(output, args[0], ("output", 0))
+
+    def _up_block_hook(self, _module, args, output):
+        # UpBlock2D / AttnUpBlock2D return the hidden states; the skip variants (hidden, skip_sample)
+        if isinstance(output, tuple):
+            h = self._patched(output[0], args[0], ("output", self.up_block_index))
+            return None if h is None else (h, *output[1:])
+        return self._patched(output, args[0], ("output", self.up_block_index))
 
     def forward(self, x, timesteps, context=None, y=None, control=None, transformer_options={}, **kwargs):
         self._options = transformer_options

@@ -3,8 +3,11 @@
 
 h is the U-Net bottleneck: the middle-block output, which ComfyUI's U-Net hands to every
 ``output_block_patch`` at block ("output", 0) before concatenating the first skip.  Beyond the
-paper, for SD3 / Flux transformers, h is the image-token output of the middle joint block, reached
-through ``patches_replace["dit"]``.  The patch is installed on a private ``model.clone()``, so the
+paper, ``h_site`` "after first up block" takes h where the first up level ends (its last skip joined,
+upsampled), handed to the patch at block ("output", k), k = that level's block count: on the demo
+pixel DDPM the bottleneck carries layout but not colour, which the skips bring back.  For SD3 / Flux
+transformers, h is the image-token output of the middle joint block, reached through
+``patches_replace["dit"]``.  The patch is installed on a private ``model.clone()``, so the
 caller's MODEL never carries it.
 """
 from __future__ import annotations
@@ -20,14 +23,34 @@ from ...samplers import asyrp as AS
 from . import sampling as B
 
 UNET_SITE = "unet middle block"     # ComfyUI's output_block_patch at ("output", 0): the bottleneck h
+UNET_UP_SITE = "unet after first up block"  # output_block_patch at ("output", k): the first up level's output
 DIT_SITE = "dit middle joint block"  # patches_replace["dit"][("double_block", i)], image tokens of block i
 
+# the h_site input's options: the paper's bottleneck, and (U-Nets only) the end of the first up level
+H_SITES = ("middle", "after first up block")
+SITE_OPTION = {UNET_SITE: "middle", DIT_SITE: "middle", UNET_UP_SITE: "after first up block"}
 
-def h_site(base) -> tuple[str, int | None, dict, int]:
-    """(site, block index, layout, h channels) of a diffusion network, or a clear node error.
+
+def site_of(direction) -> str:
+    """The site label a direction records (files from before h sites existed: the U-Net middle block)."""
+    return str(direction.meta.get("h_site") or UNET_SITE)
+
+
+def _up_site_refused(net_name: str, what: str):
+    return B.NodeInputError(
+        f"{what}: h site 'after first up block' exists on U-Nets only (SD1.x, SD2, SDXL, diffusers UNet2DModel); "
+        f"this model's network is a {net_name}, a transformer without up blocks, whose h is its middle joint "
+        "block: use h_site 'middle'")
+
+
+def h_site(base, site: str = "middle", what: str = "h_site") -> tuple[str, int | None, dict, int]:
+    """(site label, block index, layout, h channels) of a diffusion network at ``site`` (one of
+    ``H_SITES``), or a clear node error naming input ``what``.
 
     U-Nets (the paper's h-space): ComfyUI's ``UNetModel`` and the pack's diffusers ``UNet2DModel``
-    wrapper, h = the middle-block output.  Beyond the paper, the joint-attention transformers whose
+    wrapper, h = the middle-block output; at "after first up block", the output of the first up
+    level (``output_blocks[k - 1]``, k = num_res_blocks + 1, seen by the patch at ("output", k);
+    diffusers: ``up_blocks[0]``, k = its resnet count).  Beyond the paper, the joint-attention transformers whose
     block loop honours ``patches_replace["dit"]`` (read in the host's ``mmdit.py`` and
     ``flux/model.py``): h = the image-token output of the middle joint block, ``depth // 2``, as a
     ``(B, hidden, tokens, 1)`` map so the same direction modules apply."""
@@ -36,19 +59,35 @@ def h_site(base) -> tuple[str, int | None, dict, int]:
 
     from .diffusers_unet import DiffusersUNet
 
+    if site not in H_SITES:
+        raise B.NodeInputError(f"{what}: {site!r} is not one of {list(H_SITES)}")
+    up = site == "after first up block"
     net = getattr(base, "diffusion_model", None)
     if isinstance(net, UNetModel):
         # the same layout record as directions saved before DiT support, so they still match
         cfg = getattr(base.model_config, "unet_config", {}) or {}
         layout = {k: cfg.get(k) for k in ("model_channels", "channel_mult", "context_dim", "num_res_blocks",
                                             "transformer_depth_middle", "adm_in_channels")}
-        return UNET_SITE, None, layout, int(cfg.get("model_channels", 0)) * int((cfg.get("channel_mult") or [1])[-1])
+        channels = int(cfg.get("model_channels", 0)) * int((cfg.get("channel_mult") or [1])[-1])
+        if not up:
+            return UNET_SITE, None, layout, channels
+        k = int(list(net.num_res_blocks)[-1]) + 1   # blocks of the first (deepest) up level
+        if len(net.output_blocks) <= k:
+            raise B.NodeInputError(f"{what}: this U-Net has a single up level, so nothing follows its first up "
+                                   "block; use h_site 'middle'")
+        return UNET_UP_SITE, k, layout, channels
     if isinstance(net, DiffusersUNet):
         c = net.unet.config
         layout = {"diffusers": "UNet2DModel", **{k: c.get(k) for k in (
             "block_out_channels", "layers_per_block", "down_block_types", "up_block_types", "in_channels",
             "out_channels", "add_attention")}}
-        return UNET_SITE, None, layout, int(c.get("block_out_channels")[-1])
+        channels = int(c.get("block_out_channels")[-1])
+        if not up:
+            return UNET_SITE, None, layout, channels
+        if len(net.unet.up_blocks) < 2:
+            raise B.NodeInputError(f"{what}: this U-Net has a single up block, so nothing follows it; use "
+                                   "h_site 'middle'")
+        return UNET_UP_SITE, net.up_block_index, layout, channels
     if type(net) is OpenAISignatureMMDITWrapper:
         n = len(net.joint_blocks)
         # enough to tell SD3 medium, SD3.5 medium (MMDiT-X: self-attention x blocks) and SD3.5 large apart
@@ -56,12 +95,16 @@ def h_site(base) -> tuple[str, int | None, dict, int]:
                   "x_block_self_attn_layers": sorted(int(i) for i in (net.x_block_self_attn_layers or [])),
                   "pos_embed_max_size": net.pos_embed_max_size, "in_channels": int(net.in_channels),
                   "context_processor": net.context_processor is not None}
+        if up:
+            raise _up_site_refused("SD3 MMDiT", what)
         return DIT_SITE, n // 2, layout, int(net.hidden_size)
     if type(net) is Flux:
         n, p = len(net.double_blocks), net.params
         layout = {"flux": "double_blocks", "double_blocks": n, "single_blocks": len(net.single_blocks),
                   "hidden_size": int(net.hidden_size), "in_channels": int(p.in_channels),
                   "context_in_dim": int(p.context_in_dim), "vec_in_dim": int(p.vec_in_dim)}
+        if up:
+            raise _up_site_refused("Flux", what)
         return DIT_SITE, n // 2, layout, int(net.hidden_size)
     raise B.NodeInputError(
         f"model: Asyrp edits h-space, the U-Net bottleneck (or, beyond the paper, the middle joint block of "
@@ -71,10 +114,11 @@ def h_site(base) -> tuple[str, int | None, dict, int]:
         "DDPM), SD3 MMDiT and Flux.1.")
 
 
-def model_record(model) -> dict:
-    """What a direction must match: architecture, network layout, latent format, h site and channels, family."""
+def model_record(model, site: str = "middle", what: str = "h_site") -> dict:
+    """What a direction must match: architecture, network layout, latent format, h site and channels, family.
+    ``site``: one of ``H_SITES``; a model without it is a node error naming input ``what``."""
     base = model.model
-    site, block, layout, channels = h_site(base)
+    site, block, layout, channels = h_site(base, site, what)
     return {
         "architecture": type(base).__name__,
         "unet": json.dumps(layout, sort_keys=True, default=str),
@@ -87,10 +131,20 @@ def model_record(model) -> dict:
 
 
 def check_direction_for_model(model, direction: AS.Direction, what: str = "direction") -> dict:
-    rec = model_record(model)
+    """The model's record at the direction's h site, or a node error naming ``what`` and both sites."""
     meta = dict(direction.meta)
-    meta.setdefault("h_site", UNET_SITE)   # directions saved before DiT support are all U-Net ones
+    meta["h_site"] = site_of(direction)   # directions saved before DiT support are all U-Net middle ones
     meta.setdefault("h_block", None)
+    if meta["h_site"] not in SITE_OPTION:
+        raise B.NodeInputError(f"{what}: it records h site {meta['h_site']!r}, which this version does not know "
+                               f"(known: {sorted(SITE_OPTION)}); update the pack or make the direction again")
+    try:
+        rec = model_record(model, SITE_OPTION[meta["h_site"]], what)
+    except B.NodeInputError:
+        plain = model_record(model)
+        raise B.NodeInputError(
+            f"{what}: it shifts h at site {meta['h_site']!r}, which this model lacks (its h is at "
+            f"{plain['h_site']!r}); make a direction for this model with h_site 'middle'") from None
     for key, label in (("architecture", "model type"), ("unet", "network layout"), ("latent_format", "latent format"),
                        ("h_site", "h site"), ("h_block", "h block")):
         if meta.get(key) != rec[key]:
@@ -121,6 +175,7 @@ class HShift:
         self.seen = None       # while a list: every h that passes (before any shift) is appended to it
         self.ratios = None     # while a dict: noise level -> mean ||k delta_h|| / ||h|| of the last shift there
         self.norms = {}        # with ratios: noise level -> mean ||h|| there
+        self.block = ("output", 0)  # the output_block_patch block whose incoming h is shifted (U-Nets)
 
     def __deepcopy__(self, memo):
         return self
@@ -151,7 +206,7 @@ class HShift:
         return h + shift
 
     def __call__(self, h, hsp, transformer_options):
-        if transformer_options.get("block") != ("output", 0):
+        if tuple(transformer_options.get("block") or ()) != self.block:
             return h, hsp
         return self.shift(h, transformer_options), hsp
 
@@ -192,7 +247,8 @@ def patched(model, rec: dict | None = None):
     rec = rec or model_record(model)
     shift = HShift()
     m = model.clone()
-    if rec["h_site"] == UNET_SITE:
+    if rec["h_site"] in (UNET_SITE, UNET_UP_SITE):
+        shift.block = ("output", int(rec["h_block"] or 0))
         m.set_model_output_block_patch(shift)
     else:
         key = ("double_block", rec["h_block"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .clip_models import clip_folders
+from .hspace import H_SITES
 
 FROM_DIRECTION = -1.0  # t_edit / t_boost on the edit nodes: use the direction's own value
 
@@ -52,3 +53,13 @@ def t_boost_override():
                                   "longer reproduced exactly). 0 turns it off; -1 uses the direction's value "
                                   "(0 for trained directions).")
 
+
+
+
+def h_site():
+    return io.Combo.Input(
+        "h_site", options=list(H_SITES), default="middle", optional=True,
+        tooltip="Where h is read and shifted. 'middle': the paper's h-space, the U-Net bottleneck (the middle joint "
+                "block of SD3 / Flux). 'after first up block' (U-Nets only, beyond the paper): the output of the "
+                "first up level, past its skip joins; use it when the bottleneck does not carry the attribute "
+                "(on the demo pixel DDPM it carries layout, not colour). Edit uses the site the direction records.")

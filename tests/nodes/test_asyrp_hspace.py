@@ -270,3 +270,109 @@ def test_direction_from_examples_is_the_mean_h_difference_and_edits_like_a_train
     assert torch.allclose(out[2:], one, atol=1e-3)            # 0.5 d + 0.5 d = d
     with pytest.raises(Exception, match="latents_without"):
         asy.AsyrpDirectionFromExamples.execute(model, with_, {"samples": torch.randn(*shape[:2], 4, 4)}, 6, 0.5)
+
+
+def test_after_first_up_block_on_comfys_unet(AN):
+    """h_site 'after first up block' on ComfyUI's own UNetModel (SD1.5 layout, two levels, tiny random
+    weights): the patch shifts h at block ("output", num_res_blocks + 1), the first up level's upsampled
+    output; inactive or zero strength changes no bit, strength 1 moves the output; the middle site still
+    shifts at ("output", 0)."""
+    from types import SimpleNamespace
+
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    AS = importlib.import_module("dpm_latent.samplers.asyrp")
+    cfg = dict(model_channels=32, channel_mult=[1, 2], num_res_blocks=[1, 1], context_dim=8,
+               transformer_depth_middle=1, adm_in_channels=None)
+    torch.manual_seed(0)
+    net = UNetModel(image_size=8, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=[1, 1],
+                    channel_mult=[1, 2], num_head_channels=16, use_spatial_transformer=True, transformer_depth=[1, 1],
+                    transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1, context_dim=8, legacy=False,
+                    operations=comfy.ops.disable_weight_init)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.05)
+    base = SimpleNamespace(diffusion_model=net, model_config=SimpleNamespace(unet_config=cfg))
+    assert AN.h_site(base)[:2] == (AN.UNET_SITE, None)
+    site, k, _layout, channels = AN.h_site(base, "after first up block")
+    assert (site, k, channels) == (AN.UNET_UP_SITE, 2, 64)
+    with pytest.raises(Exception, match="h_site: 'somewhere'"):
+        AN.h_site(base, "somewhere")
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    ctx = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([500.0, 500.0])
+    blk = AS.DeltaBlock(channels)
+    torch.nn.init.normal_(blk.conv_out.weight, std=0.5)
+
+    def run(shift):
+        opts = {"patches": {"output_block_patch": [shift]}} if shift is not None else {}
+        with torch.no_grad():
+            return net(x, t, ctx, transformer_options=opts)
+
+    plain = run(None)
+    for block, hw in ((("output", k), 8), (("output", 0), 4)):
+        shift = AN.HShift()
+        shift.block = block
+        assert torch.equal(run(shift), plain) and shift.h_shape == (channels, hw, hw)
+        shift.direction = AS.Direction([blk], [1.0], {})
+        shift.active, shift.level = True, 0.0
+        shift.strengths = torch.zeros(2)
+        assert torch.equal(run(shift), plain)
+        shift.strengths = torch.ones(2)
+        assert (run(shift) - plain).abs().max() > 1e-4
+    one_level = SimpleNamespace(diffusion_model=UNetModel(
+        image_size=8, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=[1], channel_mult=[1],
+        num_head_channels=16, use_spatial_transformer=True, transformer_depth=[1], transformer_depth_output=[1, 1],
+        transformer_depth_middle=-2, context_dim=8, legacy=False, operations=comfy.ops.disable_weight_init),
+        model_config=SimpleNamespace(unet_config=dict(cfg, channel_mult=[1], num_res_blocks=[1])))
+    with pytest.raises(Exception, match="single up level"):
+        AN.h_site(one_level, "after first up block")
+
+
+def test_after_first_up_block_on_the_pixel_ddpm_edits_and_is_checked(AN, nodes, models):
+    """The diffusers UNet2DModel at h_site 'after first up block': the direction records the site,
+    Edit at strength 0 is the replay bit for bit and strength 1 moves it, the caller's model carries no
+    patch, and a site the model lacks or a mix of sites is refused naming both sites."""
+    cyc, B, _, asy = nodes
+    model = models["tiny_ddpm_eps"]
+    rec = AN.model_record(model, "after first up block")
+    unet = model.model.diffusion_model.unet
+    assert rec["h_site"] == AN.UNET_UP_SITE and rec["h_block"] == len(unet.up_blocks[0].resnets)
+    cond = cyc.EmptyConditioning.execute(model, 1).result[0]
+    g = torch.Generator().manual_seed(7)
+    ex = {"samples": torch.randn(2, 3, 16, 16, generator=g)}
+    lat = {"samples": torch.randn(2, 3, 16, 16, generator=g)}
+    with torch.inference_mode():
+        d = asy.AsyrpDirectionFromExamples.execute(model, ex, {"samples": ex["samples"] * 0.5}, 6, 0.5, cond,
+                                                   "after first up block", "object").result[0]
+        mid = asy.AsyrpDirectionFromExamples.execute(model, ex, {"samples": ex["samples"] * 0.5}, 6, 0.5, cond,
+                                                     "middle").result[0]
+        late = asy.AsyrpDirectionFromExamples.execute(model, ex, {"samples": ex["samples"] * 0.5}, 6, 0.5, cond,
+                                                      "after first up block", "object", 0.7).result[0]
+        code = cyc.DPMEncode.execute(model, cond, cond, lat, 0, 6, "normal", 1.0, 0.1, 1.0).result[0]
+        replay = cyc.ReplayLatentWithPrompt.execute(model, cond, cond, code, 1.0).result[0]["samples"]
+        zero = asy.AsyrpEdit.execute(model, cond, cond, 1.0, code, d, "0", 0.5, 0.0, 0).result[0]["samples"]
+        one = asy.AsyrpEdit.execute(model, cond, cond, 1.0, code, d, "1", 0.5, 0.0, 0).result[0]["samples"]
+        out_mid = asy.AsyrpEdit.execute(model, cond, cond, 1.0, code, mid, "1", 0.5, 0.0, 0).result[0]["samples"]
+    assert d.meta["h_site"] == AN.UNET_UP_SITE and d.meta["h_block"] == rec["h_block"]
+    assert d.meta["h_shape"] == [rec["h_channels"], 16, 16] and d.meta["spread"] == "object"
+    assert mid.meta["h_site"] == AN.UNET_SITE and mid.meta["h_shape"] == [rec["h_channels"], 8, 8]
+    # t_start 0.7 of 6 steps: the steps starting at 1 and 0.83 get no shift, the third (0.67) keeps d's
+    assert float(late.terms[0].delta[:2].abs().max()) == 0.0 and late.meta["delta_over_h"][:2] == [0.0, 0.0]
+    assert torch.equal(late.terms[0].delta[2], d.terms[0].delta[2]) and late.meta["t_start"] == 0.7
+    assert torch.equal(zero, replay) and (one - replay).abs().max() > 1e-4
+    assert (one - out_mid).abs().max() > 1e-4                      # another site, another edit
+    assert not (model.model_options.get("transformer_options", {}).get("patches", {}) or {}).get("output_block_patch")
+    with pytest.raises(Exception, match="direction 2 was trained on h_site 'unet middle block', direction 1 on "
+                                        "'unet after first up block'"):
+        asy.CombineAsyrpDirections.execute(d, 1.0, mid, 1.0)
+    with pytest.raises(Exception, match="direction: it shifts h at site 'unet after first up block', which this "
+                                        "model lacks \\(its h is at 'dit middle joint block'\\)"):
+        AN.check_direction_for_model(models["tiny_sd3"], d)
+    with pytest.raises(Exception, match="h_site: h site 'after first up block' exists on U-Nets only"):
+        asy.AsyrpDirectionFromExamples.execute(models["tiny_sd3"], ex, ex, 6, 0.5, None, "after first up block")
+    with pytest.raises(Exception, match="t_start: 0.5 leaves no step"):
+        asy.AsyrpDirectionFromExamples.execute(model, ex, ex, 6, 0.5, None, "middle", "everywhere", 0.5)
+    with pytest.raises(Exception, match="spread: 'nowhere'"):
+        asy.AsyrpDirectionFromExamples.execute(model, ex, ex, 6, 0.5, None, "middle", "nowhere")

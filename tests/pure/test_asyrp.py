@@ -375,3 +375,60 @@ def test_gaussian_control_has_the_directions_norm_per_step(A):
     assert not torch.equal(a.terms[0].delta, b.terms[0].delta)
     with pytest.raises(A.CodeError, match="h_norm"):
         A.gaussian_control(A.Direction(d.terms, [1.0], {k: v for k, v in meta.items() if k != "h_norm"}))
+
+
+def _scene(g, channels=6, size=8, at=(2, 3), obj=None, bg=None):
+    """h of one object (a 2x2 patch of ``obj``) on a plain ``bg``, plus a little noise: (C, H, W)."""
+    bg = torch.randn(channels, generator=g) if bg is None else bg
+    h = bg.view(-1, 1, 1).expand(channels, size, size).clone() + 0.01 * torch.randn(channels, size, size, generator=g)
+    y, x = at
+    h[:, y:y + 2, x:x + 2] += obj.view(-1, 1, 1)
+    return h
+
+
+def test_object_direction_shifts_the_object_wherever_it_is_and_leaves_the_background(A):
+    """spread 'object': delta is the examples' object contrast with minus without (made orthogonal to the
+    probe, so the object's strength stays), applied through a gate that is 1 on a held-out object at a
+    new position and 0 on the background."""
+    g = torch.Generator().manual_seed(0)
+    C, levels = 6, [math.log(14.6), math.log(3.0)]
+    bg, red = torch.randn(C, generator=g), torch.zeros(C)
+    red[0], blue = 3.0, torch.zeros(C)
+    blue[0], blue[1] = 3.0, 2.0
+    with_ = torch.stack([_scene(g, C, at=(k, 5 - k), obj=blue, bg=bg) for k in range(3)])
+    without = torch.stack([_scene(g, C, at=(5 - k, k), obj=red, bg=bg) for k in range(3)])
+    ca, cb = A.object_contrast(with_).mean(0), A.object_contrast(without).mean(0)
+    assert torch.allclose(cb, red, atol=0.05) and torch.allclose(ca, blue, atol=0.05)
+    stats = A.object_stats(without)
+    assert stats.shape == (3, C + 1) and torch.all(stats[:, -1] == 4)      # the 2x2 object's positions
+    d = A.object_direction([ca], [cb], levels, {"h_shape": [C, 8, 8]})
+    term = d.terms[0]
+    assert abs(float(term.delta[0] @ term.probe[0])) < 1e-4                # orthogonal to the probe
+    assert torch.allclose(term.delta[0], blue - red, atol=0.05)           # here blue - red is already orthogonal
+    held = _scene(g, C, at=(6, 1), obj=red, bg=bg).unsqueeze(0)            # a position no example had
+    out = d.delta(held, levels[0])
+    assert torch.allclose(out[0, :, 6, 1], term.delta[0], atol=0.05)       # the object is shifted fully
+    assert float(out[0, :, :4, 4:].abs().max()) < 0.02                      # the background is not
+    assert torch.equal(d.delta(held, levels[1]), torch.zeros_like(held))   # past the examples' steps: no edit
+    assert torch.allclose(d.scaled(2.0).delta(held, levels[0]), 2 * out)
+    back = A.make_term(term.config())
+    back.load_state_dict(term.state_dict())
+    assert torch.equal(back(held, levels[0]), term(held, levels[0]))
+    with pytest.raises(A.CodeError, match="channels"):
+        d.delta(torch.zeros(1, C + 1, 4, 4), levels[0])
+
+
+def test_direction_files_without_an_h_site_read_as_the_unet_middle_block(A, pack):
+    FMT = importlib.import_module("dpm_latent.samplers.asyrp_format")
+    meta = {"architecture": "SD15", "unet": "{}", "latent_format": "SD15", "family": "eps", "h_shape": [8, 1, 1],
+            "sigmas": [1.0, 0.0], "source_text": "a", "target_text": "b", "t_edit": 0.5, "t_boost": 0.0}
+    d = A.example_direction([torch.ones(8, 2, 2)], [torch.zeros(8, 2, 2)], [0.0], meta)
+    tensors, header = FMT.direction_tensors(d)
+    assert FMT.direction_from_tensors(tensors, header, "old").meta["h_site"] == "unet middle block"
+    d.meta["h_site"] = "unet after first up block"
+    tensors, header = FMT.direction_tensors(d)
+    up = FMT.direction_from_tensors(tensors, header, "new")
+    assert up.meta["h_site"] == "unet after first up block"
+    with pytest.raises(A.CodeError, match="h_site 'unet after first up block', direction 1 on 'unet middle"):
+        A.combine([FMT.direction_from_tensors(*FMT.direction_tensors(A.Direction(d.terms, [1.0], dict(
+            meta, h_site="unet middle block"))), "a"), up], [1.0, 1.0])
