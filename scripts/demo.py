@@ -473,50 +473,123 @@ def measure_pixel_ddpm(server, n: int = 64, seed: int = 0) -> tuple[dict, dict]:
 
 
 # ----------------------------------------------------------------------------- Asyrp (h-space)
-ASYRP = {  # the directions demo/train.py --parts asyrp trains (demo/models/asyrp/), one per h-space
-    "ddpm": {"title": "pixel DDPM A (U-Net; h = middle block, the paper's h-space)", "loader": "diffusers",
+ASYRP = {  # per h-space: the CLIP-trained direction demo/train.py --parts asyrp ships (demo/models/asyrp/), its
+    # Gaussian controls, and the settings of the direction made from examples inside the graph
+    "ddpm": {"title": "pixel DDPM A (U-Net; h = after the first up block, h_site 'after first up block')",
+             "loader": "diffusers",
              "model": PIXEL_DDPM_A, "domain": "A", "shape": "circle", "scheduler": "normal",
-             "direction": "dpm_world_ddpm_red_to_blue.asyrp.safetensors"},
+             "direction": "dpm_world_ddpm_red_to_blue.asyrp.safetensors",
+             "examples": {"t_edit": 0.1, "t_start": 0.6, "h_site": "after first up block", "spread": "object"},
+             "example_strengths": [0.5, 1.0, 2.0, 3.0]},
     "flow": {"title": "flow model B (SD3 MMDiT; h = image tokens of the middle joint block)", "loader": "checkpoint",
              "model": CKPT_B, "domain": "B", "shape": "square", "scheduler": "simple",
-             "direction": "dpm_world_flow_red_to_blue.asyrp.safetensors"},
+             "direction": "dpm_world_flow_red_to_blue.asyrp.safetensors",
+             "examples": {"t_edit": 0.2, "t_start": 0.7, "h_site": "middle", "spread": "everywhere"},
+             "example_strengths": [0.5, 1.0, 1.5, 2.0]},
 }
-ASYRP_STRENGTHS = [0.0, 0.5, 1.0, 2.0, -1.0]
-ASYRP_CONTROL_STRENGTHS = [1.0]
-ASYRP_CONTROLS = 3   # random directions per trained one (demo/train.py writes <direction>_random<k>)
 ASYRP_STEPS = 20
 ASYRP_WORKFLOW = "asyrp_demo.json"
+ASYRP_EXAMPLES = {"n": 16, "seed": 900}   # the same scenes in blue ("with") and in red ("without")
+# branch -> strengths; "trained" at 0 is the plain replay (the baseline of every row); the direction from
+# examples runs at its network's "example_strengths" (the settings were chosen on other held-out images,
+# docs/asyrp.md)
+ASYRP_BRANCHES = {"trained": [0.0, 1.0], "gauss_norm": [1.0], "gauss_0.2": [1.0]}
+
+
+def asyrp_branches(which: str) -> dict:
+    """Branch -> strengths of the network ``which`` (in the order the workflow saves them)."""
+    b = {"trained": ASYRP_BRANCHES["trained"], "examples": ASYRP[which]["example_strengths"]}
+    b.update((k, v) for k, v in ASYRP_BRANCHES.items() if k not in b)
+    if which == ASYRP_COMPOSE:
+        b.update(size=[1.0], compose=[1.0])
+    return b
+ASYRP_CONTROLS = {"gauss_norm": "Gaussian delta_h at the trained direction's norm",
+                  "gauss_0.2": "Gaussian delta_h at 0.2 ||h||"}   # files demo/train.py writes beside each direction
+ASYRP_COMPOSE = "flow"   # composition (red -> blue plus small -> large, both from examples) on this network
+ASYRP_SIZES = {"large": (13.0, 16.0), "small": (7.0, 9.0)}   # half extents of the size example sets
 
 
 def strength_list(values) -> str:
-    """Asyrp Edit's strength input: one image per value ('0, 0.5, 1, 2, -1')."""
+    """Asyrp Edit's strength input: one image per value ('0, 0.5, 1, 2')."""
     return ", ".join(f"{v:g}" for v in values)
 
 
-def asyrp_prompt(server, which: str, input_image: str, controls=()) -> tuple[dict, dict]:
-    """The shipped Asyrp demo workflow (DPM Encode, then Asyrp Edit at every strength of ASYRP_STRENGTHS) for
-    the row ``which`` of ASYRP on ``input_image``; ``controls``: channel-permuted random directions, one extra
-    branch each at ASYRP_CONTROL_STRENGTHS (the row's baseline). The workflow is made for the pixel DDPM's
-    U-Net; the flow row runs it with model B's checkpoint in place of the DDPM loader and its resize.
-    Saves dpm_asyrp/<which>_edit and dpm_asyrp/<which>_control<k>. Returns (prompt, saves)."""
+def control_file(direction: str, control: str) -> str:
+    return direction.replace(".asyrp.", f"_{control}.asyrp.")
+
+
+def asyrp_example_images(which: str) -> dict:
+    """The example sets of a network's shape: 'blue' / 'red' (the same scenes in both colours) and, for the
+    composition, 'large' / 'small' red shapes (the same centres at two sizes). Name -> (n, 3, 64, 64)."""
+    import torch
+
+    W = world()
+    shape = ASYRP[which]["shape"]
+    n, seed = ASYRP_EXAMPLES["n"], ASYRP_EXAMPLES["seed"]
+    sets = {c: W.sample_world(n, seed, (shape,), (c,))[0] for c in ("blue", "red")}
+    if which == ASYRP_COMPOSE:
+        g = torch.Generator().manual_seed(seed + 1)
+        for name, (lo, hi) in ASYRP_SIZES.items():
+            imgs = []
+            for _ in range(n):
+                c = 17.0 + 30.0 * torch.rand(2, generator=g)
+                size = lo + (hi - lo) * float(torch.rand(1, generator=g))
+                imgs.append(W.render(shape, "red", float(c[0]), float(c[1]), size)[0])
+            sets[name] = torch.stack(imgs)
+    return sets
+
+
+def asyrp_prompt(server, which: str, input_image: str, example_tiffs: dict) -> tuple[dict, dict]:
+    """The shipped Asyrp demo workflow (DPM Encode, then Asyrp Edit with the shipped CLIP-trained direction)
+    for the network ``which`` of ASYRP, plus one branch per ASYRP_BRANCHES entry: the direction made by Asyrp
+    Direction From Examples from ``example_tiffs`` (blue / red scenes), the Gaussian controls, and (on
+    ASYRP_COMPOSE) the colour direction combined with a size direction. The workflow is made for the pixel
+    DDPM's U-Net; the flow row runs it with model B's checkpoint in place of the DDPM loader and its resize.
+    Saves dpm_asyrp/<which>_<branch>. Returns (prompt, saves)."""
     a = ASYRP[which]
     g, _ = shipped(server, ASYRP_WORKFLOW, {
         "LoadImage": {"image": input_image}, "DPMEncode": {"steps": ASYRP_STEPS, "scheduler": a["scheduler"]},
         "LoadAsyrpDirection": {"direction_file": a["direction"]},
-        "AsyrpEdit": {"strength": strength_list(ASYRP_STRENGTHS)},
-        "SaveImage": {"filename_prefix": f"dpm_asyrp/{which}_edit"}})
+        "AsyrpEdit": {"strength": strength_list(ASYRP_BRANCHES["trained"])},
+        "SaveImage": {"filename_prefix": f"dpm_asyrp/{which}_trained"}})
     edit = node_inputs(g.nodes, "AsyrpEdit")
     loader = edit["model"][0]
+    scale = find_node(g.nodes, "ImageScale")
+    resize = dict(g.nodes[scale]["inputs"])
     if a["loader"] == "diffusers":
         g.nodes[loader]["inputs"]["model_name"] = a["model"]
     else:
-        use_checkpoint(g.nodes, loader, a["model"], find_node(g.nodes, "ImageScale"))
+        use_checkpoint(g.nodes, loader, a["model"], scale)
+        resize = None
     vae = node_inputs(g.nodes, "VAEDecode")["vae"]
-    for k, fname in enumerate(controls):
-        d = g.node("LoadAsyrpDirection", direction_file=fname)
-        ed = g.node("AsyrpEdit", **dict(edit, direction=d.out(0), strength=strength_list(ASYRP_CONTROL_STRENGTHS)))
+
+    def latents(tiff):
+        img = g.node("LoadImage", image=tiff).out(0)
+        if resize is not None:
+            img = g.node("ImageScale", **dict(resize, image=img)).out(0)
+        return g.node("VAEEncode", pixels=img, vae=vae).out(0)
+
+    def branch(name, direction, values):
+        ed = g.node("AsyrpEdit", **dict(edit, direction=direction, strength=strength_list(values)))
         dec = g.node("VAEDecode", samples=ed.out(0), vae=vae)
-        g.node("SaveImage", images=dec.out(0), filename_prefix=f"dpm_asyrp/{which}_control{k}")
+        g.node("SaveImage", images=dec.out(0), filename_prefix=f"dpm_asyrp/{which}_{name}")
+
+    def from_examples(with_, without):
+        return g.node("AsyrpDirectionFromExamples", model=edit["model"], latents_with=latents(example_tiffs[with_]),
+                      latents_without=latents(example_tiffs[without]), steps=ASYRP_STEPS,
+                      conditioning=edit["positive"], **a["examples"]).out(0)
+
+    colour = from_examples("blue", "red")
+    branch("examples", colour, a["example_strengths"])
+    for control in ASYRP_CONTROLS:
+        branch(control, g.node("LoadAsyrpDirection", direction_file=control_file(a["direction"], control)).out(0),
+               ASYRP_BRANCHES[control])
+    if which == ASYRP_COMPOSE:
+        size = from_examples("large", "small")
+        branch("size", size, [1.0])
+        both = g.node("CombineAsyrpDirections", direction_1=colour, coefficient_1=1.0, direction_2=size,
+                      coefficient_2=1.0)
+        branch("compose", both.out(0), [1.0])
     return g.prompt(), save_nodes(g.prompt())
 
 
@@ -534,7 +607,7 @@ def use_checkpoint(prompt: dict, loader: str, ckpt_name: str, resize: str) -> No
 
 
 def install_asyrp_directions(input_dir: Path) -> None:
-    """The demo's trained directions (and their random controls) into ComfyUI's input folder."""
+    """The demo's trained directions (and their Gaussian controls) into ComfyUI's input folder."""
     import shutil
 
     src = MODELS / "asyrp"
@@ -559,63 +632,89 @@ def colour_shift(pred, base, source: str, target: str) -> list:
     return [x for x in out if math.isfinite(x)]   # an image whose reader found no solid colour has none
 
 
+def outside_change(out, src, attrs, margin: float = 3.0) -> list:
+    """Per image, the mean absolute change (0-1 pixel values, averaged over channels) outside the source
+    shape's box grown by ``margin`` px: what an edit of the shape's colour should leave alone."""
+    import torch
+
+    vals = []
+    size = out.shape[-1]
+    for k, t in enumerate(attrs):
+        keep = torch.ones(size, size, dtype=torch.bool)
+        r = t["size"] + margin
+        x0, x1 = max(0, math.floor(t["box_cx"] - r)), min(size, math.ceil(t["box_cx"] + r))
+        y0, y1 = max(0, math.floor(t["box_cy"] - r)), min(size, math.ceil(t["box_cy"] + r))
+        keep[y0:y1, x0:x1] = False
+        vals.append(float((out[k] - src[k]).abs().mean(0)[keep].mean()))
+    return vals
+
+
 def measure_asyrp(server, n: int = 24, seed: int = 0) -> tuple[dict, dict]:
-    """Asyrp edits 'red -> blue' of held-out world images (encoded with DPM Encode) at strengths 0 / 0.5 / 1 / 2 /
-    -1, on the pixel DDPM's U-Net h-space and on the flow model's MMDiT h-space; baselines: strength 0 (the plain
-    replay, i.e. CycleDiffusion's replay without a change) and three channel-permuted random directions of the
-    same norm at strength 1 (pooled, and each alone)."""
+    """Asyrp edits 'red -> blue' of ``n`` held-out RED shapes (encoded with DPM Encode) on the pixel DDPM's U-Net
+    and on the flow model's MMDiT: the shipped CLIP-trained direction (strength 0 = the plain replay, 1), the
+    direction from examples (0.5 / 1 / 2: linearity), Gaussian controls (the trained norm; 0.2 ||h||) and, on
+    ASYRP_COMPOSE, the colour direction combined with a small -> large one (composition)."""
     import numpy as np
 
     W = world()
     install_asyrp_directions(Path(server.input_dir))
-    out_m: dict = {"n_images": n, "steps": ASYRP_STEPS, "strengths": ASYRP_STRENGTHS,
-                   "control_strengths": ASYRP_CONTROL_STRENGTHS, "source": "red", "target": "blue"}
+    out_m: dict = {"n_images": n, "steps": ASYRP_STEPS, "source": "red",
+                   "target": "blue", "examples": dict(ASYRP_EXAMPLES)}
     images = {}
     for which, a in ASYRP.items():
-        imgs, attrs = W.sample_domain(n, seed + 4000, a["domain"])
+        imgs, attrs = W.sample_world(n, seed + 4000, (a["shape"],), ("red",))
         tiff = f"dpm_world_asyrp_{which}_batch.tiff"
         save_batch(Path(server.input_dir) / tiff, to_frames(imgs))
-        controls = [a["direction"].replace(".asyrp.", f"_random{k}.asyrp.") for k in range(ASYRP_CONTROLS)]
-        prompt, saves = asyrp_prompt(server, which, tiff, controls=controls)
+        example_tiffs = {}
+        for name, ex in asyrp_example_images(which).items():
+            example_tiffs[name] = f"dpm_world_asyrp_{which}_examples_{name}.tiff"
+            save_batch(Path(server.input_dir) / example_tiffs[name], to_frames(ex))
+        prompt, saves = asyrp_prompt(server, which, tiff, example_tiffs)
         entry, dt = run_prompt(server, prompt)
-        rows = {}
-        branches = [("edit", ASYRP_STRENGTHS)] + [(f"control{k}", ASYRP_CONTROL_STRENGTHS) for k in range(ASYRP_CONTROLS)]
-        for key, values in branches:
+        branches = asyrp_branches(which)
+        outs, rows = {}, {}
+        images[f"asyrp_{which}_input"] = imgs
+        for key, values in branches.items():
             out = to_world_size(read_outputs(server, entry, saves[f"dpm_asyrp/{which}_{key}"]))
             for k, v in enumerate(values):
-                images[f"asyrp_{which}_{key}_{v:g}"] = out[k * n:(k + 1) * n]
-                rows[(key, v)] = W.read_attributes(out[k * n:(k + 1) * n])
-        base = rows[("edit", 0.0)]
-        m = {"title": a["title"], "seconds": dt, "rows": {}}
+                outs[(key, v)] = out[k * n:(k + 1) * n]
+                images[f"asyrp_{which}_{key}_{v:g}"] = outs[(key, v)]
+                rows[(key, v)] = W.read_attributes(outs[(key, v)])
+        base = rows[("trained", 0.0)]
 
-        def row(kind, v, preds):
-            """One table row over the images of ``preds`` (a list of reader outputs, each of n images)."""
-            truth = [t for _ in preds for t in attrs]
-            flat = [p for pred in preds for p in pred]
-            blue = sum(p["colour"] == "blue" for p in flat)
-            kept = sum(p["shape"] == a["shape"] for p in flat)
-            errs = [math.hypot(p["cx"] - t["cx"], p["cy"] - t["cy"]) for p, t in zip(flat, truth) if located(p)]
-            shift = [x for pred in preds for x in colour_shift(pred, base, "red", "blue")]
-            total = len(flat)
-            return {"kind": kind, "strength": v, "n": total, "n_located": len(errs), "n_coloured": len(shift),
-                    "target_rate": blue / total, "target_rate_ci95": wilson(blue, total),
-                    "shape_kept": kept / total, "shape_kept_ci95": wilson(kept, total),
+        def row(key, v):
+            pred, truth = rows[(key, v)], attrs
+            blue = sum(p["colour"] == "blue" for p in pred)
+            kept = sum(p["shape"] == a["shape"] for p in pred)
+            errs = [math.hypot(p["cx"] - t["cx"], p["cy"] - t["cy"]) for p, t in zip(pred, truth) if located(p)]
+            grow = [p["size"] / t["size"] for p, t in zip(pred, truth) if located(p) and p.get("size")]
+            shift = colour_shift(pred, base, "red", "blue")
+            outside = outside_change(outs[(key, v)], imgs, attrs)
+            return {"branch": key, "strength": v, "n": n, "n_located": len(errs), "n_coloured": len(shift),
+                    "target_rate": blue / n, "target_rate_ci95": wilson(blue, n),
+                    "shape_kept": kept / n, "shape_kept_ci95": wilson(kept, n),
                     "centroid_error_px": float(np.mean(errs)) if errs else float("nan"),
                     "centroid_error_px_ci95": bootstrap_mean(errs, seed=seed),
+                    "outside_change": float(np.mean(outside)), "outside_change_ci95": bootstrap_mean(outside, seed=seed),
                     "colour_shift": float(np.mean(shift)) if shift else float("nan"),
-                    "colour_shift_ci95": bootstrap_mean(shift, seed=seed)}
+                    "colour_shift_ci95": bootstrap_mean(shift, seed=seed),
+                    "size_ratio": float(np.mean(grow)) if grow else float("nan"),
+                    "size_ratio_ci95": bootstrap_mean(grow, seed=seed)}
 
-        for v in ASYRP_STRENGTHS:
-            m["rows"][f"edit {v:g}"] = row("edit", v, [rows[("edit", v)]])
-        for v in ASYRP_CONTROL_STRENGTHS:
-            # the random directions pooled (the same images under each permutation), and each one alone
-            per = [row("control", v, [rows[(f"control{k}", v)]]) for k in range(ASYRP_CONTROLS)]
-            pooled = row("control", v, [rows[(f"control{k}", v)] for k in range(ASYRP_CONTROLS)])
-            pooled["per_permutation"] = {k: [p[k] for p in per] for k in ("target_rate", "colour_shift",
-                                                                            "shape_kept", "centroid_error_px")}
-            m["rows"][f"control {v:g}"] = pooled
+        m = {"title": a["title"], "seconds": dt, "examples": a["examples"], "branches": branches, "rows": {}}
+        for key, values in branches.items():
+            for v in values:
+                m["rows"][f"{key} {v:g}"] = row(key, v)
         out_m[which] = m
     return out_m, images
+
+
+ASYRP_LABELS = {"trained 0": "strength 0: the plain replay (baseline)", "trained 1": "CLIP-trained, 1",
+                "examples 0.5": "from examples, 0.5", "examples 1": "from examples, 1",
+                "examples 1.5": "from examples, 1.5", "examples 2": "from examples, 2", "examples 3": "from examples, 3",
+                "gauss_norm 1": "Gaussian control, trained norm",
+                "gauss_0.2 1": "Gaussian control, 0.2 ||h||", "size 1": "small -> large from examples, 1",
+                "compose 1": "red -> blue + small -> large, 1 + 1"}
 
 
 def asyrp_markdown(a) -> list[str]:
@@ -626,22 +725,17 @@ def asyrp_markdown(a) -> list[str]:
         lo, hi = x[k + "_ci95"]
         return f"{fmt.format(x[k])} [{fmt.format(lo)}, {fmt.format(hi)}]"
 
-    lines = ["| Asyrp 'red -> blue' (n held-out images; 95 % CI) | blue rate | colour shift red->blue (1 = all "
-             "the way) | shape kept | centroid error (px) |", "|---|---|---|---|---|"]
+    lines = [f"| Asyrp 'red -> blue' of red shapes (n = {a['n_images']} held out; 95 % CI) | blue rate | shape kept "
+             "| centroid error (px) | change outside the box | colour shift | size ratio |",
+             "|---|---|---|---|---|---|---|"]
     for which in ASYRP:
         m = a[which]
-        lines.append(f"| **{m['title']}** (n = {a['n_images']}), strength: | | | | |")
+        lines.append(f"| **{m['title']}** | | | | | | |")
         for name, r in m["rows"].items():
-            label = {"edit 0": "0 (plain replay: the baseline)"}.get(name, name.replace("edit ", ""))
-            if r["kind"] == "control":
-                per = r["per_permutation"]
-                label = (f"random direction ×{r['strength']:g} ({len(per['colour_shift'])} permutations pooled, "
-                         f"n = {r['n']}; shift per permutation "
-                         + " / ".join(f"{x:.2f}" for x in per["colour_shift"]) + ")")
             miss = "" if r["n_located"] == r["n"] else f" (n = {r['n_located']} with a shape)"
-            cmiss = "" if r["n_coloured"] == r["n"] else f" (n = {r['n_coloured']} with a colour)"
-            lines.append(f"| {label} | {ci(r, 'target_rate')} | {ci(r, 'colour_shift')}{cmiss} | "
-                         f"{ci(r, 'shape_kept')} | {ci(r, 'centroid_error_px', '{:.1f}')}{miss} |")
+            lines.append(f"| {ASYRP_LABELS.get(name, name)} | {ci(r, 'target_rate')} | {ci(r, 'shape_kept')} | "
+                         f"{ci(r, 'centroid_error_px', '{:.1f}')}{miss} | {ci(r, 'outside_change', '{:.3f}')} | "
+                         f"{ci(r, 'colour_shift')} | {ci(r, 'size_ratio')} |")
     return lines
 
 
@@ -708,9 +802,13 @@ def grid(images: dict, rows: int = 8):
             ("mask B", "masked_translation"), ("inpaint B", "masked_inpaint_baseline"), None,
             ("unguided", "generation_unguided"), (f"CLIP {TARGET_COLOUR}", "generation_guided"), None,
             ("input", "input_squares"), (f"CLIP {EDIT_COLOUR}", "clip_edit")]
-    for which, label in (("ddpm", "U-Net"), ("flow", "MMDiT")):  # Asyrp: one column per strength
+    for which, label in (("ddpm", "U-Net"), ("flow", "MMDiT")):  # Asyrp: input, replay, each direction at 1
         cols.append(None)
-        cols += [(f"{label} {v:g}", f"asyrp_{which}_edit_{v:g}") for v in ASYRP_STRENGTHS]
+        cols += [(f"{label} red", f"asyrp_{which}_input"), ("replay", f"asyrp_{which}_trained_0"),
+                 ("CLIP-trained", f"asyrp_{which}_trained_1"), ("examples", f"asyrp_{which}_examples_1"),
+                 ("examples x2", f"asyrp_{which}_examples_2"), ("Gaussian", f"asyrp_{which}_gauss_norm_1")]
+        if which == ASYRP_COMPOSE:
+            cols.append(("+ large", f"asyrp_{which}_compose_1"))
     cell, gap, head = 64, 12, 16
     width = sum(cell if c else gap for c in cols)
     canvas = Image.new("RGB", (width, head + rows * cell), (255, 255, 255))
