@@ -165,7 +165,8 @@ def replay_at_cfgs(model, positive, negative, code: LatentCode, values: list[flo
         def work(denoise_fn, x0, callback, _guider, tiled=tiled):
             return replay(denoise_fn, tiled.to(device=x0.device, dtype=torch.float32), callback=callback)
 
-        samples = B.run_in_comfy(m, positive, negative, cfg, placeholder, code.sigmas, work, 0, code.steps)
+        samples = B.run_in_comfy(m, positive, negative, cfg, placeholder, code.sigmas, work, 0, code.steps,
+                                 denoise_mask=tiled.mask)
         for j, i in enumerate(idx):
             out[i] = samples[j * bsz:(j + 1) * bsz]
     return torch.cat(out)
