@@ -197,6 +197,7 @@ def test_sd15_with_embedded_clip_l(tmp_path, clip_l, caplog):
 VIDEO = {  # file -> (ComfyUI config class, model class, latent format, latent channels)
     "tiny_wan21.safetensors": ("WAN21_T2V", "WAN21", "Wan21", 16),
     "tiny_wan22.safetensors": ("WAN22_T2V", "WAN22", "Wan22", 48),
+    "tiny_wan21_i2v.safetensors": ("WAN21_I2V", "WAN21", "Wan21", 16),
     "tiny_hunyuan_video.safetensors": ("HunyuanVideo", "HunyuanVideo", "HunyuanVideo", 16),
     "tiny_ltxv.safetensors": ("LTXV", "LTXV", "LTXV", 128),
 }
