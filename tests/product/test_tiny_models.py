@@ -215,7 +215,7 @@ def test_video_diffusion_models_load_as_their_family_without_missing_keys(model_
     assert type(m.model.model_config).__name__ == config and type(m.model).__name__ == base
     lf = m.get_model_object("latent_format")
     assert type(lf).__name__ == fmt and lf.latent_channels == ch and lf.latent_dimensions == 3
-    assert sum(p.numel() for p in m.model.diffusion_model.parameters()) < 3_000_000
+    assert sum(p.numel() for p in m.model.diffusion_model.parameters()) < 4_000_000  # I2V: 3.2 M (CLIP-vision MLP)
 
 
 def test_tiny_wan_vae_maps_clips_to_wan_latents_and_back(model_dirs):
