@@ -315,6 +315,9 @@ def test_wan_video_dit_middle_block(AN, nodes, model_dirs):
     with pytest.raises(Exception, match="not defined for video clips"):
         asyrp.AsyrpTrainDirection.execute(model, None, lat, "tiny_clip", "a", "b", 4, 0.5, 1, 1.0, 1.0, 1.0, 0,
                                           "global direction")
+    interval = importlib.import_module("dpm_latent.nodes.bridge.interval_run")
+    with pytest.raises(Exception, match="not defined for video clips"):
+        interval.measure(model, None, lat, "tiny_clip", "a", "b", 4, "clip", 0.3, 0.2, 0.5, 0.5)
     with torch.inference_mode():
         sd3 = comfy.sd.load_checkpoint_guess_config(str(model_dirs["checkpoints"] / "tiny_sd3.safetensors"),
                                                    output_vae=False, output_clip=False)[0]
