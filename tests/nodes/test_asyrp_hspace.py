@@ -418,6 +418,8 @@ def test_wan_video_dit_middle_block(AN, nodes, model_dirs):
         ex = asyrp.AsyrpDirectionFromExamples.execute(model, with_attr, without, 6, 0.5).result[0]
         moved = asyrp.AsyrpEdit.execute(model, cond, cond, 1.0, code, ex, "1", -1.0, 0.0, 0).result[0]["samples"]
     assert ex.meta["h_site"] == AN.DIT_SITE and (moved - replay).abs().max() > 1e-4
+    with pytest.raises(Exception, match="h_site: h site 'after first up block' exists on U-Nets only"):
+        asyrp.AsyrpDirectionFromExamples.execute(model, with_attr, without, 6, 0.5, None, "after first up block")
     with pytest.raises(Exception, match="not defined for video clips"):
         asyrp.AsyrpTrainDirection.execute(model, None, lat, "tiny_clip", "a", "b", 4, 0.5, 1, 1.0, 1.0, 1.0, 0,
                                           "global direction")
