@@ -472,6 +472,144 @@ def measure_pixel_ddpm(server, n: int = 64, seed: int = 0) -> tuple[dict, dict]:
     return m, images
 
 
+# ----------------------------------------------------------------------------- the world in motion (video)
+VIDEO = {"n": 32, "steps": 20, "denoise": 0.7, "eta": 0.1, "scheduler": "simple", "sampler": "euler_ancestral",
+         "shift": 3.0}   # the image translation row's settings (workflows/demo_translate.json), on clips
+
+
+def video_module():
+    """demo/video.py (the tiny Wan-layout video models and the per-frame VAE), loaded by path."""
+    return load_module("dpm_latent_demo_video", REPO / "demo" / "video.py")
+
+
+def encoder_module():
+    """samplers/ (pure torch over a sigma-space denoiser), loaded by path as a package of its own."""
+    return load_module("dpm_latent_demo_samplers", REPO / "samplers" / "__init__.py", package=True)
+
+
+def in_process_comfy():
+    """ComfyUI importable in this process, on the CPU in fp32 (the video row runs its models here)."""
+    from dpmtools import comfy_env
+
+    comfy_env.add_comfy_to_path()
+    if "comfy.model_management" not in sys.modules:
+        comfy_env.set_device(cpu=True, force_fp32=True)
+
+
+def clip_measures(clips, attrs, shape: str) -> dict:
+    """Per-frame reads of (n, T, 3, 64, 64) clips against the input clips' attributes.
+
+    square rate / colour kept: per frame (n * T frames, Wilson) and per clip (every frame; n, Wilson);
+    trajectory error: the mean over frames of the centroid error, per clip (bootstrap over clips);
+    flicker: the share of consecutive frame pairs whose read shape or colour differs (per clip, bootstrap),
+    and the mean frame-to-frame change of the read fill ratio and of the mean foreground colour (RGB)."""
+    import numpy as np
+
+    W = world()
+    reads = W.read_clips(clips)
+    n, t = len(reads), len(reads[0])
+    sq = np.array([[f["shape"] == shape for f in r] for r in reads])
+    col = np.array([[f["colour"] == a["colour"] for f in r] for r, a in zip(reads, attrs)])
+    traj, flick, shape_flick, colour_flick, dfill, drgb = [], [], [], [], [], []
+    for r, a in zip(reads, attrs):
+        errs = [math.hypot(f["cx"] - cx, f["cy"] - cy) for f, cx, cy in zip(r, a["cx"], a["cy"]) if located(f)]
+        if errs:
+            traj.append(float(np.mean(errs)))
+        pairs = list(zip(r[:-1], r[1:]))
+        shape_flick.append(float(np.mean([p["shape"] != q["shape"] for p, q in pairs])))
+        colour_flick.append(float(np.mean([p["colour"] != q["colour"] for p, q in pairs])))
+        flick.append(float(np.mean([p["shape"] != q["shape"] or p["colour"] != q["colour"] for p, q in pairs])))
+        dfill.append(float(np.mean([abs(p["fill"] - q["fill"]) for p, q in pairs])))
+        rgb = [p for p in pairs if "rgb" in p[0] and "rgb" in p[1]]
+        if rgb:
+            drgb.append(float(np.mean([np.linalg.norm(np.subtract(p["rgb"], q["rgb"])) for p, q in rgb])))
+    k_sq, k_col = int(sq.sum()), int(col.sum())
+    return {
+        "frames": n * t, "n": n,
+        "frame_shape_rate": k_sq / (n * t), "frame_shape_rate_ci95": wilson(k_sq, n * t),
+        "clip_shape_rate": float(sq.all(1).mean()), "clip_shape_rate_ci95": wilson(int(sq.all(1).sum()), n),
+        "frame_colour_kept": k_col / (n * t), "frame_colour_kept_ci95": wilson(k_col, n * t),
+        "trajectory_error_px": float(np.mean(traj)) if traj else float("nan"),
+        "trajectory_error_px_ci95": bootstrap_mean(traj), "n_located": len(traj),
+        "flicker": float(np.mean(flick)), "flicker_ci95": bootstrap_mean(flick),
+        "shape_flicker": float(np.mean(shape_flick)), "colour_flicker": float(np.mean(colour_flick)),
+        "fill_change": float(np.mean(dfill)), "fill_change_ci95": bootstrap_mean(dfill),
+        "rgb_change": float(np.mean(drgb)) if drgb else float("nan"),
+        "rgb_change_ci95": bootstrap_mean(drgb),
+    }
+
+
+def measure_video(n: int = VIDEO["n"], seed: int = 0) -> tuple[dict, dict]:
+    """Video translation circles -> squares on clips of the world in motion (demo/video.py's models).
+
+    Runs in this process through ComfyUI's own model classes and sampler (not through the server:
+    the pack's nodes take 5-D latents only from issue 19 item 1 on): DPM Encode of the whole clip with
+    video model A and replay with video model B (samplers/dpm_encoder.py over the models' sigma-space
+    denoisers), against ComfyUI's own video SDEdit (comfy.sample.sample, KSampler's path, on the whole
+    clip with video model B at the same denoise) and per-frame SDEdit (the same KSampler with the image
+    flow model B on each frame, each frame its own noise)."""
+    import numpy as np
+    import torch
+
+    in_process_comfy()
+    import comfy.model_patcher
+    import comfy.sample
+    import comfy.samplers
+    import comfy.sd
+
+    W, V, E = world(), video_module(), encoder_module()
+    t0 = time.perf_counter()
+    clips, attrs = W.sample_clip_domain(n, seed + 3000, "A")
+    frames = clips.shape[1]
+    vae = V.world_vae()
+    x0 = V.encode_clips(vae, clips)                               # model space (n, 16, T, 8, 8)
+    cpu = torch.device("cpu")
+    video = {}
+    for d in ("A", "B"):
+        m = V.load_model(d)
+        m.model_sampling.set_parameters(shift=VIDEO["shift"])
+        video[d] = comfy.model_patcher.ModelPatcher(m, load_device=cpu, offload_device=cpu)
+    steps, denoise = VIDEO["steps"], VIDEO["denoise"]
+    full = int(steps / denoise)
+    sigmas = comfy.samplers.calculate_sigmas(video["A"].get_model_object("model_sampling"), VIDEO["scheduler"],
+                                             full)[-(steps + 1):].double()
+    out: dict = {"roundtrip": V.decode_clips(vae, x0)}
+    t = time.perf_counter()
+    DA, DB = V.denoiser(video["A"].model), V.denoiser(video["B"].model)
+    code = E.encode(DA, x0, sigmas, VIDEO["eta"], "flow", seed)
+    rec = E.replay(DA, code)
+    out["replay"] = V.decode_clips(vae, E.replay(DB, code))
+    times = {"encode_replay_twice": time.perf_counter() - t}
+    rec_err = float(((rec - x0).norm() / x0.norm()))
+
+    def ksampler(patcher, raw, cond):
+        noise = comfy.sample.prepare_noise(raw, seed)
+        return comfy.sample.sample(patcher, noise, steps, 1.0, VIDEO["sampler"], VIDEO["scheduler"], cond, cond,
+                                   raw, denoise=denoise, disable_pbar=True, seed=seed)
+
+    t = time.perf_counter()
+    vcond = [[V.zero_context(1), {}]]
+    out["video_sdedit"] = V.decode_clips(vae, V.from_raw(ksampler(video["B"], V.to_raw(x0), vcond)))
+    times["video_sdedit"] = time.perf_counter() - t
+    t = time.perf_counter()
+    image_b = comfy.sd.load_checkpoint_guess_config(str(MODELS / "checkpoints" / CKPT_B), output_vae=False,
+                                                    output_clip=False)[0]
+    lf = image_b.model.latent_format
+    icond = [[torch.zeros(1, 1, 32), {"pooled_output": torch.zeros(1, 32)}]]
+    per_frame = lf.process_out(V.frames_of(x0))                   # each frame an image latent of model B
+    out["frame_sdedit"] = V.decode_clips(vae, V.clips_of(lf.process_in(ksampler(image_b, per_frame, icond)), frames))
+    times["frame_sdedit"] = time.perf_counter() - t
+    m: dict = {"n_clips": n, "frames": frames, **{k: VIDEO[k] for k in ("steps", "denoise", "eta", "scheduler",
+                                                                        "sampler", "shift")},
+               "reconstruction_relative_error": rec_err, "seconds": times}
+    for key in ("replay", "video_sdedit", "frame_sdedit", "roundtrip"):
+        m[key] = clip_measures(out[key], attrs, "circle" if key == "roundtrip" else "square")
+    m["seconds"]["total"] = time.perf_counter() - t0
+    images = {"video_input": clips, **{f"video_{k}": v for k, v in out.items()}}
+    return m, images
+
+
+
 # ----------------------------------------------------------------------------- Asyrp (h-space)
 ASYRP = {  # the directions demo/train.py --parts asyrp trains (demo/models/asyrp/), one per h-space
     "ddpm": {"title": "pixel DDPM A (U-Net; h = middle block, the paper's h-space)", "loader": "diffusers",
