@@ -878,7 +878,7 @@ def clip_quality(clips, domain):
             "line_fit_error_px": float(np.mean(res)) if res else float("nan"), "n": len(reads)}
 
 
-def train_video(domain, vae, steps, seed, n_clips, batch=16, lr=6e-4, ema_decay=0.999):
+def train_video(domain, vae, steps, seed, n_clips, batch=16, lr=8e-4, ema_decay=0.999):
     t0 = time.time()
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -1043,8 +1043,8 @@ def main(argv=None):
     ap.add_argument("--clip-steps", type=int, default=1500)
     ap.add_argument("--ddpm-steps", type=int, default=4000)
     ap.add_argument("--ddpm-images", type=int, default=1000)
-    ap.add_argument("--video-steps", type=int, default=1800)
-    ap.add_argument("--video-clips", type=int, default=400)
+    ap.add_argument("--video-steps", type=int, default=1200)
+    ap.add_argument("--video-clips", type=int, default=300)
     ap.add_argument("--ddpm-stop-after", type=int, default=None,
                     help="end the DDPM runs after this many steps of the --ddpm-steps schedule")
     ap.add_argument("--serial", action="store_true",

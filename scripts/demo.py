@@ -58,6 +58,10 @@ PIXEL_DDPM_B = "dpm_world_ddpm_squares"
 PIXEL_SIZE = 32
 PIXEL_WORKFLOW = "cyclediffusion_translate_pixel_ddpm.json"
 BEST_OF_N_WORKFLOW = "cyclediffusion_best_of_n_demo.json"
+# The video row (demo/video.py's models): the image translation row's settings (workflows/demo_translate.json)
+# on clips; shift 3 as the image flow models (ComfyUI's Wan default is 8).
+VIDEO = {"n": 32, "steps": 20, "denoise": 0.7, "eta": 0.1, "scheduler": "simple", "sampler": "euler_ancestral",
+         "shift": 3.0}   # the image translation row's settings (workflows/demo_translate.json), on clips
 
 
 def rate_with_interval(k: int, n: int, z: float = 1.959963984540054) -> dict:
@@ -332,7 +336,7 @@ def psnr(a, b) -> float:
 
 
 def measure(server, n: int = 64, seed: int = 0, langevin_steps: int = LANGEVIN_STEPS, gen_batch: int = 12,
-            edit_batch: int = 12) -> tuple[dict, dict]:
+            edit_batch: int = 12, video_n: int = VIDEO["n"]) -> tuple[dict, dict]:
     import numpy as np
 
     read_attributes = world().read_attributes
@@ -408,6 +412,8 @@ def measure(server, n: int = 64, seed: int = 0, langevin_steps: int = LANGEVIN_S
     metrics["best_of_n"] = measure_best_of_n(server, files["A"])
     metrics["asyrp"], asyrp_images = measure_asyrp(server, seed=seed)
     images.update(asyrp_images)
+    metrics["video"], video_images = measure_video(n=video_n, seed=seed)
+    images.update(video_images)
     add_rate_intervals(metrics)
     return metrics, images
 
@@ -473,9 +479,6 @@ def measure_pixel_ddpm(server, n: int = 64, seed: int = 0) -> tuple[dict, dict]:
 
 
 # ----------------------------------------------------------------------------- the world in motion (video)
-VIDEO = {"n": 32, "steps": 20, "denoise": 0.7, "eta": 0.1, "scheduler": "simple", "sampler": "euler_ancestral",
-         "shift": 3.0}   # the image translation row's settings (workflows/demo_translate.json), on clips
-
 
 def video_module():
     """demo/video.py (the tiny Wan-layout video models and the per-frame VAE), loaded by path."""
@@ -907,10 +910,68 @@ def metrics_markdown(m: dict) -> str:
     if "pixel_ddpm" in m:
         lines += pixel_ddpm_markdown(m["pixel_ddpm"])
     lines += best_of_n_markdown(m.get("best_of_n"))
+    lines += video_markdown(m.get("video"))
     asyrp = asyrp_markdown(m.get("asyrp"))
     if asyrp:
         lines += [""] + asyrp
     return "\n".join(lines)
+
+
+def video_markdown(v) -> list[str]:
+    """Rows of the video translation (circles -> squares on clips): replay vs ComfyUI's video SDEdit vs per-frame SDEdit."""
+    if not v:
+        return []
+    r, vs, fs = v["replay"], v["video_sdedit"], v["frame_sdedit"]
+
+    def rate(x, k):
+        return f"{x[k]:.2f} [{x[k + '_ci95'][0]:.2f}, {x[k + '_ci95'][1]:.2f}]"
+
+    def px(x, k, unit=" px"):
+        return f"{x[k]:.2f}{unit} [{x[k + '_ci95'][0]:.2f}, {x[k + '_ci95'][1]:.2f}]"
+
+    n, f = v["n_clips"], v["frames"]
+    return [
+        "",
+        f"| video translation A->B ({n} clips of {f} frames; per-frame rates: Wilson over the {n * f} frames; "
+        "per-clip measures: bootstrap over clips) | DPM Latent (encode the clip with video A, replay with video B) "
+        "| ComfyUI video SDEdit (KSampler, video B, same denoise) | per-frame SDEdit (KSampler, image B, each frame) |",
+        "|---|---|---|---|",
+        f"| per-frame square rate | {rate(r, 'frame_shape_rate')} | {rate(vs, 'frame_shape_rate')} | {rate(fs, 'frame_shape_rate')} |",
+        f"| clips square on every frame (n = {n}) | {rate(r, 'clip_shape_rate')} | {rate(vs, 'clip_shape_rate')} | {rate(fs, 'clip_shape_rate')} |",
+        f"| per-frame colour kept | {rate(r, 'frame_colour_kept')} | {rate(vs, 'frame_colour_kept')} | {rate(fs, 'frame_colour_kept')} |",
+        f"| trajectory error (mean per-frame centroid error) | {px(r, 'trajectory_error_px')} | {px(vs, 'trajectory_error_px')} | {px(fs, 'trajectory_error_px')} |",
+        f"| flicker: consecutive frames whose shape or colour differs | {px(r, 'flicker', '')} | {px(vs, 'flicker', '')} | {px(fs, 'flicker', '')} |",
+        f"| flicker: frame-to-frame change of fill ratio / of colour (RGB) | {r['fill_change']:.3f} / {r['rgb_change']:.3f} "
+        f"| {vs['fill_change']:.3f} / {vs['rgb_change']:.3f} | {fs['fill_change']:.3f} / {fs['rgb_change']:.3f} |",
+        f"| reconstruction (replay with video A): relative error of the latent | {v['reconstruction_relative_error']:.1e} | – | – |",
+    ]
+
+
+def video_grid(images: dict, clips: int = 4):
+    """Rows: for each of ``clips`` clips, input / replay B / video SDEdit B / per-frame SDEdit B; columns: frames."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rows = [("input", "video_input"), ("replay B", "video_replay"), ("video SDEdit", "video_video_sdedit"),
+            ("frame SDEdit", "video_frame_sdedit")]
+    rows = [r for r in rows if r[1] in images]
+    if not rows:
+        return None
+    t = images[rows[0][1]].shape[1]
+    cell, gap, label_w = 64, 8, 84
+    k = min(clips, images[rows[0][1]].shape[0])
+    canvas = Image.new("RGB", (label_w + t * cell, k * (len(rows) * cell + gap)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    for c in range(k):
+        for label, key in rows:
+            draw.text((2, y + 2), label, fill=(0, 0, 0))
+            for f in range(t):
+                arr = (images[key][c, f].permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+                canvas.paste(Image.fromarray(arr), (label_w + f * cell, y))
+            y += cell
+        y += gap
+    return canvas.resize((canvas.width * 2, canvas.height * 2), Image.NEAREST)
 
 
 def pixel_ddpm_markdown(p: dict) -> list:
@@ -978,6 +1039,9 @@ def main(argv=None) -> int:
     finally:
         server.stop()
     grid(images).save(out / "demo_grid.png")
+    vg = video_grid(images)
+    if vg is not None:
+        vg.save(out / "demo_video.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     table = metrics_markdown(metrics)
     (out / "metrics.md").write_text(table + "\n", encoding="utf-8")
