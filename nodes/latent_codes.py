@@ -31,7 +31,8 @@ class DPMEncode(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model whose sampler is inverted (LoRAs and patches apply)."),
                 io.Conditioning.Input("positive", tooltip="The SOURCE prompt: what the image shows now."),
                 io.Conditioning.Input("negative", tooltip="Negative prompt; only used when cfg > 1."),
-                io.Latent.Input("latent_image", tooltip="The image to encode, as a latent from VAE Encode. A noise "
+                io.Latent.Input("latent_image", tooltip="The image (or video clip) to encode, as a latent from VAE "
+                                                        "Encode. A noise "
                                                         "mask on it (Set Latent Noise Mask, VAE Encode for Inpaint) "
                                                         "travels in the code: replay then changes only the masked "
                                                         "region."),
@@ -81,7 +82,8 @@ class ReplayLatentWithPrompt(io.ComfyNode):
                 io.Float.Input("cfg", default=3.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="CFG of the replay; the paper sweeps 1-5."),
                 io.Mask.Input("mask", optional=True,
-                              tooltip="Optional edit mask (white = may change), image-sized like any ComfyUI mask; "
+                              tooltip="Optional edit mask (white = may change), image-sized like any ComfyUI mask (for "
+                                      "video: one per frame, (frames, H, W), resized in time as KSampler does); "
                                       "overrides the mask stored in the code. Outside it the result is the encoded "
                                       "image at every step; soft values blend. Needs a code from DPM Encode."),
                 io.String.Input("cfg_values", optional=True, force_input=True,
@@ -117,13 +119,17 @@ class RandomLatentCode(io.ComfyNode):
                 io.Combo.Input("scheduler", options=B.SCHEDULERS, default="normal", tooltip="Sigma schedule."),
                 io.Float.Input("eta", default=0.1, min=0.001, max=1.0, step=0.01,
                                tooltip="DDIM eta of the stochastic sampler (> 0)."),
+                io.Latent.Input("latent", optional=True,
+                                tooltip="Optional latent whose shape the code takes (overrides width, height and "
+                                        "batch_size). Needed for video models: connect an empty video latent "
+                                        "(e.g. Empty Hunyuan Latent Video) to give the frame count."),
             ],
             outputs=[LatentCodeIO.Output(display_name="latent_code")],
         )
 
     @classmethod
-    def execute(cls, model, width, height, batch_size, seed, steps, scheduler, eta) -> io.NodeOutput:
-        return io.NodeOutput(R.random_code(model, width, height, batch_size, seed, steps, scheduler, eta))
+    def execute(cls, model, width, height, batch_size, seed, steps, scheduler, eta, latent=None) -> io.NodeOutput:
+        return io.NodeOutput(R.random_code(model, width, height, batch_size, seed, steps, scheduler, eta, latent))
 
 
 class EmptyConditioning(io.ComfyNode):

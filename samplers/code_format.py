@@ -6,7 +6,8 @@ Tensors: ``sigmas`` (float64), ``start_mean``, ``start_noise``, ``noises``,
 or another tool needs to read the file without this pack: format name and
 version, family, eta, start_scale, latent shape, steps and the sigmas, and
 (version 2) the latent space the code belongs to: ``latent_format``,
-``latent_scale_factor`` and ``model_type``.  Loading verifies the digest,
+``latent_scale_factor`` and ``model_type``; a video code (shape ``[B, C, T, H, W]``)
+also states ``frames`` (T, in latent frames).  Loading verifies the digest,
 then checks every field against the tensors and refuses anything that does
 not add up.  Version-1 files (no digest, no latent format) still load.
 
@@ -50,6 +51,8 @@ def code_metadata(code: LatentCode) -> dict[str, str]:
         meta["latent_scale_factor"] = repr(float(code.latent_scale_factor))
     if code.model_type is not None:
         meta["model_type"] = str(code.model_type)
+    if len(code.shape) == 5:  # a video code: (B, C, T, H, W); the frame count is latent frames
+        meta["frames"] = str(code.shape[2])
     return meta
 
 
@@ -118,6 +121,8 @@ def load_code(path) -> LatentCode:
                                                                           if k in tensors):
         if not tensors[k].dtype.is_floating_point:
             raise CodeError(f"{name}: tensor {k} is not floating point")
+    if "frames" in meta and (len(shape) != 5 or meta["frames"] != str(shape[2])):
+        raise CodeError(f"{name}: the header's frame count {meta['frames']!r} does not match its shape {shape}")
     if tuple(tensors["start_noise"].shape) != shape:
         raise CodeError(f"{name}: start_noise has shape {tuple(tensors['start_noise'].shape)}, header says {shape}")
     code = LatentCode(sigmas=sigmas, eta=eta, family=family,

@@ -302,26 +302,41 @@ def check_mask(mask: torch.Tensor, shape, what: str = "mask") -> torch.Tensor:
 
 
 def latent_mask(mask: torch.Tensor, shape) -> torch.Tensor:
-    """An image-sized mask (``(H, W)``, ``(B, H, W)`` or ``(B, 1, H, W)``, 1 = may change) resized to latents of
-    ``shape`` as ComfyUI resizes a LATENT's ``noise_mask`` for KSampler (bilinear; the batch repeated or cut to
-    the latent batch), kept at one channel: ``(batch, 1, h, w)`` float32, clamped to [0, 1]."""
+    """An image- or video-sized mask (1 = may change) resized to latents of ``shape`` as ComfyUI resizes a
+    LATENT's ``noise_mask`` for KSampler, kept at one channel, float32, clamped to [0, 1].
+
+    Image latents ``(B, C, h, w)``: a mask ``(H, W)``, ``(B, H, W)`` or ``(B, 1, H, W)``, resized bilinearly, the
+    batch repeated or cut to the latent batch; returns ``(batch, 1, h, w)``.
+
+    Video latents ``(B, C, t, h, w)``: a mask ``(H, W)`` (the same in every frame), ``(T, H, W)`` or
+    ``(T, 1, H, W)`` (one per frame, T pixel or latent frames) or ``(B, 1, T, H, W)`` (ComfyUI's video noise
+    masks), resized trilinearly to ``(t, h, w)``; returns ``(batch, 1, t, h, w)``."""
     if not isinstance(mask, torch.Tensor) or mask.ndim < 2:
         raise CodeError("mask: expected an image mask (height, width) or a batch of them")
+    if len(shape) not in (4, 5):
+        raise CodeError(f"mask: masks are supported for image (B, C, H, W) and video (B, C, T, H, W) latents, "
+                        f"not shape {tuple(shape)}")
+    video = len(shape) == 5
     if mask.ndim == 4 and mask.shape[1] != 1:
         raise CodeError(f"mask: has {mask.shape[1]} channels, expected 1")
-    if mask.ndim > 4:
-        raise CodeError(f"mask: has shape {tuple(mask.shape)}; expected (height, width) or (batch, height, width)")
-    if len(shape) != 4:
-        raise CodeError(f"mask: masks are supported for image latents (B, C, H, W), not shape {tuple(shape)}")
-    m = mask.detach().float().reshape(-1, 1, mask.shape[-2], mask.shape[-1])
+    if mask.ndim > 5 or (mask.ndim == 5 and (not video or mask.shape[1] != 1)):
+        raise CodeError(f"mask: has shape {tuple(mask.shape)}; expected (height, width), (batch or frames, height, "
+                        "width)" + (" or (batch, 1, frames, height, width)" if video else ""))
+    if video:
+        m = mask.detach().float()
+        m = m.reshape(1, 1, -1, m.shape[-2], m.shape[-1]) if m.ndim < 5 else m
+        mode = "trilinear"
+    else:
+        m = mask.detach().float().reshape(-1, 1, mask.shape[-2], mask.shape[-1])
+        mode = "bilinear"
     if not torch.isfinite(m).all():
         raise CodeError("mask: contains NaN or infinity")
-    m = torch.nn.functional.interpolate(m, size=tuple(int(v) for v in shape[2:]), mode="bilinear")
+    m = torch.nn.functional.interpolate(m, size=tuple(int(v) for v in shape[2:]), mode=mode)
     batch = int(shape[0])
     if m.shape[0] > batch:
         m = m[:batch]
     elif m.shape[0] < batch:
-        m = m.repeat(math.ceil(batch / m.shape[0]), 1, 1, 1)[:batch]
+        m = m.repeat(math.ceil(batch / m.shape[0]), *([1] * (m.ndim - 1)))[:batch]
     return m.clamp(0.0, 1.0).contiguous()
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+import comfy.sample
+
 from ...samplers import CodeError, LatentCode, check_schedule, encode, latent_mask, prior_code, replay
 from ...samplers.sweep import SweepError, parse_floats, split_cfg
 from . import sampling as B
@@ -31,6 +33,8 @@ def encode_image(model, positive, negative, latent_image, seed, steps, scheduler
         raise B.NodeInputError("sigmas: needs at least two values (one step)")
     B.check_conditioning_batch(positive, samples.shape[0], "positive")
     B.check_conditioning_batch(negative, samples.shape[0], "negative")
+    B.check_clip_length(positive, samples.shape, "positive", "latent_image")
+    B.check_clip_length(negative, samples.shape, "negative", "latent_image")
     try:  # before ComfyUI loads anything: a bad schedule is an input error
         check_schedule(sigmas, eta, family)
     except CodeError as e:
@@ -43,7 +47,7 @@ def encode_image(model, positive, negative, latent_image, seed, steps, scheduler
                                 mask=None if mask is None else mask.to(x0.device))
         return x0
 
-    B.run_in_comfy(model, positive, negative, cfg, samples, sigmas, work, seed, len(sigmas) - 1)
+    B.run_in_comfy(model, positive, negative, cfg, samples, sigmas, work, seed, len(sigmas) - 1, denoise_mask=mask)
     code = B.stamp_code(model, B.cpu_code(result["code"]))
     for name in ("start_mean", "start_noise", "noises", "residual"):
         B.check_finite(getattr(code, name), "DPM Encode", f"the code's {name}")
@@ -62,6 +66,8 @@ def replay_code(model, positive, negative, latent_code, cfg, mask=None, cfg_valu
             raise B.NodeInputError(msg if msg.startswith("mask") else f"mask: {msg}") from None
     B.check_conditioning_batch(positive, code.batch_size, "positive")
     B.check_conditioning_batch(negative, code.batch_size, "negative")
+    B.check_clip_length(positive, code.shape, "positive", "the latent code")
+    B.check_clip_length(negative, code.shape, "negative", "the latent code")
     if cfg_values is not None and cfg_values.strip():
         samples = replay_at_cfgs(model, positive, negative, code, parse_cfg_values(cfg_values))
         B.check_finite(samples, "Replay Latent with Prompt", "the replayed latent", code.steps, code.steps)
@@ -72,20 +78,33 @@ def replay_code(model, positive, negative, latent_code, cfg, mask=None, cfg_valu
         dev_code = code.to(device=_x0.device, dtype=torch.float32)
         return replay(denoise_fn, dev_code, callback=callback)
 
-    samples = B.run_in_comfy(model, positive, negative, cfg, placeholder, code.sigmas, work, 0, code.steps)
+    samples = B.run_in_comfy(model, positive, negative, cfg, placeholder, code.sigmas, work, 0, code.steps,
+                             denoise_mask=code.mask)
     B.check_finite(samples, "Replay Latent with Prompt", "the replayed latent", code.steps, code.steps)
     return samples
 
 
-def random_code(model, width, height, batch_size, seed, steps, scheduler, eta) -> LatentCode:
-    """Random Latent Code: a code drawn from its prior for an image of width x height."""
+def random_code(model, width, height, batch_size, seed, steps, scheduler, eta, latent=None) -> LatentCode:
+    """Random Latent Code: a code drawn from its prior for an image of width x height, or of the shape of
+    ``latent`` (a LATENT, e.g. an empty video latent: the only way to give a video's frame count)."""
     fmt = model.get_model_object("latent_format")
-    if getattr(fmt, "latent_dimensions", 2) != 2:
-        raise B.NodeInputError("model: Random Latent Code makes image latents; this model's latents are not 2-D")
-    ratio = int(getattr(fmt, "spacial_downscale_ratio", 8) or 8)
-    if width < ratio or height < ratio:
-        raise B.NodeInputError(f"width/height: at least {ratio} pixels")
-    shape = (batch_size, B.latent_channels(model), height // ratio, width // ratio)
+    if latent is not None:
+        samples = latent["samples"]
+        if getattr(samples, "is_nested", False) or not isinstance(samples, torch.Tensor):
+            raise B.NodeInputError("latent: nested (audio + video) latents are not supported")
+        samples = comfy.sample.fix_empty_latent_channels(model, samples)  # as KSampler does for empty latents
+        B.check_latent(model, samples, "latent")
+        shape = tuple(int(v) for v in samples.shape)
+    else:
+        if getattr(fmt, "latent_dimensions", 2) != 2:
+            raise B.NodeInputError(
+                "model: its latents are video latents (B, C, T, H, W); width and height do not give the frame "
+                "count. Connect an empty latent of the clip's size to 'latent' (e.g. Empty Hunyuan Latent Video, "
+                "Wan Image To Video's latent) so the code takes its shape")
+        ratio = int(getattr(fmt, "spacial_downscale_ratio", 8) or 8)
+        if width < ratio or height < ratio:
+            raise B.NodeInputError(f"width/height: at least {ratio} pixels")
+        shape = (batch_size, B.latent_channels(model), height // ratio, width // ratio)
     sigmas = B.schedule(model, scheduler, steps, 1.0)
     try:
         code = B.stamp_code(model, prior_code(shape, sigmas, eta, B.family_of(model), seed))
@@ -146,7 +165,8 @@ def replay_at_cfgs(model, positive, negative, code: LatentCode, values: list[flo
         def work(denoise_fn, x0, callback, _guider, tiled=tiled):
             return replay(denoise_fn, tiled.to(device=x0.device, dtype=torch.float32), callback=callback)
 
-        samples = B.run_in_comfy(m, positive, negative, cfg, placeholder, code.sigmas, work, 0, code.steps)
+        samples = B.run_in_comfy(m, positive, negative, cfg, placeholder, code.sigmas, work, 0, code.steps,
+                                 denoise_mask=tiled.mask)
         for j, i in enumerate(idx):
             out[i] = samples[j * bsz:(j + 1) * bsz]
     return torch.cat(out)

@@ -20,6 +20,14 @@ def conditioning_dims(model) -> tuple[int, int | None]:
         return int(cfg.get("context_in_dim", 4096)), int(cfg.get("vec_in_dim", 768))
     if isinstance(base, comfy.model_base.SDXL):
         return int(cfg["context_dim"]), int(cfg["adm_in_channels"]) - 6 * 256
+    net = base.diffusion_model
+    if isinstance(base, comfy.model_base.WAN21):  # Wan 2.1 / 2.2 (WAN22 is a WAN21): umT5 tokens, no pooled vector
+        return int(net.text_embedding[0].weight.shape[1]), None
+    if isinstance(base, comfy.model_base.HunyuanVideo):
+        vec = getattr(net, "vector_in", None)
+        return int(net.txt_in.input_embedder.weight.shape[1]), (None if vec is None else int(vec.in_layer.weight.shape[1]))
+    if isinstance(base, comfy.model_base.LTXV):
+        return int(net.caption_projection.linear_1.weight.shape[1]), None
     if type(base) is comfy.model_base.BaseModel and cfg.get("context_dim") and not cfg.get("adm_in_channels"):
         return int(cfg["context_dim"]), None
     raise NodeInputError(
@@ -31,4 +39,6 @@ def empty_conditioning(model, tokens: int = 77) -> list:
     """All-zero conditioning of ``tokens`` text tokens (and a zero pooled vector where the model takes one)."""
     ctx, pooled = conditioning_dims(model)
     extra = {} if pooled is None else {"pooled_output": torch.zeros(1, pooled)}
+    if isinstance(model.model, comfy.model_base.LTXV):  # LTX-Video's forward needs its text tokens' mask
+        extra["attention_mask"] = torch.ones(1, tokens, dtype=torch.long)
     return [[torch.zeros(1, tokens, ctx), extra]]

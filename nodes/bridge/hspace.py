@@ -3,8 +3,9 @@
 
 h is the U-Net bottleneck: the middle-block output, which ComfyUI's U-Net hands to every
 ``output_block_patch`` at block ("output", 0) before concatenating the first skip.  Beyond the
-paper, for SD3 / Flux transformers, h is the image-token output of the middle joint block, reached
-through ``patches_replace["dit"]``.  The patch is installed on a private ``model.clone()``, so the
+paper, for SD3 / Flux transformers, h is the image-token output of the middle joint block, and for
+Wan 2.1 / 2.2 video DiTs the video-token output of the middle block, reached through
+``patches_replace["dit"]``.  The patch is installed on a private ``model.clone()``, so the
 caller's MODEL never carries it.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ def h_site(base) -> tuple[str, int | None, dict, int]:
     ``(B, hidden, tokens, 1)`` map so the same direction modules apply."""
     from comfy.ldm.flux.model import Flux
     from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
+    from comfy.ldm.wan.model import WanModel
 
     from .diffusers_unet import DiffusersUNet
 
@@ -63,12 +65,21 @@ def h_site(base) -> tuple[str, int | None, dict, int]:
                   "hidden_size": int(net.hidden_size), "in_channels": int(p.in_channels),
                   "context_in_dim": int(p.context_in_dim), "vec_in_dim": int(p.vec_in_dim)}
         return DIT_SITE, n // 2, layout, int(net.hidden_size)
+    if type(net) is WanModel:
+        # Wan 2.1 / 2.2 text-to-video DiT: its block loop honours patches_replace["dit"][("double_block", i)]
+        # (read in the host's wan/model.py), so h = the video-token output (B, frames*h*w/4, dim) of the
+        # middle block, num_layers // 2. Not VACE/camera/S2V/Animate variants (other classes, other loops).
+        n = len(net.blocks)
+        layout = {"wan": str(getattr(net, "model_type", "t2v")), "num_layers": n, "dim": int(net.dim),
+                  "in_dim": int(net.patch_embedding.weight.shape[1]), "out_dim": int(net.out_dim),
+                  "text_dim": int(net.text_embedding[0].weight.shape[1]), "ffn_dim": int(net.ffn_dim)}
+        return DIT_SITE, n // 2, layout, int(net.dim)
     raise B.NodeInputError(
         f"model: Asyrp edits h-space, the U-Net bottleneck (or, beyond the paper, the middle joint block of "
-        f"SD3 / Flux transformers); this {type(base).__name__} model's network is a {type(net).__name__}, "
+        f"SD3 / Flux / Wan transformers); this {type(base).__name__} model's network is a {type(net).__name__}, "
         "which has neither. "
         "Supported: SD1.x, SD2, SDXL U-Nets (eps or v), diffusers UNet2DModel pixel DDPMs (Load Diffusers "
-        "DDPM), SD3 MMDiT and Flux.1.")
+        "DDPM), SD3 MMDiT, Flux.1 and Wan 2.1 / 2.2 text-to-video.")
 
 
 def model_record(model) -> dict:

@@ -88,17 +88,51 @@ def schedule(model, scheduler: str, steps: int, denoise: float) -> torch.Tensor:
     return sigmas[-(steps + 1):].to(torch.float64)
 
 
+def latent_ndim(model) -> int:
+    """4 for image models (B, C, H, W), 5 for video models (B, C, T, H, W): the model's latent format decides."""
+    return 2 + int(getattr(model.get_model_object("latent_format"), "latent_dimensions", 2))
+
+
+def describe_shape(ndim: int) -> str:
+    return {4: "image latents (B, C, H, W)", 5: "video latents (B, C, T, H, W)"}.get(ndim, f"{ndim}-D latents")
+
+
 def check_latent(model, samples: torch.Tensor, what: str) -> None:
     want = latent_channels(model)
-    if samples.ndim != 4:
-        raise NodeInputError(f"{what}: expected a batch of image latents (B, C, H, W), got shape "
-                             f"{tuple(samples.shape)}; video/audio latents are not supported")
+    if getattr(samples, "is_nested", False):
+        raise NodeInputError(f"{what}: nested (audio + video) latents are not supported; pass the video latent alone")
+    nd = latent_ndim(model)
+    if nd not in (4, 5):
+        raise NodeInputError(f"{what}: this model's latents are {nd - 2}-D (audio or 3-D models); DPM Latent "
+                             "supports image (B, C, H, W) and video (B, C, T, H, W) latents")
+    if samples.ndim != nd:
+        fmt = type(model.get_model_object("latent_format")).__name__
+        raise NodeInputError(
+            f"{what}: has shape {tuple(samples.shape)} ({describe_shape(samples.ndim)}) but this model "
+            f"(latent format {fmt}) takes {describe_shape(nd)}. Encode it with this model's VAE.")
     if samples.shape[1] != want:
         raise NodeInputError(
             f"{what}: has {samples.shape[1]} latent channels but the model expects {want}. "
             "Encode the image with this model's VAE (or pick the matching model).")
     if not torch.isfinite(samples).all():
         raise NodeInputError(f"{what}: contains NaN or infinity")
+
+
+def check_clip_length(conds, shape, name: str, made: str = "the latent") -> None:
+    """Image-to-video conditioning (a start frame, e.g. Wan Image To Video's ``concat_latent_image``) made for
+    another clip length than ``shape`` (B, C, T, H, W) is refused naming both lengths."""
+    if len(shape) != 5:
+        return
+    for c in conds or []:
+        extra = c[1] if len(c) > 1 and isinstance(c[1], dict) else {}
+        for key in ("concat_latent_image", "concat_mask"):
+            t = extra.get(key)
+            if isinstance(t, torch.Tensor) and t.ndim == 5 and t.shape[2] != shape[2] and not (
+                    key == "concat_mask" and t.shape[2] < shape[2]):
+                raise NodeInputError(
+                    f"{name}: its image-to-video {key} is for a clip of {t.shape[2]} latent frames but {made} has "
+                    f"{shape[2]} latent frames (shape {tuple(shape)}); make the conditioning with the clip's "
+                    "length (e.g. Wan Image To Video's length) or encode a clip of that length")
 
 
 def check_conditioning_batch(conds, batch: int, name: str) -> None:
@@ -135,11 +169,19 @@ def check_code_for_model(model, code: LatentCode, what: str = "latent_code") -> 
             f"{what}: the code was made for a {FAMILY_NAMES[code.family]} model but this model is "
             f"{FAMILY_NAMES[fam]}; replay it with a model of the same family")
     fmt, scale, mtype = latent_space(model)
+    nd = latent_ndim(model)
+    if len(code.shape) != nd:
+        raise NodeInputError(
+            f"{what}: the code is of {describe_shape(len(code.shape))}, shape {code.shape}, made with a "
+            f"{code.model_type or 'model'} model (latent format {code.latent_format or 'unknown'}), but this "
+            f"model ({mtype}, latent format {fmt}) takes {describe_shape(nd)}; replay it with a model of the "
+            "same family")
     if code.latent_format is not None and (
             code.latent_format != fmt or (code.latent_scale_factor is not None and
                                           not math.isclose(code.latent_scale_factor, scale, rel_tol=1e-6))):
         made = f"latent format {code.latent_format}" + (
-            f", scale {code.latent_scale_factor:g}" if code.latent_scale_factor is not None else "")
+            f", scale {code.latent_scale_factor:g}" if code.latent_scale_factor is not None else "") + (
+            f", {code.shape[2]} latent frames" if len(code.shape) == 5 else "")
         raise NodeInputError(
             f"{what}: the code was made with a {code.model_type or 'model'} model ({made}) but this model is "
             f"{mtype} (latent format {fmt}, scale {scale:g}); their latent spaces differ, so the replay would "
@@ -149,8 +191,6 @@ def check_code_for_model(model, code: LatentCode, what: str = "latent_code") -> 
     if code.shape[1] != want:
         raise NodeInputError(
             f"{what}: the code has {code.shape[1]} latent channels but the model expects {want}")
-    if len(code.shape) != 4:
-        raise NodeInputError(f"{what}: latent shape {code.shape} is not an image latent (B, C, H, W)")
     if code.family == "flow" and float(code.sigmas[0]) > 1.0:
         raise NodeInputError(f"{what}: sigma {float(code.sigmas[0])} > 1 cannot drive a flow model")
 
@@ -220,7 +260,8 @@ class _FunctionSampler(comfy.samplers.Sampler):
 
 
 def run_in_comfy(model, positive, negative, cfg: float, latent: torch.Tensor, sigmas: torch.Tensor,
-                 work: Work, seed: int, steps_for_progress: Optional[int]) -> torch.Tensor:
+                 work: Work, seed: int, steps_for_progress: Optional[int],
+                 denoise_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Run ``work`` inside ComfyUI's sampling machinery; returns process_latent_out(work(...)).
 
     ComfyUI hands a sampler only a latent and returns only a latent, so the callers follow one idiom:
@@ -228,11 +269,15 @@ def run_in_comfy(model, positive, negative, cfg: float, latent: torch.Tensor, si
     a code, a zero placeholder of the right shape; anything else the work produces (a code, a trained
     direction, a trace) it stores in a dict the caller made, and the caller reads it after this returns.
 
-    ``steps_for_progress`` None: no per-step progress bar (the work reports its own)."""
+    ``steps_for_progress`` None: no per-step progress bar (the work reports its own).
+
+    ``denoise_mask`` (the edit mask, 1 = may change) reaches the model's conditioning as KSampler's noise
+    mask does (inpainting models, Wan 2.2's and LTX-Video's image-to-video read it); the blending
+    itself is the work's (the code's trajectory outside the mask), so the sampler ignores it."""
     guider = make_guider(model, positive, negative, cfg)
     callback = None if steps_for_progress is None else latent_preview.prepare_callback(model, steps_for_progress)
     noise = torch.zeros_like(latent)
-    out = guider.sample(noise, latent, _FunctionSampler(work), sigmas.to(torch.float32),
+    out = guider.sample(noise, latent, _FunctionSampler(work), sigmas.to(torch.float32), denoise_mask=denoise_mask,
                         callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
     return out.to(comfy.model_management.intermediate_device())
 

@@ -270,3 +270,42 @@ def test_direction_from_examples_is_the_mean_h_difference_and_edits_like_a_train
     assert torch.allclose(out[2:], one, atol=1e-3)            # 0.5 d + 0.5 d = d
     with pytest.raises(Exception, match="latents_without"):
         asy.AsyrpDirectionFromExamples.execute(model, with_, {"samples": torch.randn(*shape[:2], 4, 4)}, 6, 0.5)
+
+
+def test_wan_video_dit_middle_block(AN, nodes, model_dirs):
+    """Wan 2.1's own video DiT (tiny, random; UNETLoader's loader): h is the video-token output of the middle
+    block (patches_replace["dit"]), one token per latent frame x 2 x 2 patch; AsyrpEdit at strength 0 is the
+    replay bit for bit, a direction moves it (the other way at -1), another model's direction is refused."""
+    import comfy.sd
+
+    cyc, B, _, asyrp = nodes
+    with torch.inference_mode():
+        model = comfy.sd.load_diffusion_model(str(model_dirs["diffusion_models"] / "tiny_wan21.safetensors"))
+    rec = AN.model_record(model)
+    net = model.model.diffusion_model
+    assert rec["h_site"] == AN.DIT_SITE and rec["h_block"] == len(net.blocks) // 2 == 1
+    assert rec["h_channels"] == net.dim and rec["family"] == "flow" and rec["latent_format"] == "Wan21"
+    cond = cyc.EmptyConditioning.execute(model, 4).result[0]
+    T, H, W = 3, 4, 4
+    lat = {"samples": torch.randn(2, 16, T, H, W, generator=torch.Generator().manual_seed(1))}
+    work, shift = AN.patched(model)
+    sigmas = B.schedule(model, "simple", 4, 1.0)
+    with torch.inference_mode():
+        B.run_in_comfy(work, cond, cond, 1.0, lat["samples"], sigmas,
+                       lambda d, x0, _c, _g: d(x0, float(sigmas[1])), 0, None)
+    assert shift.h_shape == (net.dim, T * (H // 2) * (W // 2), 1)
+    direction = _random_direction(AN, rec, shift.h_shape, std=0.02)
+    with torch.inference_mode():
+        code = cyc.DPMEncode.execute(model, cond, cond, lat, 0, 6, "simple", 1.0, 0.1, 1.0).result[0]
+        replay = cyc.ReplayLatentWithPrompt.execute(model, cond, cond, code, 1.0).result[0]["samples"]
+        zero = asyrp.AsyrpEdit.execute(model, cond, cond, 1.0, code, direction, "0", 0.5, 0.0, 0).result[0]["samples"]
+        both = asyrp.AsyrpEdit.execute(model, cond, cond, 1.0, code, direction, "1, -1", 0.5, 0.0, 0).result[0]["samples"]
+    assert (replay - lat["samples"]).norm() / lat["samples"].norm() <= 1e-4
+    assert torch.equal(zero, replay)
+    plus, minus = both[:2] - replay, both[2:] - replay
+    assert plus.abs().max() > 1e-5 and float((plus * minus).sum()) < 0
+    with torch.inference_mode():
+        sd3 = comfy.sd.load_checkpoint_guess_config(str(model_dirs["checkpoints"] / "tiny_sd3.safetensors"),
+                                                   output_vae=False, output_clip=False)[0]
+    with pytest.raises(Exception, match="direction: it was trained on a model with model type"):
+        AN.check_direction_for_model(sd3, direction)

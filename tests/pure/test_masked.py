@@ -174,3 +174,55 @@ def test_masked_langevin_moves_only_the_masked_region(S, L, family, sigmas):
     assert torch.equal(out[outside], code.trajectory[-1][outside])
     assert (out[~outside] - x0[~outside]).abs().max() > 1e-3
     assert trace.energy[-1][0] < trace.energy[0][0] + 1e-9 or trace.energy[-1][1] < trace.energy[0][1]
+
+
+class Net3d(torch.nn.Module):
+    """A small 3-D conv x0-predictor over video latents (B, C, T, H, W)."""
+
+    def __init__(self, seed=0, ch=4):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.c1 = torch.nn.Conv3d(ch, 8, 3, padding=1)
+        self.c2 = torch.nn.Conv3d(8, ch, 3, padding=1)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g) * 0.1
+
+    def forward(self, x, sigma):
+        return x / (1 + sigma ** 2) + self.c2(torch.tanh(self.c1(x / math.sqrt(1 + sigma ** 2))))
+
+
+def test_video_latent_mask_varies_over_time_like_comfyui(S):
+    # ComfyUI (comfy.utils.reshape_mask, 3 latent dims): a (T, H, W) mask is one mask per frame, resized
+    # trilinearly to (t, h, w); a (H, W) mask is the same in every frame
+    frames = torch.zeros(9, 32, 32)
+    frames[4:, :, :16] = 1.0  # from frame 4 on, the left half may change
+    m = S.latent_mask(frames, (2, 4, 3, 4, 4))
+    ref = torch.nn.functional.interpolate(frames.reshape(1, 1, 9, 32, 32), size=(3, 4, 4), mode="trilinear")
+    assert m.shape == (2, 1, 3, 4, 4) and torch.equal(m[0:1], ref) and torch.equal(m[1:2], ref)
+    assert float(m[0, 0, 0].max()) == 0.0 and float(m[0, 0, 2, 0, 0]) == 1.0 and float(m[0, 0, 2, 0, 3]) == 0.0
+    still = S.latent_mask(frames[5], (1, 4, 3, 4, 4))
+    assert still.shape == (1, 1, 3, 4, 4) and torch.equal(still[:, :, 0], still[:, :, 2])
+    assert S.latent_mask(torch.ones(1, 1, 3, 4, 4), (1, 4, 3, 4, 4)).shape == (1, 1, 3, 4, 4)
+    with pytest.raises(S.CodeError, match="mask"):
+        S.latent_mask(torch.zeros(1, 1, 3, 4, 4), (1, 4, 8, 8))  # a video mask on image latents
+
+
+@pytest.mark.parametrize("family,sigmas", [("ve", VE), ("flow", FLOW)])
+def test_video_code_replays_exactly_keeps_masked_frames_and_saves_its_frame_count(S, pack, tmp_path, family, sigmas):
+    fmt = pack.samplers.code_format
+    src, tgt = Net3d(0), Net3d(1)
+    x0 = torch.randn(1, 4, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    frames = torch.zeros(3, 4, 4)
+    frames[2] = 1.0  # only the last frame may change
+    code = S.encode(src, x0, sigmas, 0.2, family, seed=1, mask=frames)
+    assert (S.replay(src, code) - x0).norm() / x0.norm() < 1e-5
+    out = S.replay(tgt, code)
+    assert torch.equal(out[:, :, :2], x0[:, :, :2]) or torch.allclose(out[:, :, :2], x0[:, :, :2], atol=1e-6)
+    assert (out[:, :, 2] - x0[:, :, 2]).norm() / x0[:, :, 2].norm() > 0.01
+    path = fmt.save_code(code, tmp_path / "v.dpmcode.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["frames"] == "3"
+    back = fmt.load_code(path)
+    assert back.shape == (1, 4, 3, 4, 4) and torch.equal(S.replay(tgt, back), out)

@@ -54,6 +54,10 @@ __all__ = [
     "make_sd3_checkpoint",
     "make_sdxl_checkpoint",
     "make_clip_l_text_encoder",
+    "make_wan21_diffusion_model",
+    "make_hunyuan_video_diffusion_model",
+    "make_ltxv_diffusion_model",
+    "make_wan21_vae",
     "SD15_UNET_CONFIG",
     "SDXL_UNET_CONFIG",
     "SD3_MMDIT_CONFIG",
@@ -233,3 +237,78 @@ def _clip_l_state_dict(seed: int, prefix: str = "") -> dict[str, torch.Tensor]:
 
     clip = comfy.sd1_clip.SDClipModel(device="meta", dtype=torch.float16)
     return _fill(_meta_state_dict(clip.transformer), seed + 2, dtype=torch.float16, prefix=prefix)
+
+
+# ------------------------------------------------------------------- tiny video models
+# Diffusion-model files (ComfyUI's ``diffusion_models`` folder, loaded by UNETLoader) with
+# the layouts ComfyUI's detector reads back as the real video families, at tiny sizes, and
+# a tiny Wan 2.1 VAE (``vae`` folder, VAELoader). Latents are (B, C, T, H, W).
+
+# Wan 2.1 text-to-video (comfy.supported_models.WAN21_T2V, model_base.WAN21, flow, shift 8):
+# the detector fixes one head per 128 of width and the text width at 4096 (umT5-XXL).
+WAN21_DIT_CONFIG = {"model_type": "t2v", "patch_size": (1, 2, 2), "in_dim": 16, "out_dim": 16, "dim": 128,
+                    "ffn_dim": 256, "freq_dim": 256, "text_dim": 4096, "num_heads": 1, "num_layers": 3,
+                    "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6}
+# Wan 2.2 TI2V-5B layout (WAN22_T2V, model_base.WAN22, latent format Wan22): 48 channels.
+WAN22_DIT_CONFIG = dict(WAN21_DIT_CONFIG, in_dim=48, out_dim=48, num_layers=2)
+# HunyuanVideo (comfy.supported_models.HunyuanVideo, flow, shift 7): one head of 128, one double
+# and one single block, text width 32, a 768-wide pooled vector (CLIP-L's).
+HUNYUAN_VIDEO_DIT_CONFIG = {"in_channels": 16, "out_channels": 16, "patch_size": [1, 2, 2], "vec_in_dim": 768,
+                            "context_in_dim": 32, "hidden_size": 128, "mlp_ratio": 4.0, "num_heads": 1,
+                            "depth": 1, "depth_single_blocks": 1, "axes_dim": [16, 56, 56], "theta": 256,
+                            "qkv_bias": True, "guidance_embed": False, "meanflow": False, "byt5": False,
+                            "use_cond_type_embedding": False, "vision_in_dim": None}
+# LTX-Video (comfy.supported_models.LTXV, flow, shift 2.37): 32 heads of 4, one block, text width 4096 (T5-XXL;
+# the detector fixes it).
+LTXV_DIT_CONFIG = {"in_channels": 128, "cross_attention_dim": 128, "attention_head_dim": 4,
+                   "num_attention_heads": 32, "caption_channels": 4096, "num_layers": 1}
+
+
+def _dit_file(module, seed: int, path, gain: float = 1.0) -> Path:
+    return _save(_fill(_meta_state_dict(module), seed, gain=gain), path)
+
+
+def make_wan21_diffusion_model(path, seed: int = 0, *, wan22: bool = False) -> Path:
+    """Tiny Wan 2.1 (``wan22=True``: Wan 2.2 5B, 48 latent channels) text-to-video DiT, fp32 (~4 MB).
+
+    CONDITIONING ``[[tensor(B, T, 4096), {}]]`` (what umT5-XXL gives; Empty Conditioning makes it).
+    Latent ``(B, 16 or 48, t, h, w)`` with even h, w."""
+    import comfy.ops
+    from comfy.ldm.wan.model import WanModel
+
+    cfg = WAN22_DIT_CONFIG if wan22 else WAN21_DIT_CONFIG
+    net = WanModel(**cfg, device="meta", operations=comfy.ops.disable_weight_init)
+    return _dit_file(net, seed, path)
+
+
+def make_hunyuan_video_diffusion_model(path, seed: int = 0) -> Path:
+    """Tiny HunyuanVideo DiT, fp32. CONDITIONING ``[[tensor(B, T, 32), {"pooled_output": tensor(B, 768)}]]``.
+    Latent ``(B, 16, t, h, w)`` with even h, w."""
+    import comfy.ops
+    from comfy.ldm.hunyuan_video.model import HunyuanVideo
+
+    net = HunyuanVideo(image_model="hunyuan_video", **HUNYUAN_VIDEO_DIT_CONFIG, device="meta",
+                       operations=comfy.ops.disable_weight_init)
+    return _dit_file(net, seed, path)
+
+
+def make_ltxv_diffusion_model(path, seed: int = 0) -> Path:
+    """Tiny LTX-Video DiT, fp32. CONDITIONING ``[[tensor(B, T, 4096), {}]]``. Latent ``(B, 128, t, h, w)``."""
+    import comfy.ops
+    from comfy.ldm.lightricks.model import LTXVModel
+
+    net = LTXVModel(**LTXV_DIT_CONFIG, device="meta", operations=comfy.ops.disable_weight_init)
+    return _dit_file(net, seed, path)
+
+
+def make_wan21_vae(path, seed: int = 0, dim: int = 8) -> Path:
+    """Tiny Wan 2.1 video VAE (``comfy.ldm.wan.vae.WanVAE``, width ``dim`` instead of 96), fp32.
+
+    16 latent channels; 8x spatial and 4x temporal compression as the real one: 1 + 4k frames of
+    H x W pixels <-> 1 + k latent frames of H/8 x W/8."""
+    from comfy.ldm.wan.vae import WanVAE
+
+    with torch.device("meta"):
+        vae = WanVAE(dim=dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                     temperal_downsample=[False, True, True], dropout=0.0)
+    return _save(_fill(_meta_state_dict(vae), seed + 1, gain=1.0), path)
