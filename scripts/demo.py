@@ -58,10 +58,10 @@ PIXEL_DDPM_B = "dpm_world_ddpm_squares"
 PIXEL_SIZE = 32
 PIXEL_WORKFLOW = "cyclediffusion_translate_pixel_ddpm.json"
 BEST_OF_N_WORKFLOW = "cyclediffusion_best_of_n_demo.json"
-# The video row (demo/video.py's models): the image translation row's settings (workflows/demo_translate.json)
-# on clips; shift 3 as the image flow models (ComfyUI's Wan default is 8).
-VIDEO = {"n": 32, "steps": 20, "denoise": 0.7, "eta": 0.1, "scheduler": "simple", "sampler": "euler_ancestral",
-         "shift": 3.0}   # the image translation row's settings (workflows/demo_translate.json), on clips
+# The video row (demo/video.py's models; VIDEO_WORKFLOW holds the image translation row's settings, on clips,
+# with shift 3 as the video models were trained (ComfyUI's Wan default is 8)).
+VIDEO = {"n": 32}
+VIDEO_WORKFLOW = "demo_translate_video.json"
 
 
 def rate_with_interval(k: int, n: int, z: float = 1.959963984540054) -> dict:
@@ -161,8 +161,24 @@ def install_demo_models(comfy_dir: Path) -> None:
                 continue  # a user's own file of that name: leave it
             dst.unlink()
         dst.symlink_to(src, target_is_directory=src.is_dir())
+    for name in video_module().VIDEO_NAMES.values():
+        _link(MODELS / "video" / name, Path(comfy_dir) / "models" / "diffusion_models" / name)
     write_sample_inputs(Path(comfy_dir) / "input")
     install_asyrp_directions(Path(comfy_dir) / "input")
+
+
+def _link(src: Path, dst: Path) -> None:
+    """``dst`` -> ``src`` (a user's own file of that name is left alone)."""
+    if not src.exists():
+        raise SystemExit(f"demo model {src} is missing: run `python demo/train.py` (see demo/models/TRAINING.json)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.is_symlink() and dst.resolve() == src.resolve():
+        return
+    if dst.exists() and not dst.is_symlink():
+        return
+    if dst.is_symlink():
+        dst.unlink()
+    dst.symlink_to(src, target_is_directory=src.is_dir())
 
 
 def write_sample_inputs(input_dir: Path) -> None:
@@ -173,6 +189,27 @@ def write_sample_inputs(input_dir: Path) -> None:
     for domain, name in (("A", "circles"), ("B", "squares")):
         to_frames(sample_domain(1, 7, domain)[0])[0].save(input_dir / f"dpm_world_{name}.png")
     write_masked_sample(input_dir)
+    write_video_sample(input_dir)
+
+
+def video_latents(clips):
+    """(n, T, 3, 64, 64) clips -> (the Wan-format video latent, the per-frame SD3 image latents), as ComfyUI's
+    samplers take them (the files workflows/demo_translate_video.json loads), and the model-space latent."""
+    in_process_comfy()
+    import comfy.latent_formats
+
+    V = video_module()
+    x0 = V.encode_clips(V.world_vae(), clips)
+    return V.to_raw(x0), comfy.latent_formats.SD3().process_out(V.frames_of(x0)), x0
+
+
+def write_video_sample(input_dir: Path) -> None:
+    """dpm_world_clip_circles.latent / _frames.latent: one clip of a moving circle, for the video workflow by hand."""
+    from dpmtools.graphs import write_latent
+
+    clip, frames, _ = video_latents(world().sample_clip_domain(1, 7, "A")[0])
+    write_latent(input_dir, "dpm_world_clip_circles", clip)
+    write_latent(input_dir, "dpm_world_clip_circles_frames", frames)
     write_example_sets(input_dir)
 
 
@@ -412,7 +449,7 @@ def measure(server, n: int = 64, seed: int = 0, langevin_steps: int = LANGEVIN_S
     metrics["best_of_n"] = measure_best_of_n(server, files["A"])
     metrics["asyrp"], asyrp_images = measure_asyrp(server, seed=seed)
     images.update(asyrp_images)
-    metrics["video"], video_images = measure_video(n=video_n, seed=seed)
+    metrics["video"], video_images = measure_video(server, n=video_n, seed=seed)
     images.update(video_images)
     add_rate_intervals(metrics)
     return metrics, images
@@ -485,11 +522,6 @@ def video_module():
     return load_module("dpm_latent_demo_video", REPO / "demo" / "video.py")
 
 
-def encoder_module():
-    """samplers/ (pure torch over a sigma-space denoiser), loaded by path as a package of its own."""
-    return load_module("dpm_latent_demo_samplers", REPO / "samplers" / "__init__.py", package=True)
-
-
 def in_process_comfy():
     """ComfyUI importable in this process, on the CPU in fp32 (the video row runs its models here)."""
     from dpmtools import comfy_env
@@ -542,69 +574,49 @@ def clip_measures(clips, attrs, shape: str) -> dict:
     }
 
 
-def measure_video(n: int = VIDEO["n"], seed: int = 0) -> tuple[dict, dict]:
-    """Video translation circles -> squares on clips of the world in motion (demo/video.py's models).
-
-    Runs in this process through ComfyUI's own model classes and sampler (not through the server:
-    the pack's nodes take 5-D latents only from issue 19 item 1 on): DPM Encode of the whole clip with
-    video model A and replay with video model B (samplers/dpm_encoder.py over the models' sigma-space
-    denoisers), against ComfyUI's own video SDEdit (comfy.sample.sample, KSampler's path, on the whole
-    clip with video model B at the same denoise) and per-frame SDEdit (the same KSampler with the image
-    flow model B on each frame, each frame its own noise)."""
-    import numpy as np
+def measure_video(server, n: int = VIDEO["n"], seed: int = 0) -> tuple[dict, dict]:
+    """Video translation circles -> squares on clips of the world in motion (demo/video.py's models), through the
+    server with the shipped workflows/demo_translate_video.json: DPM Encode of the whole clip with video model A
+    and replay with video model B, against ComfyUI's own video SDEdit (KSampler with video model B on the clip at
+    the same denoise) and per-frame SDEdit (KSampler with the image flow model B on each frame, each frame its own
+    noise). The clips are encoded and the results decoded here, frame by frame with the world's image VAE (the
+    video VAE of these models, demo/video.py); the latents travel as .latent files (LoadLatent / SaveLatent)."""
     import torch
 
     in_process_comfy()
-    import comfy.model_patcher
-    import comfy.sample
-    import comfy.samplers
-    import comfy.sd
+    import comfy.latent_formats
+    from dpmtools.graphs import saved_latents, write_latent
 
-    W, V, E = world(), video_module(), encoder_module()
+    W, V = world(), video_module()
     t0 = time.perf_counter()
     clips, attrs = W.sample_clip_domain(n, seed + 3000, "A")
     frames = clips.shape[1]
     vae = V.world_vae()
-    x0 = V.encode_clips(vae, clips)                               # model space (n, 16, T, 8, 8)
-    cpu = torch.device("cpu")
-    video = {}
-    for d in ("A", "B"):
-        m = V.load_model(d)
-        m.model_sampling.set_parameters(shift=VIDEO["shift"])
-        video[d] = comfy.model_patcher.ModelPatcher(m, load_device=cpu, offload_device=cpu)
-    steps, denoise = VIDEO["steps"], VIDEO["denoise"]
-    full = int(steps / denoise)
-    sigmas = comfy.samplers.calculate_sigmas(video["A"].get_model_object("model_sampling"), VIDEO["scheduler"],
-                                             full)[-(steps + 1):].double()
-    out: dict = {"roundtrip": V.decode_clips(vae, x0)}
-    t = time.perf_counter()
-    DA, DB = V.denoiser(video["A"].model), V.denoiser(video["B"].model)
-    code = E.encode(DA, x0, sigmas, VIDEO["eta"], "flow", seed)
-    rec = E.replay(DA, code)
-    out["replay"] = V.decode_clips(vae, E.replay(DB, code))
-    times = {"encode_replay_twice": time.perf_counter() - t}
-    rec_err = float(((rec - x0).norm() / x0.norm()))
-
-    def ksampler(patcher, raw, cond):
-        noise = comfy.sample.prepare_noise(raw, seed)
-        return comfy.sample.sample(patcher, noise, steps, 1.0, VIDEO["sampler"], VIDEO["scheduler"], cond, cond,
-                                   raw, denoise=denoise, disable_pbar=True, seed=seed)
-
-    t = time.perf_counter()
-    vcond = [[V.zero_context(1), {}]]
-    out["video_sdedit"] = V.decode_clips(vae, V.from_raw(ksampler(video["B"], V.to_raw(x0), vcond)))
-    times["video_sdedit"] = time.perf_counter() - t
-    t = time.perf_counter()
-    image_b = comfy.sd.load_checkpoint_guess_config(str(MODELS / "checkpoints" / CKPT_B), output_vae=False,
-                                                    output_clip=False)[0]
-    lf = image_b.model.latent_format
-    icond = [[torch.zeros(1, 1, 32), {"pooled_output": torch.zeros(1, 32)}]]
-    per_frame = lf.process_out(V.frames_of(x0))                   # each frame an image latent of model B
-    out["frame_sdedit"] = V.decode_clips(vae, V.clips_of(lf.process_in(ksampler(image_b, per_frame, icond)), frames))
-    times["frame_sdedit"] = time.perf_counter() - t
-    m: dict = {"n_clips": n, "frames": frames, **{k: VIDEO[k] for k in ("steps", "denoise", "eta", "scheduler",
-                                                                        "sampler", "shift")},
-               "reconstruction_relative_error": rec_err, "seconds": times}
+    raw_clips, raw_frames, x0 = video_latents(clips)              # x0: model space (n, 16, T, 8, 8)
+    sd3 = comfy.latent_formats.SD3()
+    clip_file = write_latent(Path(server.input_dir), f"dpm_video_clips_{n}_{seed}", raw_clips)
+    frame_file = write_latent(Path(server.input_dir), f"dpm_video_frames_{n}_{seed}", raw_frames)
+    seeded = {k: {"seed": seed} for k in ("DPM Encode the clip with A", "Baseline: ComfyUI video SDEdit with B",
+                                          "Baseline: per-frame SDEdit with image B")}
+    g, _ = shipped(server, VIDEO_WORKFLOW, {"Clip (video latent)": {"latent": clip_file},
+                                            "Frames (image latents)": {"latent": frame_file}, **seeded})
+    prompt = g.prompt()
+    saves = {nd["inputs"]["filename_prefix"]: nid for nid, nd in prompt.items() if nd["class_type"] == "SaveLatent"}
+    entry, dt = run_prompt(server, prompt)
+    raw = {k[len("dpm_video/"):]: saved_latents(server, entry, nid) for k, nid in saves.items()
+           if k.startswith("dpm_video/")}
+    lat = {k: V.from_raw(raw[k]) for k in ("reconstruction", "translation", "video_sdedit")}
+    lat["frame_sdedit"] = V.clips_of(sd3.process_in(raw["frame_sdedit"]), frames)
+    out = {"roundtrip": V.decode_clips(vae, x0), "replay": V.decode_clips(vae, lat["translation"]),
+           "video_sdedit": V.decode_clips(vae, lat["video_sdedit"]),
+           "frame_sdedit": V.decode_clips(vae, lat["frame_sdedit"])}
+    enc = node_inputs(prompt, "DPMEncode")
+    ks = node_inputs(prompt, "Baseline: ComfyUI video SDEdit with B")
+    m: dict = {"n_clips": n, "frames": frames, "steps": enc["steps"], "denoise": enc["denoise"], "eta": enc["eta"],
+               "scheduler": enc["scheduler"], "baseline_sampler": ks["sampler_name"],
+               "shift": sorted({nd["inputs"]["shift"] for nd in prompt.values() if nd["class_type"] == "ModelSamplingSD3"}),
+               "reconstruction_relative_error": float((lat["reconstruction"] - x0).norm() / x0.norm()),
+               "seconds": {"server": dt}}
     for key in ("replay", "video_sdedit", "frame_sdedit", "roundtrip"):
         m[key] = clip_measures(out[key], attrs, "circle" if key == "roundtrip" else "square")
     m["seconds"]["total"] = time.perf_counter() - t0
@@ -1029,7 +1041,8 @@ def main(argv=None) -> int:
     work.mkdir(exist_ok=True)
     server = ComfyServer(comfy_dir, work, python=sys.executable,
                          model_dirs={"checkpoints": MODELS / "checkpoints", "clip_energy": MODELS / "clip_energy",
-                                     "diffusers": MODELS / "diffusers"}, pack_name="dpm-latent-demo")
+                                     "diffusers": MODELS / "diffusers", "diffusion_models": MODELS / "video"},
+                         pack_name="dpm-latent-demo")
     print(f"starting ComfyUI from {comfy_dir} ...", flush=True)
     server.start()
     try:
