@@ -9,7 +9,7 @@ from .asyrp import (AsyrpDirectionFromExamples, AsyrpEdit, AsyrpEditDDIM, AsyrpT
                     CombineAsyrpDirections, LoadAsyrpDirection, SaveAsyrpDirection)
 from .asyrp_interval import AsyrpInterval
 from .best_of_n import DPMPrunedReplay, DPMSweep, RankByCLIP
-from .clip_guidance import CLIPEnergy, CombineEnergies, LangevinLatentSampler
+from .clip_guidance import CLIPEnergy, CombineEnergies, LangevinLatentSampler, VideoEnergy
 from .diffusers_ddpm import LoadDiffusersDDPM
 from .latent_codes import (DPMEncode, EmptyConditioning, LoadLatentCode, RandomLatentCode, ReplayLatentWithPrompt,
                            SaveLatentCode)
@@ -26,6 +26,7 @@ class DPMLatentExtension(ComfyExtension):
             RandomLatentCode,
             CLIPEnergy,
             CombineEnergies,
+            VideoEnergy,
             LangevinLatentSampler,
             AsyrpTrainDirection,
             AsyrpDirectionFromExamples,

@@ -1,14 +1,17 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Plug-and-play guidance nodes: CLIP Energy, Combine Energies, Langevin Latent Sampler
+"""Plug-and-play guidance nodes: CLIP Energy, Combine Energies, Video Energy, Langevin Latent Sampler
 (the Langevin run: ``bridge/langevin_run.py``; the CLIP model load: ``bridge/clip_models.py``)."""
 from __future__ import annotations
 
 from comfy_api.latest import io
 
 from ..guidance import POLICIES, CombinedEnergy
+from ..guidance.video import VideoEnergy as VideoEnergyTerm
+from ..guidance.video import parse_frames
 from .bridge import clip_models as CM
 from .bridge import inputs as I
 from .bridge.langevin_run import MEMORY_MODES, run_langevin
+from .bridge.sampling import NodeInputError
 from .bridge.types import CATEGORY, EnergyIO, LatentCodeIO
 
 
@@ -78,6 +81,40 @@ class CombineEnergies(io.ComfyNode):
                 weight_4=1.0) -> io.NodeOutput:
         pairs = [(energy_1, weight_1), (energy_2, weight_2), (energy_3, weight_3), (energy_4, weight_4)]
         return io.NodeOutput(CombinedEnergy([CombinedEnergy([e], weight=w) for e, w in pairs if e is not None]))
+
+
+class VideoEnergy(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="VideoEnergy",
+            display_name="Video Energy",
+            category=CATEGORY,
+            description=(
+                "Makes an image energy (CLIP Energy, Combine Energies) score a video clip for Langevin Latent "
+                "Sampler: averaged over every frame or over chosen frames, plus an optional temporal-consistency "
+                "term. Without it, a video code's energy is averaged over every frame."),
+            inputs=[
+                EnergyIO.Input("energy", tooltip="The per-frame energy (CLIP Energy or Combine Energies)."),
+                io.String.Input("frames", default="all",
+                                tooltip="Pixel frames the energy reads: 'all', a list '0, 8, 16' or a range "
+                                        "'0-16:4' (from 0 to 16 every 4). Each Langevin step decodes only the "
+                                        "clip's start up to the last chosen frame (the video VAEs are causal: "
+                                        "those frames are exact), so early frames are cheaper on a long clip."),
+                io.Float.Input("temporal_weight", default=0.0, min=0.0, max=100000.0, step=1.0,
+                               tooltip="Weight of the temporal-consistency energy: the mean squared change between "
+                                       "consecutive decoded frames (pixels in [0, 1]). 0 leaves it out."),
+            ],
+            outputs=[EnergyIO.Output(display_name="energy")],
+        )
+
+    @classmethod
+    def execute(cls, energy, frames, temporal_weight) -> io.NodeOutput:
+        try:
+            chosen = parse_frames(frames)
+        except ValueError as e:
+            raise NodeInputError(str(e)) from None
+        return io.NodeOutput(VideoEnergyTerm(energy, chosen, temporal_weight))
 
 
 class LangevinLatentSampler(io.ComfyNode):

@@ -99,14 +99,59 @@ def alias_conds(conds: dict) -> None:
                 entry["model_conds"] = new
 
 
-def vae_decoder(vae, model_wrap):
-    """model-space latent -> images (B, 3, H, W), differentiable.
+def vae_decoder(vae, model_wrap, latent_frames=None):
+    """model-space latent -> images (B, 3, H, W), or clips (B, 3, F, H, W) for video latents, differentiable.
 
     (x + 1) / 2 without VAE Decode's final clamp, so that saturated pixels still pass a
-    gradient to the energy (the CLIP energy clamps nothing either)."""
+    gradient to the energy (the CLIP energy clamps nothing either). ``latent_frames``: decode only
+    the first that many latent frames of a video latent (a causal video VAE gives exactly the first
+    frames of the full decode; see ``guidance.video``)."""
+    fmt = None
+
     def decode(x: torch.Tensor) -> torch.Tensor:
-        lat = model_wrap.inner_model.process_latent_out(x)
+        nonlocal fmt
+        if latent_frames is not None and x.dim() == 5:
+            x = x[:, :, :latent_frames]
+        if fmt is None:
+            fmt = aliased_latent_format(model_wrap.inner_model.latent_format)
+        lat = fmt.process_out(x)
         img = vae.first_stage_model.decode(lat.to(device=vae.device, dtype=vae.vae_dtype))
         img = (img.float() + 1.0) / 2.0
         return img[:, :3].to(x.device)
     return decode
+
+
+def aliased_latent_format(fmt):
+    """A shallow copy of a ComfyUI latent format whose tensors (Wan's / Mochi's per-channel mean and std,
+    made under inference mode when the model loaded) are aliases autograd may save. Call outside
+    inference mode; the model's own latent format is not changed."""
+    import copy
+
+    tensors = {k: v for k, v in vars(fmt).items() if isinstance(v, torch.Tensor) and v.is_inference()}
+    if not tensors:
+        return fmt
+    out = copy.copy(fmt)
+    for k, v in tensors.items():
+        setattr(out, k, alias(v))
+    return out
+
+
+def latent_frames_for(vae, pixel_frame: int, latent_frames: int) -> int:
+    """How many latent frames (a prefix) a video VAE must decode to reach pixel frame ``pixel_frame``: the
+    smallest n whose decode has more than ``pixel_frame`` frames (ComfyUI's ``vae.upscale_ratio[0]``, e.g.
+    Wan: 1 + 4 (n - 1)). All of them when the VAE does not say."""
+    ratio = getattr(vae, "upscale_ratio", None)
+    up = ratio[0] if isinstance(ratio, (tuple, list)) and ratio else None
+    if not callable(up):
+        return latent_frames
+    for n in range(1, latent_frames + 1):
+        if int(up(n)) > pixel_frame:
+            return n
+    return latent_frames
+
+
+def pixel_frames_of(vae, latent_frames: int):
+    """Pixel frames a video VAE decodes from ``latent_frames`` (None when the VAE does not say)."""
+    ratio = getattr(vae, "upscale_ratio", None)
+    up = ratio[0] if isinstance(ratio, (tuple, list)) and ratio else None
+    return int(up(latent_frames)) if callable(up) else None

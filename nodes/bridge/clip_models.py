@@ -119,6 +119,7 @@ def energy_patchers(energy) -> list:
         if p is not None and all(p is not q for q in found):
             found.append(p)
         stack.extend(getattr(e, "energies", None) or [])
+        stack.append(getattr(e, "energy", None))  # a VideoEnergy wraps one
     return found
 
 

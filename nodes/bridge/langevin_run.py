@@ -18,11 +18,13 @@ import comfy.utils
 import latent_preview
 
 from ...guidance.langevin import langevin
+from ...guidance.video import VideoEnergy
 from ...samplers import replay
 from . import clip_models as CM
 from . import plot as P
 from . import sampling as B
-from .autograd import UnsupportedWeights, alias_conds, control_modules, gradients_through, vae_decoder
+from .autograd import (UnsupportedWeights, alias_conds, control_modules, gradients_through, latent_frames_for,
+                       pixel_frames_of, vae_decoder)
 
 
 def energy_plot(energy: list[list[float]], prior: list[list[float]], size=P.SIZE) -> torch.Tensor:
@@ -70,7 +72,36 @@ def _graph_bytes_of_one_step(denoise_fn, code, params) -> int:
     return total[0]
 
 
-def _keep_whole_chain(memory, denoise_fn, guider, code, need: int, device) -> tuple[bool, str]:
+def _graph_bytes_of_decode(decode, energy_fn, code, params) -> int:
+    """Bytes autograd saves for the backward pass of one decode (VAE) of the code's start latent: for a
+    video VAE this is the largest item of a Langevin step (every frame's activations at full resolution),
+    held in either memory mode. Counted as ``_graph_bytes_of_one_step`` counts a chain step."""
+    weights = {p.data_ptr() for p in params}
+    held, seen, total = [], set(), [0]
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr() if t.device.type != "meta" else None
+        if ptr is not None and ptr not in weights and ptr not in seen:
+            seen.add(ptr)
+            total[0] += t.untyped_storage().nbytes()
+        held.append(t)
+        return None
+
+    def unpack(_placeholder):
+        raise RuntimeError("the Langevin memory probe's graph is for measuring only; it has no backward pass")
+
+    x = code.x_start().detach().requires_grad_(True)
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            out = decode(x)
+        del out
+    finally:
+        held.clear()
+    return total[0]
+
+
+def _keep_whole_chain(memory, denoise_fn, guider, code, need: int, device, decode_bytes: int = 0
+                      ) -> tuple[bool, str]:
     """Whether the gradient keeps the chain's whole autograd graph (one forward + one backward per step)
     instead of recomputing each step (memory flat in the chain length, about 1.6x slower on the demo
     model at batch 16). ``auto`` measures what one step keeps for the backward pass (one probe call) and
@@ -88,12 +119,40 @@ def _keep_whole_chain(memory, denoise_fn, guider, code, need: int, device) -> tu
         if _is_out_of_memory(e):
             comfy.model_management.soft_empty_cache()
         return False, f"auto: could not measure one step ({type(e).__name__}), recomputing each step"
-    graph = code.steps * per_step + need
+    graph = code.steps * per_step + need + decode_bytes
     free = comfy.model_management.get_free_memory(device)
     keep = graph < 0.5 * free
-    return keep, (f"auto: the whole chain's graph, measured {per_step / 2**20:.3g} MB per step, "
+    video = ""
+    if decode_bytes:
+        # held in either mode (one decode per Langevin step); it decides whether anything else fits
+        ratio = decode_bytes / max(per_step, 1)
+        video = (f"the video VAE decode's backward measured {decode_bytes / 2**20:.3g} MB, "
+                 f"{ratio:.3g}x a chain step's ({'the largest item' if ratio >= 1 else 'smaller than a step'}), ")
+        if decode_bytes > 0.5 * free:
+            video += "more than half the free memory: choose fewer frames with Video Energy, "
+    return keep, (f"auto: {video}the whole chain's graph, measured {per_step / 2**20:.3g} MB per step, "
                   f"{graph / 2**20:.0f} MB with the decode, {'fits' if keep else 'does not fit'} in half of "
                   f"{free / 2**20:.0f} MB free")
+
+
+def _video_decode_bytes(memory, decode, code, vae) -> int:
+    """The video decode's backward bytes: measured under ``auto`` (one probe decode), else ComfyUI's estimate."""
+    if memory == MEMORY_MODES[0]:
+        try:
+            return _graph_bytes_of_decode(decode, None, code, vae.first_stage_model.parameters())
+        except Exception as e:  # noqa: BLE001 -- an estimate only
+            if _is_out_of_memory(e):
+                comfy.model_management.soft_empty_cache()
+    try:
+        return int(2 * vae.memory_used_decode(tuple(code.shape), vae.vae_dtype))
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def _frames_text(energy) -> str:
+    frames = "every frame" if energy.frames is None else "frames " + ", ".join(str(f) for f in energy.frames)
+    t = f", temporal weight {energy.temporal_weight:g}" if energy.temporal_weight else ""
+    return f"CLIP energy averaged over {frames}{t}"
 
 
 def _previews_on(model) -> bool:
@@ -111,7 +170,8 @@ def _previews_on(model) -> bool:
 def step_preview(images: torch.Tensor) -> tuple:
     """The first image of a Langevin step as ComfyUI's samplers hand a preview to the progress bar: a JPEG
     the server scales to fit ``--preview-size`` (512 by default), one per step."""
-    pixels = (images[0].detach().movedim(0, -1).clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    first = images[0] if images.dim() == 4 else images[0, :, 0]  # a clip (B, 3, F, H, W): its first frame
+    pixels = (first.detach().movedim(0, -1).clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
     return "JPEG", Image.fromarray(pixels), latent_preview.MAX_PREVIEW_RESOLUTION
 
 
@@ -143,6 +203,21 @@ def run_langevin(model, positive, negative, cfg, vae, energy, latent_code, steps
     if update not in ("all components", "start only"):
         raise B.NodeInputError(f"update: {update!r} is not 'all components' or 'start only'")
     mode = "all" if update == "all components" else "start"
+    video = len(code.shape) == 5
+    if video and not isinstance(energy, VideoEnergy):
+        energy = VideoEnergy(energy)  # every frame, averaged; Video Energy chooses frames and a temporal term
+    if not video and isinstance(energy, VideoEnergy):
+        raise B.NodeInputError("energy: a Video Energy scores decoded clips, but this code is of image latents; "
+                               "connect the CLIP Energy directly")
+    latent_frames = None
+    if video:
+        pixels = pixel_frames_of(vae, code.shape[2])
+        last = energy.last_frame()
+        if last is not None and pixels is not None and last >= pixels:
+            raise B.NodeInputError(
+                f"energy: Video Energy reads frame {last} but the clip has {pixels} frames ({code.shape[2]} latent "
+                f"frames, 0 .. {pixels - 1})")
+        latent_frames = code.shape[2] if last is None else latent_frames_for(vae, last, code.shape[2])
     result = {}
     pbar = comfy.utils.ProgressBar(max(steps, 1))
     previews = _previews_on(model)
@@ -172,13 +247,21 @@ def run_langevin(model, positive, negative, cfg, vae, energy, latent_code, steps
                     dev_energy = energy.on_device(CM.model_device(clips[0]))
                 elif hasattr(energy, "on_device"):
                     dev_energy = energy.on_device(device)
-                decode = vae_decoder(vae, guider)
+                decode = vae_decoder(vae, guider, latent_frames)
+                decode_bytes = 0
+                if video:
+                    decode_bytes = _video_decode_bytes(memory, decode, dev_code, vae)
 
                 def progress(k, images, _e):
                     pbar.update_absolute(k + 1, max(steps, 1), step_preview(images) if previews else None)
 
-                keep, why = _keep_whole_chain(memory, denoise_fn, guider, dev_code, need, device)
+                keep, why = _keep_whole_chain(memory, denoise_fn, guider, dev_code, need, device, decode_bytes)
                 result["gradient"] = ("whole chain kept" if keep else "recomputed per step") + f" ({why})"
+                if video:
+                    result["gradient"] += (f"; decoding {latent_frames} of {code.shape[2]} latent frames each step "
+                                           f"({_frames_text(energy)})")
+                    if memory != MEMORY_MODES[0]:
+                        result["gradient"] += f"; the video VAE decode's backward, estimated {decode_bytes / 2**20:.3g} MB"
                 logging.info("Langevin Latent Sampler: %d steps on a %d-step chain, batch %d; gradient %s", steps,
                              code.steps, code.batch_size, result["gradient"])
 

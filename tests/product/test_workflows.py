@@ -83,6 +83,14 @@ CHECKPOINTS = {
 DIFFUSERS = {
     "google/ddpm-cifar10-32": "tiny_ddpm_eps",
 }
+# Video workflows: diffusion-model and VAE files -> the tiny video models the model_dirs fixture builds (plus the
+# workflow's own ``extra.dpm_latent_test.diffusion_models`` / ``vae``); Load Video reads a generated SIZE x SIZE
+# clip of CLIP_FRAMES frames; a decoded clip is checked on frame CHECK_FRAME (Image From Batch + Save Image)
+DIFFUSION_MODELS = {"wan2.1_t2v_1.3B_fp16.safetensors": "tiny_wan21.safetensors"}
+VAES = {"wan_2.1_vae.safetensors": "tiny_wan21_vae.safetensors"}
+CLIP_FRAMES = 9
+CHECK_FRAME = 6
+ANIMATED = {"CreateVideo", "SaveAnimatedWEBP", "SaveAnimatedPNG", "SaveWEBM"}
 # tiny checkpoint -> how CLIP Text Encode is handled: "clip_l" (tiny CLIP-L) or "empty" (Empty Conditioning)
 TEXT = {
     "tiny_sd15.safetensors": "clip_l",
@@ -342,6 +350,30 @@ def _test_image(path: Path, inverted: bool = False) -> None:
     Image.fromarray(rgba, "RGBA").save(path)
 
 
+def clip_name(image_name: str) -> str:
+    return image_name.replace(".png", ".mp4")
+
+
+def _test_clip(path: Path) -> None:
+    """The test clip: CLIP_FRAMES frames of SIZE x SIZE, a disc moving left to right over a gradient, H.264."""
+    import av
+
+    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / (SIZE - 1)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=8)
+        stream.width = stream.height = SIZE
+        stream.pix_fmt = "yuv420p"
+        for f in range(CLIP_FRAMES):
+            cx = 0.25 + 0.5 * f / (CLIP_FRAMES - 1)
+            disc = ((x - cx) ** 2 + (y - 0.5) ** 2 < 0.04).astype(np.float32)
+            rgb = np.stack([0.2 + 0.6 * x, 0.3 + 0.5 * y * (1 - disc) + 0.4 * disc, 0.8 - 0.5 * x * y], axis=-1)
+            frame = av.VideoFrame.from_ndarray((rgb.clip(0, 1) * 255).round().astype(np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
 def inverted_name(image_name: str) -> str:
     return image_name.replace(".png", "_inverted.png")
 
@@ -389,6 +421,16 @@ def _adapt(ui: dict, object_info: dict, image_name: str, stem: str):
                 f"{stem}: no tiny DDPM folder for model_name {name!r}: add it to DIFFUSERS in this test or to "
                 "extra.dpm_latent_test.diffusers in the workflow")
             inp["model_name"] = ddpm_map[name]
+        elif node["class_type"] == "UNETLoader":
+            dmap = {**DIFFUSION_MODELS, **(cfg.get("diffusion_models") or {})}
+            assert inp["unet_name"] in dmap, f"{stem}: no tiny model for {inp['unet_name']!r} (see DIFFUSION_MODELS)"
+            inp["unet_name"] = dmap[inp["unet_name"]]
+        elif node["class_type"] == "VAELoader":
+            vmap = {**VAES, **(cfg.get("vae") or {})}
+            assert inp["vae_name"] in vmap, f"{stem}: no tiny VAE for {inp['vae_name']!r} (see VAES)"
+            inp["vae_name"] = vmap[inp["vae_name"]]
+        elif node["class_type"] == "LoadVideo":
+            inp["file"] = clip_name(image_name)
         elif node["class_type"] == "LoadImage":
             variant = (cfg.get("images") or {}).get(nid)
             assert variant in (None, "inverted"), f"{stem}: unknown test image variant {variant!r}"
@@ -418,34 +460,52 @@ def _adapt(ui: dict, object_info: dict, image_name: str, stem: str):
     encoder_positives = linked_from("DPMEncode", "positive")
     replay_positives = linked_from("ReplayLatentWithPrompt", "positive")
     clip_loader = None
+    video = any(n["class_type"] == "UNETLoader" for n in api.values())
     for nid in [k for k, n in api.items() if n["class_type"] == "CLIPTextEncode"]:
         src = api[nid]["inputs"]["clip"]
-        assert isinstance(src, list) and src[0] in tiny and src[1] == 1, (
-            f"{stem}: CLIP Text Encode {nid} is not fed by a checkpoint's CLIP output; extend this test")
-        kind = TEXT[tiny[src[0]]]
-        if kind == "clip_l":
-            if clip_loader is None:
-                clip_loader = add("CLIPLoader", clip_name="tiny_clip_l.safetensors", type="stable_diffusion")
-            api[nid]["inputs"]["clip"] = [clip_loader, 0]
-            continue
-        model = [src[0], 0]
+        if video and isinstance(src, list) and api[src[0]]["class_type"] == "CLIPLoader":
+            # a video model's own text encoder (umT5-XXL) has no tiny twin: Empty Conditioning for the model
+            # the encoder uses, a target limited to the left half (as for SD3 / SDXL below)
+            model = next(n["inputs"]["model"] for n in api.values() if n["class_type"] == "DPMEncode")
+        else:
+            assert isinstance(src, list) and src[0] in tiny and src[1] == 1, (
+                f"{stem}: CLIP Text Encode {nid} is not fed by a checkpoint's CLIP output; extend this test")
+            kind = TEXT[tiny[src[0]]]
+            if kind == "clip_l":
+                if clip_loader is None:
+                    clip_loader = add("CLIPLoader", clip_name="tiny_clip_l.safetensors", type="stable_diffusion")
+                api[nid]["inputs"]["clip"] = [clip_loader, 0]
+                continue
+            model = [src[0], 0]
         is_target = (nid, 0) in replay_positives and (nid, 0) not in encoder_positives
         if is_target:
             empty = add("EmptyConditioning", model=model, tokens=77)
             api[nid] = {"class_type": "ConditioningSetAreaPercentage",
                         "inputs": {"conditioning": [empty, 0], "width": 0.5, "height": 1.0, "x": 0.0, "y": 0.0,
                                    "strength": 1.0}}
+            if video:  # ComfyUI's video twin of the node: every frame, the left half
+                api[nid] = {"class_type": "ConditioningSetAreaPercentageVideo",
+                            "inputs": {"conditioning": [empty, 0], "width": 0.5, "height": 1.0, "temporal": 1.0,
+                                       "x": 0.0, "y": 0.0, "z": 0.0, "strength": 1.0}}
         else:
             api[nid] = {"class_type": "EmptyConditioning", "inputs": {"model": model, "tokens": 77}}
+
+    used = {tuple(v)[0] for n in api.values() for v in n["inputs"].values() if isinstance(v, list) and len(v) == 2}
+    for nid in [k for k, n in api.items() if n["class_type"] == "CLIPLoader" and k not in used]:
+        del api[nid]  # a video model's text encoder, no longer used
+
+    def frame(images):
+        """A decoded clip's frame CHECK_FRAME (so Save Image writes one picture); an image as it is."""
+        return [add("ImageFromBatch", image=images, batch_index=CHECK_FRAME, length=1), 0] if video else images
 
     def reconstruction(eid, vae):
         """Save Image ids of the replay with the encoder's own settings and of the VAE round trip."""
         enc = api[eid]["inputs"]
         same = add("ReplayLatentWithPrompt", model=enc["model"], positive=enc["positive"],
                    negative=enc["negative"], latent_code=[eid, 0], cfg=enc["cfg"])
-        rec = add("SaveImage", images=[add("VAEDecode", samples=[same, 0], vae=vae), 0],
+        rec = add("SaveImage", images=frame([add("VAEDecode", samples=[same, 0], vae=vae), 0]),
                   filename_prefix=f"wf_test/{stem}_reconstruction")
-        rt = add("SaveImage", images=[add("VAEDecode", samples=enc["latent_image"], vae=vae), 0],
+        rt = add("SaveImage", images=frame([add("VAEDecode", samples=enc["latent_image"], vae=vae), 0]),
                  filename_prefix=f"wf_test/{stem}_vae_round_trip")
         return rec, rt
 
@@ -465,6 +525,10 @@ def _adapt(ui: dict, object_info: dict, image_name: str, stem: str):
             feeds = [[did, 0]] + [[k, 0] for k, n in api.items()
                                   if n["class_type"] == "RankByCLIP" and n["inputs"]["images"] == [did, 0]]
             outs = [k for k, n in api.items() if n["class_type"] == "SaveImage" and n["inputs"]["images"] in feeds]
+            if video and not outs:  # a clip saved as an animated file: check one frame of it
+                assert any(n["class_type"] in ANIMATED and n["inputs"].get("images") == [did, 0] for n in api.values()), (
+                    f"{stem}: the decoded clip {did} is not saved as an animated file")
+                outs = [add("SaveImage", images=frame([did, 0]), filename_prefix=f"wf_test/{stem}_frame")]
             assert outs, f"{stem}: the decoded replay {did} is not saved"
             vae = api[did]["inputs"]["vae"]
             rec, rt = reconstruction(eid, vae)
@@ -569,6 +633,7 @@ def test_workflow_runs_and_reconstructs(path, server, object_info):
     image_name = f"wf_{path.stem}.png"
     _test_image(Path(server.input_dir) / image_name)
     _test_image(Path(server.input_dir) / inverted_name(image_name), inverted=True)
+    _test_clip(Path(server.input_dir) / clip_name(image_name))
     api, checks = _adapt(_load(path), object_info, image_name, path.stem)
     assert checks, (f"{path.name}: no DPM Encode -> Replay -> VAE Decode -> Save Image chain "
                     "and no Langevin Latent Sampler -> VAE Decode -> Save Image chain")
