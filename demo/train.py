@@ -12,6 +12,9 @@ Writes to ``demo/models`` (next to this file):
 * ``diffusers/dpm_world_ddpm_{circles,squares}/`` -- pixel-space diffusers DDPMs (32x32), A and B;
 * ``asyrp/*.asyrp.safetensors`` -- Asyrp directions "red -> blue" for the DDPM A and flow model B,
   and three channel-permuted random controls of each;
+* ``video/dpm_world_video_{circles,squares}.safetensors`` -- the world in motion: two unconditional
+  video flow models in ComfyUI's Wan 2.1 layout (demo/video.py), A on 8-frame clips of a moving
+  circle, B on moving squares, over the image VAE's per-frame latents;
 * ``TRAINING.json`` -- seeds, step counts, wall times and quality numbers.
 
 The VAE is ComfyUI's TAESD layout with 16 latent channels (8x downsampling,
@@ -34,6 +37,8 @@ Usage (the ComfyUI folder comes from --comfyui, DPM_LATENT_COMFYUI or COMFYUI_PA
     python demo/train.py --parts verify   # only re-measure the shipped models
 
 Parts: ``vae``, ``flow_a``, ``flow_b``, ``clip``, ``ddpm_a``, ``ddpm_b`` (alias ``ddpm``),
+``video_a``, ``video_b`` (alias ``video``: two single-threaded processes; they need the shipped image
+checkpoint for its VAE),
 ``asyrp_ddpm``, ``asyrp_flow`` (alias ``asyrp``: the Asyrp h-space directions of ``asyrp/``, trained
 through the pack's own Asyrp Train Direction node on the shipped models, with their random-direction
 controls; ``asyrp_controls`` rewrites only the controls) and ``verify`` (default: all, in order).
@@ -1024,6 +1029,7 @@ def run_parallel(args, ap, stages=None):
     stage(["flow_a", "flow_b"])
     stage(["ddpm_a", "ddpm_b"])
     stage(["asyrp_ddpm", "asyrp_flow"])
+    stage(["video_a", "video_b"])
     stage(["verify"])
     log(f"all parts done in {time.time() - t0:.0f}s")
 
@@ -1031,7 +1037,7 @@ def run_parallel(args, ap, stages=None):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--comfyui", default=None)
-    ap.add_argument("--parts", default="vae,flow_a,flow_b,clip,ddpm_a,ddpm_b,asyrp_ddpm,asyrp_flow,verify")
+    ap.add_argument("--parts", default="vae,flow_a,flow_b,clip,ddpm_a,ddpm_b,asyrp_ddpm,asyrp_flow,video_a,video_b,verify")
     ap.add_argument("--quick", action="store_true", help="short smoke-test training")
     ap.add_argument("--seed", type=int, default=20231)
     ap.add_argument("--threads", type=int, default=1,
@@ -1067,7 +1073,7 @@ def main(argv=None):
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     parts = [q for p in parts for q in (("ddpm_a", "ddpm_b") if p == "ddpm" else ("video_a", "video_b") if p == "video" else
                                          tuple(f"asyrp_{w}" for w in ASYRP_RUNS) if p == "asyrp" else (p,))]
-    if any(not p.startswith(("ddpm_", "asyrp_")) for p in parts):   # these need no ComfyUI set-up here
+    if any(not p.startswith(("ddpm_", "asyrp_")) for p in parts):   # (video_* need it too)   # these need no ComfyUI set-up here
         setup_comfy(args.comfyui)
     common = {"base_seed": args.seed, "quick": args.quick, "torch": torch.__version__,
               "threads": args.threads}
