@@ -152,17 +152,22 @@ def test_clips_move_on_a_straight_line_at_constant_colour():
     for r, a in zip(reads, attrs):
         assert {f["colour"] for f in r} == {a["colour"]} and {f["shape"] for f in r} == {a["shape"]}
         cx, cy = torch.tensor(a["cx"]), torch.tensor(a["cy"])
-        # constant velocity: second differences vanish; it moves at the drawn speed
-        assert (cx[2:] - 2 * cx[1:-1] + cx[:-2]).abs().max() < 0.05 and (cy[2:] - 2 * cy[1:-1] + cy[:-2]).abs().max() < 0.05
-        step = torch.hypot(cx[1:] - cx[:-1], cy[1:] - cy[:-1])
-        assert (step - a["speed"]).abs().max() < 0.05 and a["speed"] >= 0.9
+        # a straight line at constant speed: the painted centroids lie on a line in time (up to the 4x4
+        # supersampled edges of a small shape: measured <= 0.23 px between frames) and move at the drawn speed
+        t = torch.arange(len(cx), dtype=torch.float64)
+        for c in (cx.double(), cy.double()):
+            slope = ((t - t.mean()) * (c - c.mean())).sum() / ((t - t.mean()) ** 2).sum()
+            assert (c - c.mean() - slope * (t - t.mean())).abs().max() < 0.3, c
+        step = torch.hypot(cx[-1] - cx[0], cy[-1] - cy[0]) / (len(cx) - 1)
+        assert abs(float(step) - a["speed"]) < 0.1 and a["speed"] >= 0.9
         for f, x, y in zip(r, a["cx"], a["cy"]):
             assert abs(f["cx"] - x) < 0.5 and abs(f["cy"] - y) < 0.5
     # the two domains are the same motions with the shape swapped (a paired ground truth)
     _, circ = W.sample_clip_domain(4, 5, "A")
     _, sq = W.sample_clip_domain(4, 5, "B")
-    assert all(c["cx"] == s["cx"] and c["colour"] == s["colour"] and c["shape"] == "circle" and s["shape"] == "square"
-               for c, s in zip(circ, sq))
+    assert all(c["size"] == s["size"] and c["speed"] == s["speed"] and c["colour"] == s["colour"]
+               and max(abs(x - y) for x, y in zip(c["cx"] + c["cy"], s["cx"] + s["cy"])) < 0.3
+               and c["shape"] == "circle" and s["shape"] == "square" for c, s in zip(circ, sq))
     with pytest.raises(ValueError, match="frames"):
         W.sample_clips(1, 0, frames=1)
 
