@@ -140,7 +140,7 @@ class EmptyConditioning(io.ComfyNode):
             display_name="Empty Conditioning",
             category=CATEGORY,
             description=(
-                "All-zero conditioning shaped for the model (SD1.x, SDXL, SD3, Flux): for unconditional "
+                "All-zero conditioning shaped for the model (SD1.x, SDXL, SD3, Flux, Wan, HunyuanVideo, LTX-Video): for unconditional "
                 "models and checkpoints without a text encoder."),
             inputs=[
                 io.Model.Input("model", tooltip="The model the conditioning is for."),

@@ -50,6 +50,7 @@ def model_dirs(tmp_path_factory):
     tiny_models.make_wan21_diffusion_model(dirs["diffusion_models"] / "tiny_wan21.safetensors", seed=0)
     tiny_models.make_wan21_diffusion_model(dirs["diffusion_models"] / "tiny_wan21_b.safetensors", seed=1)
     tiny_models.make_wan21_diffusion_model(dirs["diffusion_models"] / "tiny_wan22.safetensors", seed=0, wan22=True)
+    tiny_models.make_wan21_diffusion_model(dirs["diffusion_models"] / "tiny_wan21_i2v.safetensors", seed=0, i2v=True)
     tiny_models.make_hunyuan_video_diffusion_model(dirs["diffusion_models"] / "tiny_hunyuan_video.safetensors", seed=0)
     tiny_models.make_ltxv_diffusion_model(dirs["diffusion_models"] / "tiny_ltxv.safetensors", seed=0)
     tiny_models.make_wan21_vae(dirs["vae"] / "tiny_wan21_vae.safetensors", seed=0)

@@ -37,6 +37,12 @@ def train(model, vae, latents, clip_name, source_text, target_text, steps, t_edi
         B.check_latent(model, val, "validation_latents")
     rec = model_record(model)
     B.check_latent(model, samples, "latents")
+    if samples.ndim == 5:
+        raise B.NodeInputError(
+            "latents: Asyrp Train Direction scores decoded images with a directional CLIP loss, which is not "
+            "defined for video clips here (it would need a per-frame loss through the video VAE at every "
+            "training step). On a video model, make the direction with Asyrp Direction From Examples (clips "
+            "with and without the attribute) and apply it with Asyrp Edit")
     if vae is None or getattr(vae, "first_stage_model", None) is None:
         raise B.NodeInputError("vae: connect the VAE that decodes this model's latents")
     if kind not in AS.KINDS:

@@ -109,6 +109,10 @@ def measure(model, vae, latents, clip_name, source_text, target_text, steps, dis
     """Asyrp Editing Interval: returns (t_edit, t_boost, plot, text)."""
     samples = latents["samples"]
     B.check_latent(model, samples, "latents")
+    if samples.ndim == 5:
+        raise B.NodeInputError(
+            "latents: Asyrp Editing Interval measures LPIPS / CLIP distances between decoded images, which are "
+            "not defined for video clips here; on a video model set t_edit and t_boost by hand (Asyrp Edit)")
     if vae is None or getattr(vae, "first_stage_model", None) is None:
         raise B.NodeInputError("vae: connect the VAE that decodes this model's latents")
     if not str(source_text).strip() or not str(target_text).strip():

@@ -38,9 +38,9 @@ def energy_plot(energy: list[list[float]], prior: list[list[float]], size=P.SIZE
 MEMORY_MODES = ["auto", "low: recompute each step", "fast: keep the whole chain"]
 
 
-def _graph_bytes_of_one_step(denoise_fn, code, params) -> int:
-    """Bytes autograd saves for the backward pass of one chain step (the first, at the code's start),
-    counted by a saved-tensors hook on one probe call; the model's own weights are not counted.
+def _saved_bytes(fn, x: torch.Tensor, params) -> int:
+    """Bytes autograd saves for the backward pass of ``fn(x)`` (a chain step, a decode),
+    counted by a saved-tensors hook on one probe call; weights (``params``) are not counted.
 
     The hook hands autograd a placeholder, never the tensor: a saved tensor that is its own node's
     output (sigmoid, SiLU, softmax ...) and is handed back as-is by a pack hook makes a reference cycle
@@ -62,42 +62,25 @@ def _graph_bytes_of_one_step(denoise_fn, code, params) -> int:
     def unpack(_placeholder):
         raise RuntimeError("the Langevin memory probe's graph is for measuring only; it has no backward pass")
 
-    x = code.x_start().detach().requires_grad_(True)
+    x = x.detach().requires_grad_(True)
     try:
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            out = denoise_fn(x, float(code.sigmas[0]))
+            out = fn(x)
         del out
     finally:
         held.clear()
     return total[0]
 
 
-def _graph_bytes_of_decode(decode, energy_fn, code, params) -> int:
-    """Bytes autograd saves for the backward pass of one decode (VAE) of the code's start latent: for a
-    video VAE this is the largest item of a Langevin step (every frame's activations at full resolution),
-    held in either memory mode. Counted as ``_graph_bytes_of_one_step`` counts a chain step."""
-    weights = {p.data_ptr() for p in params}
-    held, seen, total = [], set(), [0]
+def _graph_bytes_of_one_step(denoise_fn, code, params) -> int:
+    """Bytes one chain step (the first, at the code's start) keeps for its backward pass."""
+    return _saved_bytes(lambda x: denoise_fn(x, float(code.sigmas[0])), code.x_start(), params)
 
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr() if t.device.type != "meta" else None
-        if ptr is not None and ptr not in weights and ptr not in seen:
-            seen.add(ptr)
-            total[0] += t.untyped_storage().nbytes()
-        held.append(t)
-        return None
 
-    def unpack(_placeholder):
-        raise RuntimeError("the Langevin memory probe's graph is for measuring only; it has no backward pass")
-
-    x = code.x_start().detach().requires_grad_(True)
-    try:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            out = decode(x)
-        del out
-    finally:
-        held.clear()
-    return total[0]
+def _graph_bytes_of_decode(decode, code, params) -> int:
+    """Bytes one decode (VAE) of the code's start latent keeps for its backward pass: for a video VAE the
+    largest item of a Langevin step (every frame's activations at full resolution), held in either mode."""
+    return _saved_bytes(decode, code.x_start(), params)
 
 
 def _keep_whole_chain(memory, denoise_fn, guider, code, need: int, device, decode_bytes: int = 0
@@ -139,7 +122,7 @@ def _video_decode_bytes(memory, decode, code, vae) -> int:
     """The video decode's backward bytes: measured under ``auto`` (one probe decode), else ComfyUI's estimate."""
     if memory == MEMORY_MODES[0]:
         try:
-            return _graph_bytes_of_decode(decode, None, code, vae.first_stage_model.parameters())
+            return _graph_bytes_of_decode(decode, code, vae.first_stage_model.parameters())
         except Exception as e:  # noqa: BLE001 -- an estimate only
             if _is_out_of_memory(e):
                 comfy.model_management.soft_empty_cache()

@@ -304,6 +304,20 @@ def test_wan_video_dit_middle_block(AN, nodes, model_dirs):
     assert torch.equal(zero, replay)
     plus, minus = both[:2] - replay, both[2:] - replay
     assert plus.abs().max() > 1e-5 and float((plus * minus).sum()) < 0
+    # a direction from example clips (no CLIP) applies too; CLIP training on clips is refused with the reason
+    g = torch.Generator().manual_seed(2)
+    with_attr = {"samples": torch.randn(2, 16, T, H, W, generator=g) + 0.5}
+    without = {"samples": torch.randn(2, 16, T, H, W, generator=g) - 0.5}
+    with torch.inference_mode():
+        ex = asyrp.AsyrpDirectionFromExamples.execute(model, with_attr, without, 6, 0.5).result[0]
+        moved = asyrp.AsyrpEdit.execute(model, cond, cond, 1.0, code, ex, "1", -1.0, 0.0, 0).result[0]["samples"]
+    assert ex.meta["h_site"] == AN.DIT_SITE and (moved - replay).abs().max() > 1e-4
+    with pytest.raises(Exception, match="not defined for video clips"):
+        asyrp.AsyrpTrainDirection.execute(model, None, lat, "tiny_clip", "a", "b", 4, 0.5, 1, 1.0, 1.0, 1.0, 0,
+                                          "global direction")
+    interval = importlib.import_module("dpm_latent.nodes.bridge.interval_run")
+    with pytest.raises(Exception, match="not defined for video clips"):
+        interval.measure(model, None, lat, "tiny_clip", "a", "b", 4, "clip", 0.3, 0.2, 0.5, 0.5)
     with torch.inference_mode():
         sd3 = comfy.sd.load_checkpoint_guess_config(str(model_dirs["checkpoints"] / "tiny_sd3.safetensors"),
                                                    output_vae=False, output_clip=False)[0]

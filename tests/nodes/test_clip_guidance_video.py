@@ -47,7 +47,7 @@ def test_langevin_lowers_a_per_frame_clip_energy_on_video(wan, gn, lc, lr):
             for weight in (0.0, 2000.0):
                 energy = gn.CLIPEnergy.execute("tiny_clip", "a red square", weight, 2, False, False, False,
                                                False).result[0]
-                _c, lat, plot, trace = lr.run_langevin(model, cond, cond, 1.0, vae, energy, code, 8, 0.05, seed,
+                _c, lat, plot, trace = lr.run_langevin(model, cond, cond, 1.0, vae, energy, code, 5, 0.05, seed,
                                                        "all components")
                 assert lat["samples"].shape == (1, 16, T, H, W) and plot.shape == (1, 320, 512, 3)
                 clip = vae.decode(lat["samples"])          # (1, 5, 32, 32, 3): every frame

@@ -87,7 +87,7 @@ def _refused_encode(cyc, B, m, cond, lat, three):
         "eta zero": (lambda: cyc.DPMEncode.execute(m, cond, cond, lat, 0, 4, "normal", 1.0, 0.0, 1.0),
                      "eta must be > 0"),
         "video latent": (lambda: cyc.DPMEncode.execute(m, cond, cond, {"samples": torch.randn(1, 4, 2, 8, 8)}, 0, 4,
-                                                       "normal", 1.0, 0.1, 1.0), "takes image latents (B, C, H, W)"),
+                                                       "normal", 1.0, 0.1, 1.0), "takes image latents"),
         "negative batch": (lambda: cyc.ReplayLatentWithPrompt.execute(
             m, cond, three, cyc.DPMEncode.execute(m, cond, cond, lat, 0, 4, "normal", 1.0, 0.1, 1.0).result[0], 1.0),
             "negative: conditioning has batch 3 but the latent batch is 2"),

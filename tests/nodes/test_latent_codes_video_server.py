@@ -177,31 +177,45 @@ def test_random_video_code_takes_the_latent_shape(server):
         server.run(g.prompt())
 
 
-def test_image_to_video_conditioning_of_another_length_is_refused(server):
-    """Wan Image To Video's start frame passes through as in KSampler (encode and replay are exact with it);
-    conditioning made for another clip length is refused naming both lengths."""
+def test_image_to_video_conditioning_passes_through_and_another_length_is_refused(server):
+    """Wan Image To Video's start frame passes through as in KSampler: with the tiny Wan 2.1 image-to-video
+    model (36 input channels: the clip, the start frame's latent and its mask), encode and replay are exact
+    with it, and a replay under another start frame differs; conditioning made for another clip length is
+    refused naming both lengths."""
     T, H, W = 3, 4, 4
     x0 = torch.randn(1, 16, T, H, W, generator=torch.Generator().manual_seed(6))
     name = write_latent(server.input_dir, "video_i2v", x0)
 
-    def graph(length):
+    def graph(length, other_colour=None):
         g = Graph()
-        model = _model(g, "tiny_wan21.safetensors")
+        model = _model(g, "tiny_wan21_i2v.safetensors")
         vae = g.node("VAELoader", vae_name="tiny_wan21_vae.safetensors")
         cond = g.node("EmptyConditioning", model=model.out(0), tokens=4)
-        start = g.node("EmptyImage", width=8 * W, height=8 * H, batch_size=1, color=0x808080)
-        i2v = g.node("WanImageToVideo", positive=cond.out(0), negative=cond.out(0), vae=vae.out(0), width=8 * W,
-                     height=8 * H, length=length, batch_size=1, start_image=start.out(0))
-        lat = g.node("LoadLatent", latent=name)
-        enc = g.node("DPMEncode", model=model.out(0), positive=i2v.out(0), negative=i2v.out(1),
-                     latent_image=lat.out(0), seed=2, steps=5, scheduler="simple", denoise=1.0, eta=0.1, cfg=2.0)
-        rep = g.node("ReplayLatentWithPrompt", model=model.out(0), positive=i2v.out(0), negative=i2v.out(1),
-                     latent_code=enc.out(0), cfg=2.0)
-        return g, g.node("SaveLatent", samples=rep.out(0), filename_prefix=f"video_i2v_{length}")
 
-    g, sv = graph(4 * (T - 1) + 1)
+        def i2v(colour):
+            start = g.node("EmptyImage", width=8 * W, height=8 * H, batch_size=1, color=colour)
+            return g.node("WanImageToVideo", positive=cond.out(0), negative=cond.out(0), vae=vae.out(0),
+                          width=8 * W, height=8 * H, length=length, batch_size=1, start_image=start.out(0))
+
+        a = i2v(0x808080)
+        lat = g.node("LoadLatent", latent=name)
+        enc = g.node("DPMEncode", model=model.out(0), positive=a.out(0), negative=a.out(1),
+                     latent_image=lat.out(0), seed=2, steps=5, scheduler="simple", denoise=1.0, eta=0.1, cfg=2.0)
+        rep = g.node("ReplayLatentWithPrompt", model=model.out(0), positive=a.out(0), negative=a.out(1),
+                     latent_code=enc.out(0), cfg=2.0)
+        saves = [g.node("SaveLatent", samples=rep.out(0), filename_prefix=f"video_i2v_{length}")]
+        if other_colour is not None:
+            b = i2v(other_colour)
+            rep_b = g.node("ReplayLatentWithPrompt", model=model.out(0), positive=b.out(0), negative=b.out(1),
+                           latent_code=enc.out(0), cfg=2.0)
+            saves.append(g.node("SaveLatent", samples=rep_b.out(0), filename_prefix=f"video_i2v_other_{length}"))
+        return g, saves
+
+    g, (same, other) = graph(4 * (T - 1) + 1, other_colour=0xFF2020)
     entry = server.run(g.prompt())
-    assert rel_err(saved_latents(server, entry, sv.id), x0) <= 1e-4
+    assert rel_err(saved_latents(server, entry, same.id), x0) <= 1e-4
+    moved = rel_err(saved_latents(server, entry, other.id), x0)
+    assert moved > 1e-3, moved   # the start frame reaches the model
     g, _ = graph(4 * (T + 1) + 1)
     with pytest.raises(PromptError) as ei:
         server.run(g.prompt())

@@ -315,6 +315,7 @@ def check_graph(path: Path, wf: dict, shown: dict, object_info: dict, model_file
     if set(file_nodes) != set(page_nodes):
         problems.append(f"nodes in the file {sorted(file_nodes)} but in the page {sorted(page_nodes)}")
     model_names = set().union(*model_files.values()) if model_files else set()
+    model_names.add("pixel_space")  # VAE Loader lists it beside the VAE files on every server
 
     for nid, fn in file_nodes.items():
         pn = page_nodes.get(nid)

@@ -191,3 +191,41 @@ def test_sd15_with_embedded_clip_l(tmp_path, clip_l, caplog):
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     eps = _prediction(model.model, x, torch.tensor([2.0]), cond, None)
     assert torch.isfinite(eps).all()
+
+
+# ------------------------------------------------------------------------- tiny video models
+VIDEO = {  # file -> (ComfyUI config class, model class, latent format, latent channels)
+    "tiny_wan21.safetensors": ("WAN21_T2V", "WAN21", "Wan21", 16),
+    "tiny_wan22.safetensors": ("WAN22_T2V", "WAN22", "Wan22", 48),
+    "tiny_wan21_i2v.safetensors": ("WAN21_I2V", "WAN21", "Wan21", 16),
+    "tiny_hunyuan_video.safetensors": ("HunyuanVideo", "HunyuanVideo", "HunyuanVideo", 16),
+    "tiny_ltxv.safetensors": ("LTXV", "LTXV", "LTXV", 128),
+}
+
+
+@pytest.mark.parametrize("name", list(VIDEO))
+def test_video_diffusion_models_load_as_their_family_without_missing_keys(model_dirs, name, caplog):
+    import comfy.sd
+
+    config, base, fmt, ch = VIDEO[name]
+    with caplog.at_level(logging.WARNING), torch.inference_mode():
+        m = comfy.sd.load_diffusion_model(str(model_dirs["diffusion_models"] / name))
+    assert not [r for r in caplog.records if "missing" in r.getMessage().lower()
+                and "torchaudio" not in r.getMessage()], caplog.text
+    assert type(m.model.model_config).__name__ == config and type(m.model).__name__ == base
+    lf = m.get_model_object("latent_format")
+    assert type(lf).__name__ == fmt and lf.latent_channels == ch and lf.latent_dimensions == 3
+    assert sum(p.numel() for p in m.model.diffusion_model.parameters()) < 4_000_000  # I2V: 3.2 M (CLIP-vision MLP)
+
+
+def test_tiny_wan_vae_maps_clips_to_wan_latents_and_back(model_dirs):
+    import comfy.sd
+    import comfy.utils
+
+    with torch.inference_mode():
+        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(model_dirs["vae"] / "tiny_wan21_vae.safetensors")))
+        frames = torch.rand(9, 32, 48, 3, generator=torch.Generator().manual_seed(0))
+        z = vae.encode(frames)
+        back = vae.decode(z)
+    assert z.shape == (1, 16, 3, 4, 6) and torch.isfinite(z).all() and float(z.std()) > 0.01
+    assert back.shape == (1, 9, 32, 48, 3) and float(back.std()) > 0.01

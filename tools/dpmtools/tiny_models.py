@@ -268,8 +268,10 @@ def _dit_file(module, seed: int, path, gain: float = 1.0) -> Path:
     return _save(_fill(_meta_state_dict(module), seed, gain=gain), path)
 
 
-def make_wan21_diffusion_model(path, seed: int = 0, *, wan22: bool = False) -> Path:
+def make_wan21_diffusion_model(path, seed: int = 0, *, wan22: bool = False, i2v: bool = False) -> Path:
     """Tiny Wan 2.1 (``wan22=True``: Wan 2.2 5B, 48 latent channels) text-to-video DiT, fp32 (~4 MB).
+    ``i2v=True``: Wan 2.1 image-to-video (``WAN21_I2V``): 36 input channels, the clip latent plus Wan
+    Image To Video's start-frame latent (16) and its mask (4), and a CLIP-vision embedder.
 
     CONDITIONING ``[[tensor(B, T, 4096), {}]]`` (what umT5-XXL gives; Empty Conditioning makes it).
     Latent ``(B, 16 or 48, t, h, w)`` with even h, w."""
@@ -277,6 +279,8 @@ def make_wan21_diffusion_model(path, seed: int = 0, *, wan22: bool = False) -> P
     from comfy.ldm.wan.model import WanModel
 
     cfg = WAN22_DIT_CONFIG if wan22 else WAN21_DIT_CONFIG
+    if i2v:
+        cfg = dict(cfg, model_type="i2v", in_dim=36)
     net = WanModel(**cfg, device="meta", operations=comfy.ops.disable_weight_init)
     return _dit_file(net, seed, path)
 
