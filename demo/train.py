@@ -12,6 +12,9 @@ Writes to ``demo/models`` (next to this file):
 * ``diffusers/dpm_world_ddpm_{circles,squares}/`` -- pixel-space diffusers DDPMs (32x32), A and B;
 * ``asyrp/*.asyrp.safetensors`` -- Asyrp directions "red -> blue" for the DDPM A and flow model B,
   and two Gaussian controls of each (at the direction's norm, and at 0.2 ||h||);
+* ``video/dpm_world_video_{circles,squares}.safetensors`` -- the world in motion: two unconditional
+  video flow models in ComfyUI's Wan 2.1 layout (demo/video.py), A on 8-frame clips of a moving
+  circle, B on moving squares, over the image VAE's per-frame latents;
 * ``TRAINING.json`` -- seeds, step counts, wall times and quality numbers.
 
 The VAE is ComfyUI's TAESD layout with 16 latent channels (8x downsampling,
@@ -34,6 +37,8 @@ Usage (the ComfyUI folder comes from --comfyui, DPM_LATENT_COMFYUI or COMFYUI_PA
     python demo/train.py --parts verify   # only re-measure the shipped models
 
 Parts: ``vae``, ``flow_a``, ``flow_b``, ``clip``, ``ddpm_a``, ``ddpm_b`` (alias ``ddpm``),
+``video_a``, ``video_b`` (alias ``video``: two single-threaded processes; they need the shipped image
+checkpoint for its VAE),
 ``asyrp_ddpm``, ``asyrp_flow`` (alias ``asyrp``: the Asyrp h-space directions of ``asyrp/``, trained
 through the pack's own Asyrp Train Direction node on the shipped models, with their Gaussian
 controls; ``asyrp_controls`` rewrites only the controls) and ``verify`` (default: all, in order).
@@ -843,6 +848,126 @@ def asyrp_part(which, args, common):
     save_part(f"asyrp_{which}", info)
 
 
+# ---------------------------------------------------------------- video flow models (the world in motion)
+#
+# Two unconditional rectified-flow models in ComfyUI's Wan 2.1 layout, A on clips of moving circles, B on
+# moving squares; the video VAE is the world's image VAE per frame (demo/video.py says why that is
+# equivalent here).  The model, the VAE and the latent conventions live in demo/video.py, which the demo
+# job shares.
+
+
+def _video():
+    return load_module("dpm_latent_demo_video", HERE / "video.py")
+
+
+def clip_quality(clips, domain):
+    """Per-frame shape rate of the domain's shape, colour constancy and line fit of unguided clips."""
+    want = W.DOMAINS[domain][0]
+    reads = W.read_clips(clips)
+    shape_rate = float(np.mean([[f["shape"] == want for f in r] for r in reads]))
+    const_colour = float(np.mean([len({f["colour"] for f in r}) == 1 for r in reads]))
+    res = []
+    for r in reads:
+        cx = np.array([f["cx"] for f in r]); cy = np.array([f["cy"] for f in r])
+        if np.isnan(cx).any():
+            continue
+        tt = np.arange(len(r))
+        for c in (cx, cy):
+            p = np.polyfit(tt, c, 1)
+            res.append(float(np.abs(np.polyval(p, tt) - c).mean()))
+    return {"frame_shape_rate": shape_rate, "constant_colour_rate": const_colour,
+            "line_fit_error_px": float(np.mean(res)) if res else float("nan"), "n": len(reads)}
+
+
+def train_video(domain, vae, steps, seed, n_clips, batch=16, lr=8e-4, ema_decay=0.999):
+    t0 = time.time()
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    V = _video()
+    cfg, model = V.new_model()
+    clips, _ = W.sample_clip_domain(n_clips, seed + 1, domain)
+    lat = V.encode_clips(vae, clips)                 # 0.05 s of CPU a frame: the clip count is the budget
+    del clips
+    lat = torch.cat([lat, lat.flip(2)])              # time reversal (exact on per-frame latents): also a straight line
+    log(f"video {domain}: {len(lat)} latents {tuple(lat.shape[1:])} mean {lat.mean():.3f} "
+        f"std {lat.std():.3f} in {time.time() - t0:.0f}s")
+    dm = model.diffusion_model
+    dm.train()
+    params = [p for p in dm.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    ctx = V.zero_context(batch)
+    shift = V.SHIFT
+    for step in range(steps):
+        idx = torch.randint(0, len(lat), (batch,), generator=g)
+        x0 = lat[idx]
+        n = torch.randn(x0.shape, generator=g)
+        u = torch.rand(batch, generator=g)
+        ln = torch.sigmoid(torch.randn(batch, generator=g))
+        t = torch.where(torch.rand(batch, generator=g) < 0.5, u, ln)
+        sigma = (shift * t / (1 + (shift - 1) * t)).clamp(1e-3, 1.0)
+        s5 = sigma.view(-1, 1, 1, 1, 1)
+        x = (1 - s5) * x0 + s5 * n
+        denoised = model.apply_model(x, sigma, c_crossattn=ctx)
+        loss = ((denoised - x0) / s5).pow(2).mean()
+        _step_with_ema(opt, params, ema, loss, step, steps, lr, ema_decay)
+        if step % 100 == 0 or step == steps - 1:
+            log(f"video {domain} step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+        if step % 250 == 249 or (step % 50 == 49 and (WORK_DIR / "stop_video").exists()):
+            torch.save({"ema": [e.clone() for e in ema], "step": step + 1}, WORK_DIR / f"video_{domain}_ema.pt")
+            if (WORK_DIR / "stop_video").exists():
+                log(f"video {domain}: stop file found, ending after {step + 1} steps")
+                steps = step + 1
+                break
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    dm.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return model, {"domain": domain, "shapes": list(W.DOMAINS[domain]), "seed": seed, "steps": steps,
+                   "batch": batch, "lr": lr, "ema_decay": ema_decay, "frames": W.FRAMES,
+                   "train_clips": int(len(lat)), "config": {k: list(v) if isinstance(v, tuple) else v
+                                                           for k, v in V.unet_config().items()},
+                   "params": int(sum(p.numel() for p in params)), "wall_s": time.time() - t0}
+
+
+def save_video_model(model, domain, info):
+    from safetensors.torch import save_file
+    V = _video()
+    V.VIDEO_DIR.mkdir(parents=True, exist_ok=True)
+    sd = {k: (v.half() if v.dtype == torch.float32 else v).contiguous()
+          for k, v in model.diffusion_model.state_dict().items()}
+    meta = {"dpm_latent_demo": json.dumps({
+        "domain": domain, "shapes": list(W.DOMAINS[domain]), "frames": W.FRAMES, "image_size": W.SIZE,
+        "latent": [LATENT_CHANNELS, W.FRAMES, W.SIZE // 8, W.SIZE // 8],
+        "vae": "the world image VAE per frame (checkpoints/dpm_world_circles.safetensors), SD3 process_in",
+        "context_shape": [1, 1, V.TEXT_DIM], "shift": V.SHIFT, "seed": info["seed"],
+        "steps": info["steps"]}), "license": "GPL-3.0-or-later"}
+    path = V.VIDEO_DIR / V.VIDEO_NAMES[domain]
+    save_file(sd, str(path), metadata=meta)
+    return path
+
+
+def video_part(domain, args, common):
+    V = _video()
+    vae = V.world_vae()
+    off = {"A": 500, "B": 600}[domain]
+    model, info = train_video(domain, vae, args.video_steps, args.seed + off, args.video_clips)
+    torch.save(model.diffusion_model.state_dict(), WORK_DIR / f"video_{domain}_fp32.pt")
+    save_video_model(model, domain, info)
+    t0 = time.time()
+    model = V.load_model(domain)              # measure what ships (fp16 weights)
+    lat = V.sample(model, 32, seed=7, frames=W.FRAMES)
+    q = clip_quality(V.decode_clips(vae, lat), domain)
+    info.update({"unguided_32_clips_euler_20": q, "check_wall_s": time.time() - t0,
+                 "bytes": (V.VIDEO_DIR / V.VIDEO_NAMES[domain]).stat().st_size, **common})
+    log(f"video {domain}: unguided {q}")
+    save_part(f"video_{domain}", info)
+
+
 # ---------------------------------------------------------------- main
 
 def save_part(name, info):
@@ -876,7 +1001,7 @@ def run_parallel(args, ap, stages=None):
     import subprocess
     base = [sys.executable, str(Path(__file__).resolve())]
     for name in ("comfyui", "seed", "threads", "vae_steps32", "vae_steps64", "flow_steps",
-                 "flow_images", "clip_steps", "ddpm_steps", "ddpm_images", "ddpm_stop_after"):
+                 "flow_images", "clip_steps", "ddpm_steps", "ddpm_images", "ddpm_stop_after", "video_steps", "video_clips"):
         val = getattr(args, name)
         if val is not None and val != ap.get_default(name):
             base += ["--" + name.replace("_", "-"), str(val)]
@@ -900,6 +1025,7 @@ def run_parallel(args, ap, stages=None):
     stage(["flow_a", "flow_b"])
     stage(["ddpm_a", "ddpm_b"])
     stage(["asyrp_ddpm", "asyrp_flow"])
+    stage(["video_a", "video_b"])
     stage(["verify"])
     log(f"all parts done in {time.time() - t0:.0f}s")
 
@@ -907,7 +1033,7 @@ def run_parallel(args, ap, stages=None):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--comfyui", default=None)
-    ap.add_argument("--parts", default="vae,flow_a,flow_b,clip,ddpm_a,ddpm_b,asyrp_ddpm,asyrp_flow,verify")
+    ap.add_argument("--parts", default="vae,flow_a,flow_b,clip,ddpm_a,ddpm_b,asyrp_ddpm,asyrp_flow,video_a,video_b,verify")
     ap.add_argument("--quick", action="store_true", help="short smoke-test training")
     ap.add_argument("--seed", type=int, default=20231)
     ap.add_argument("--threads", type=int, default=1,
@@ -919,6 +1045,8 @@ def main(argv=None):
     ap.add_argument("--clip-steps", type=int, default=1500)
     ap.add_argument("--ddpm-steps", type=int, default=4000)
     ap.add_argument("--ddpm-images", type=int, default=1000)
+    ap.add_argument("--video-steps", type=int, default=1200)
+    ap.add_argument("--video-clips", type=int, default=300)
     ap.add_argument("--ddpm-stop-after", type=int, default=None,
                     help="end the DDPM runs after this many steps of the --ddpm-steps schedule")
     ap.add_argument("--serial", action="store_true",
@@ -929,16 +1057,19 @@ def main(argv=None):
         return run_parallel(args, ap)
     if not args.serial and args.parts == "ddpm":
         return run_parallel(args, ap, stages=[["ddpm_a", "ddpm_b"]])
+    if not args.serial and args.parts == "video":
+        return run_parallel(args, ap, stages=[["video_a", "video_b"]])
     if not args.serial and args.parts == "asyrp":
         return run_parallel(args, ap, stages=[["asyrp_ddpm", "asyrp_flow"]])
     if args.quick:
         args.vae_steps32, args.vae_steps64 = 60, 10
         args.flow_steps, args.flow_images = 60, 300
         args.clip_steps = 40
+        args.video_steps, args.video_clips = 30, 100
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    parts = [q for p in parts for q in (("ddpm_a", "ddpm_b") if p == "ddpm" else
+    parts = [q for p in parts for q in (("ddpm_a", "ddpm_b") if p == "ddpm" else ("video_a", "video_b") if p == "video" else
                                          tuple(f"asyrp_{w}" for w in ASYRP_RUNS) if p == "asyrp" else (p,))]
-    if any(not p.startswith(("ddpm_", "asyrp_")) for p in parts):   # these need no ComfyUI set-up here
+    if any(not p.startswith(("ddpm_", "asyrp_")) for p in parts):   # (video_* need it too)   # these need no ComfyUI set-up here
         setup_comfy(args.comfyui)
     common = {"base_seed": args.seed, "quick": args.quick, "torch": torch.__version__,
               "threads": args.threads}
@@ -983,6 +1114,9 @@ def main(argv=None):
         nodes = _pack(args.comfyui)
         for which in ASYRP_RUNS:
             write_asyrp_controls(which, nodes["asyrp_format"])
+    for domain, part in (("A", "video_a"), ("B", "video_b")):
+        if part in parts:
+            video_part(domain, args, common)
     if "clip" in parts:
         info = train_clip(args.clip_steps, args.seed + 400, pool_n=1000 if args.quick else 4000)
         info.update(common)

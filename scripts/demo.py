@@ -58,6 +58,10 @@ PIXEL_DDPM_B = "dpm_world_ddpm_squares"
 PIXEL_SIZE = 32
 PIXEL_WORKFLOW = "cyclediffusion_translate_pixel_ddpm.json"
 BEST_OF_N_WORKFLOW = "cyclediffusion_best_of_n_demo.json"
+# The video row (demo/video.py's models; VIDEO_WORKFLOW holds the image translation row's settings, on clips,
+# with shift 3 as the video models were trained (ComfyUI's Wan default is 8)).
+VIDEO = {"n": 32}
+VIDEO_WORKFLOW = "demo_translate_video.json"
 
 
 def rate_with_interval(k: int, n: int, z: float = 1.959963984540054) -> dict:
@@ -157,8 +161,24 @@ def install_demo_models(comfy_dir: Path) -> None:
                 continue  # a user's own file of that name: leave it
             dst.unlink()
         dst.symlink_to(src, target_is_directory=src.is_dir())
+    for name in video_module().VIDEO_NAMES.values():
+        _link(MODELS / "video" / name, Path(comfy_dir) / "models" / "diffusion_models" / name)
     write_sample_inputs(Path(comfy_dir) / "input")
     install_asyrp_directions(Path(comfy_dir) / "input")
+
+
+def _link(src: Path, dst: Path) -> None:
+    """``dst`` -> ``src`` (a user's own file of that name is left alone)."""
+    if not src.exists():
+        raise SystemExit(f"demo model {src} is missing: run `python demo/train.py` (see demo/models/TRAINING.json)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.is_symlink() and dst.resolve() == src.resolve():
+        return
+    if dst.exists() and not dst.is_symlink():
+        return
+    if dst.is_symlink():
+        dst.unlink()
+    dst.symlink_to(src, target_is_directory=src.is_dir())
 
 
 def write_sample_inputs(input_dir: Path) -> None:
@@ -169,6 +189,27 @@ def write_sample_inputs(input_dir: Path) -> None:
     for domain, name in (("A", "circles"), ("B", "squares")):
         to_frames(sample_domain(1, 7, domain)[0])[0].save(input_dir / f"dpm_world_{name}.png")
     write_masked_sample(input_dir)
+    write_video_sample(input_dir)
+
+
+def video_latents(clips):
+    """(n, T, 3, 64, 64) clips -> (the Wan-format video latent, the per-frame SD3 image latents), as ComfyUI's
+    samplers take them (the files workflows/demo_translate_video.json loads), and the model-space latent."""
+    in_process_comfy()
+    import comfy.latent_formats
+
+    V = video_module()
+    x0 = V.encode_clips(V.world_vae(), clips)
+    return V.to_raw(x0), comfy.latent_formats.SD3().process_out(V.frames_of(x0)), x0
+
+
+def write_video_sample(input_dir: Path) -> None:
+    """dpm_world_clip_circles.latent / _frames.latent: one clip of a moving circle, for the video workflow by hand."""
+    from dpmtools.graphs import write_latent
+
+    clip, frames, _ = video_latents(world().sample_clip_domain(1, 7, "A")[0])
+    write_latent(input_dir, "dpm_world_clip_circles", clip)
+    write_latent(input_dir, "dpm_world_clip_circles_frames", frames)
     write_example_sets(input_dir)
 
 
@@ -332,7 +373,7 @@ def psnr(a, b) -> float:
 
 
 def measure(server, n: int = 64, seed: int = 0, langevin_steps: int = LANGEVIN_STEPS, gen_batch: int = 12,
-            edit_batch: int = 12) -> tuple[dict, dict]:
+            edit_batch: int = 12, video_n: int = VIDEO["n"]) -> tuple[dict, dict]:
     import numpy as np
 
     read_attributes = world().read_attributes
@@ -408,6 +449,8 @@ def measure(server, n: int = 64, seed: int = 0, langevin_steps: int = LANGEVIN_S
     metrics["best_of_n"] = measure_best_of_n(server, files["A"])
     metrics["asyrp"], asyrp_images = measure_asyrp(server, seed=seed)
     images.update(asyrp_images)
+    metrics["video"], video_images = measure_video(server, n=video_n, seed=seed)
+    images.update(video_images)
     add_rate_intervals(metrics)
     return metrics, images
 
@@ -470,6 +513,116 @@ def measure_pixel_ddpm(server, n: int = 64, seed: int = 0) -> tuple[dict, dict]:
                   "no_shape_rate": float(np.mean([not located(p) for p in pred]))}
     images = {"input_small": small, **out}
     return m, images
+
+
+# ----------------------------------------------------------------------------- the world in motion (video)
+
+def video_module():
+    """demo/video.py (the tiny Wan-layout video models and the per-frame VAE), loaded by path."""
+    return load_module("dpm_latent_demo_video", REPO / "demo" / "video.py")
+
+
+def in_process_comfy():
+    """ComfyUI importable in this process, on the CPU in fp32 (the video row runs its models here)."""
+    from dpmtools import comfy_env
+
+    comfy_env.add_comfy_to_path()
+    if "comfy.model_management" not in sys.modules:
+        comfy_env.set_device(cpu=True, force_fp32=True)
+
+
+def clip_measures(clips, attrs, shape: str) -> dict:
+    """Per-frame reads of (n, T, 3, 64, 64) clips against the input clips' attributes.
+
+    square rate / colour kept: per frame (n * T frames, Wilson) and per clip (every frame; n, Wilson);
+    trajectory error: the mean over frames of the centroid error, per clip (bootstrap over clips);
+    flicker: the share of consecutive frame pairs whose read shape or colour differs (per clip, bootstrap),
+    and the mean frame-to-frame change of the read fill ratio and of the mean foreground colour (RGB)."""
+    import numpy as np
+
+    W = world()
+    reads = W.read_clips(clips)
+    n, t = len(reads), len(reads[0])
+    sq = np.array([[f["shape"] == shape for f in r] for r in reads])
+    col = np.array([[f["colour"] == a["colour"] for f in r] for r, a in zip(reads, attrs)])
+    traj, flick, shape_flick, colour_flick, dfill, drgb = [], [], [], [], [], []
+    for r, a in zip(reads, attrs):
+        errs = [math.hypot(f["cx"] - cx, f["cy"] - cy) for f, cx, cy in zip(r, a["cx"], a["cy"]) if located(f)]
+        if errs:
+            traj.append(float(np.mean(errs)))
+        pairs = list(zip(r[:-1], r[1:]))
+        shape_flick.append(float(np.mean([p["shape"] != q["shape"] for p, q in pairs])))
+        colour_flick.append(float(np.mean([p["colour"] != q["colour"] for p, q in pairs])))
+        flick.append(float(np.mean([p["shape"] != q["shape"] or p["colour"] != q["colour"] for p, q in pairs])))
+        dfill.append(float(np.mean([abs(p["fill"] - q["fill"]) for p, q in pairs])))
+        rgb = [p for p in pairs if "rgb" in p[0] and "rgb" in p[1]]
+        if rgb:
+            drgb.append(float(np.mean([np.linalg.norm(np.subtract(p["rgb"], q["rgb"])) for p, q in rgb])))
+    k_sq, k_col = int(sq.sum()), int(col.sum())
+    return {
+        "frames": n * t, "n": n,
+        "frame_shape_rate": k_sq / (n * t), "frame_shape_rate_ci95": wilson(k_sq, n * t),
+        "clip_shape_rate": float(sq.all(1).mean()), "clip_shape_rate_ci95": wilson(int(sq.all(1).sum()), n),
+        "frame_colour_kept": k_col / (n * t), "frame_colour_kept_ci95": wilson(k_col, n * t),
+        "trajectory_error_px": float(np.mean(traj)) if traj else float("nan"),
+        "trajectory_error_px_ci95": bootstrap_mean(traj), "n_located": len(traj),
+        "flicker": float(np.mean(flick)), "flicker_ci95": bootstrap_mean(flick),
+        "shape_flicker": float(np.mean(shape_flick)), "colour_flicker": float(np.mean(colour_flick)),
+        "fill_change": float(np.mean(dfill)), "fill_change_ci95": bootstrap_mean(dfill),
+        "rgb_change": float(np.mean(drgb)) if drgb else float("nan"),
+        "rgb_change_ci95": bootstrap_mean(drgb),
+    }
+
+
+def measure_video(server, n: int = VIDEO["n"], seed: int = 0) -> tuple[dict, dict]:
+    """Video translation circles -> squares on clips of the world in motion (demo/video.py's models), through the
+    server with the shipped workflows/demo_translate_video.json: DPM Encode of the whole clip with video model A
+    and replay with video model B, against ComfyUI's own video SDEdit (KSampler with video model B on the clip at
+    the same denoise) and per-frame SDEdit (KSampler with the image flow model B on each frame, each frame its own
+    noise). The clips are encoded and the results decoded here, frame by frame with the world's image VAE (the
+    video VAE of these models, demo/video.py); the latents travel as .latent files (LoadLatent / SaveLatent)."""
+    import torch
+
+    in_process_comfy()
+    import comfy.latent_formats
+    from dpmtools.graphs import saved_latents, write_latent
+
+    W, V = world(), video_module()
+    t0 = time.perf_counter()
+    clips, attrs = W.sample_clip_domain(n, seed + 3000, "A")
+    frames = clips.shape[1]
+    vae = V.world_vae()
+    raw_clips, raw_frames, x0 = video_latents(clips)              # x0: model space (n, 16, T, 8, 8)
+    sd3 = comfy.latent_formats.SD3()
+    clip_file = write_latent(Path(server.input_dir), f"dpm_video_clips_{n}_{seed}", raw_clips)
+    frame_file = write_latent(Path(server.input_dir), f"dpm_video_frames_{n}_{seed}", raw_frames)
+    seeded = {k: {"seed": seed} for k in ("DPM Encode the clip with A", "Baseline: ComfyUI video SDEdit with B",
+                                          "Baseline: per-frame SDEdit with image B")}
+    g, _ = shipped(server, VIDEO_WORKFLOW, {"Clip (video latent)": {"latent": clip_file},
+                                            "Frames (image latents)": {"latent": frame_file}, **seeded})
+    prompt = g.prompt()
+    saves = {nd["inputs"]["filename_prefix"]: nid for nid, nd in prompt.items() if nd["class_type"] == "SaveLatent"}
+    entry, dt = run_prompt(server, prompt)
+    raw = {k[len("dpm_video/"):]: saved_latents(server, entry, nid) for k, nid in saves.items()
+           if k.startswith("dpm_video/")}
+    lat = {k: V.from_raw(raw[k]) for k in ("reconstruction", "translation", "video_sdedit")}
+    lat["frame_sdedit"] = V.clips_of(sd3.process_in(raw["frame_sdedit"]), frames)
+    out = {"roundtrip": V.decode_clips(vae, x0), "replay": V.decode_clips(vae, lat["translation"]),
+           "video_sdedit": V.decode_clips(vae, lat["video_sdedit"]),
+           "frame_sdedit": V.decode_clips(vae, lat["frame_sdedit"])}
+    enc = node_inputs(prompt, "DPMEncode")
+    ks = node_inputs(prompt, "Baseline: ComfyUI video SDEdit with B")
+    m: dict = {"n_clips": n, "frames": frames, "steps": enc["steps"], "denoise": enc["denoise"], "eta": enc["eta"],
+               "scheduler": enc["scheduler"], "baseline_sampler": ks["sampler_name"],
+               "shift": sorted({nd["inputs"]["shift"] for nd in prompt.values() if nd["class_type"] == "ModelSamplingSD3"}),
+               "reconstruction_relative_error": float((lat["reconstruction"] - x0).norm() / x0.norm()),
+               "seconds": {"server": dt}}
+    for key in ("replay", "video_sdedit", "frame_sdedit", "roundtrip"):
+        m[key] = clip_measures(out[key], attrs, "circle" if key == "roundtrip" else "square")
+    m["seconds"]["total"] = time.perf_counter() - t0
+    images = {"video_input": clips, **{f"video_{k}": v for k, v in out.items()}}
+    return m, images
+
 
 
 # ----------------------------------------------------------------------------- Asyrp (h-space)
@@ -867,10 +1020,68 @@ def metrics_markdown(m: dict) -> str:
     if "pixel_ddpm" in m:
         lines += pixel_ddpm_markdown(m["pixel_ddpm"])
     lines += best_of_n_markdown(m.get("best_of_n"))
+    lines += video_markdown(m.get("video"))
     asyrp = asyrp_markdown(m.get("asyrp"))
     if asyrp:
         lines += [""] + asyrp
     return "\n".join(lines)
+
+
+def video_markdown(v) -> list[str]:
+    """Rows of the video translation (circles -> squares on clips): replay vs ComfyUI's video SDEdit vs per-frame SDEdit."""
+    if not v:
+        return []
+    r, vs, fs = v["replay"], v["video_sdedit"], v["frame_sdedit"]
+
+    def rate(x, k):
+        return f"{x[k]:.2f} [{x[k + '_ci95'][0]:.2f}, {x[k + '_ci95'][1]:.2f}]"
+
+    def px(x, k, unit=" px"):
+        return f"{x[k]:.2f}{unit} [{x[k + '_ci95'][0]:.2f}, {x[k + '_ci95'][1]:.2f}]"
+
+    n, f = v["n_clips"], v["frames"]
+    return [
+        "",
+        f"| video translation A->B ({n} clips of {f} frames; per-frame rates: Wilson over the {n * f} frames; "
+        "per-clip measures: bootstrap over clips) | DPM Latent (encode the clip with video A, replay with video B) "
+        "| ComfyUI video SDEdit (KSampler, video B, same denoise) | per-frame SDEdit (KSampler, image B, each frame) |",
+        "|---|---|---|---|",
+        f"| per-frame square rate | {rate(r, 'frame_shape_rate')} | {rate(vs, 'frame_shape_rate')} | {rate(fs, 'frame_shape_rate')} |",
+        f"| clips square on every frame (n = {n}) | {rate(r, 'clip_shape_rate')} | {rate(vs, 'clip_shape_rate')} | {rate(fs, 'clip_shape_rate')} |",
+        f"| per-frame colour kept | {rate(r, 'frame_colour_kept')} | {rate(vs, 'frame_colour_kept')} | {rate(fs, 'frame_colour_kept')} |",
+        f"| trajectory error (mean per-frame centroid error) | {px(r, 'trajectory_error_px')} | {px(vs, 'trajectory_error_px')} | {px(fs, 'trajectory_error_px')} |",
+        f"| flicker: consecutive frames whose shape or colour differs | {px(r, 'flicker', '')} | {px(vs, 'flicker', '')} | {px(fs, 'flicker', '')} |",
+        f"| flicker: frame-to-frame change of fill ratio / of colour (RGB) | {r['fill_change']:.3f} / {r['rgb_change']:.3f} "
+        f"| {vs['fill_change']:.3f} / {vs['rgb_change']:.3f} | {fs['fill_change']:.3f} / {fs['rgb_change']:.3f} |",
+        f"| reconstruction (replay with video A): relative error of the latent | {v['reconstruction_relative_error']:.1e} | – | – |",
+    ]
+
+
+def video_grid(images: dict, clips: int = 4):
+    """Rows: for each of ``clips`` clips, input / replay B / video SDEdit B / per-frame SDEdit B; columns: frames."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rows = [("input", "video_input"), ("replay B", "video_replay"), ("video SDEdit", "video_video_sdedit"),
+            ("frame SDEdit", "video_frame_sdedit")]
+    rows = [r for r in rows if r[1] in images]
+    if not rows:
+        return None
+    t = images[rows[0][1]].shape[1]
+    cell, gap, label_w = 64, 8, 84
+    k = min(clips, images[rows[0][1]].shape[0])
+    canvas = Image.new("RGB", (label_w + t * cell, k * (len(rows) * cell + gap)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    for c in range(k):
+        for label, key in rows:
+            draw.text((2, y + 2), label, fill=(0, 0, 0))
+            for f in range(t):
+                arr = (images[key][c, f].permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+                canvas.paste(Image.fromarray(arr), (label_w + f * cell, y))
+            y += cell
+        y += gap
+    return canvas.resize((canvas.width * 2, canvas.height * 2), Image.NEAREST)
 
 
 def pixel_ddpm_markdown(p: dict) -> list:
@@ -928,7 +1139,8 @@ def main(argv=None) -> int:
     work.mkdir(exist_ok=True)
     server = ComfyServer(comfy_dir, work, python=sys.executable,
                          model_dirs={"checkpoints": MODELS / "checkpoints", "clip_energy": MODELS / "clip_energy",
-                                     "diffusers": MODELS / "diffusers"}, pack_name="dpm-latent-demo")
+                                     "diffusers": MODELS / "diffusers", "diffusion_models": MODELS / "video"},
+                         pack_name="dpm-latent-demo")
     print(f"starting ComfyUI from {comfy_dir} ...", flush=True)
     server.start()
     try:
@@ -938,6 +1150,9 @@ def main(argv=None) -> int:
     finally:
         server.stop()
     grid(images).save(out / "demo_grid.png")
+    vg = video_grid(images)
+    if vg is not None:
+        vg.save(out / "demo_video.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     table = metrics_markdown(metrics)
     (out / "metrics.md").write_text(table + "\n", encoding="utf-8")

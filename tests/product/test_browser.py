@@ -185,10 +185,11 @@ def ui_server(demo, tmp_path_factory):
     (work / "user" / "default").mkdir(parents=True)
     (work / "user" / "default" / "comfy.settings.json").write_text(json.dumps(SETTINGS))
     srv = ComfyServer(comfy_dir(), work, python=sys.executable,
-                      model_dirs={"checkpoints": MODELS / "checkpoints", "clip_energy": MODELS / "clip_energy"},
+                      model_dirs={"checkpoints": MODELS / "checkpoints", "clip_energy": MODELS / "clip_energy",
+                                  "diffusion_models": MODELS / "video"},
                       pack_name=TEST_PACK_NAME)
     srv.start()
-    demo.write_sample_inputs(Path(srv.input_dir))
+    demo.write_sample_inputs(Path(srv.input_dir))  # images, and the video twin's clip latents
     yield srv
     srv.stop()
 

@@ -51,9 +51,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from dpmtools.graphs import saved_latents
+from dpmtools.graphs import rel_err, saved_latents, write_latent
 from dpmtools.workflow import (FRONTEND_ONLY, api_twin_text, extra_widget_values, is_combo, is_widget, ordered_inputs,
                                output_titles, ui_to_api)
 
@@ -378,7 +379,7 @@ def inverted_name(image_name: str) -> str:
     return image_name.replace(".png", "_inverted.png")
 
 
-def _adapt(ui: dict, object_info: dict, image_name: str, stem: str):
+def _adapt(ui: dict, object_info: dict, image_name: str, stem: str, input_dir: Path | None = None):
     """API prompt of a workflow, adapted to the tiny models; plus the branches the checks need."""
     cfg = (ui.get("extra") or {}).get("dpm_latent_test") or {}
     ui = copy.deepcopy(ui)
@@ -407,6 +408,7 @@ def _adapt(ui: dict, object_info: dict, image_name: str, stem: str):
         return nid
 
     tiny = {}
+    latent_inputs = {}
     for nid, node in api.items():
         inp = node["inputs"]
         if node["class_type"] == "CheckpointLoaderSimple":
@@ -431,6 +433,13 @@ def _adapt(ui: dict, object_info: dict, image_name: str, stem: str):
             inp["vae_name"] = vmap[inp["vae_name"]]
         elif node["class_type"] == "LoadVideo":
             inp["file"] = clip_name(image_name)
+        elif node["class_type"] == "LoadLatent":
+            # a latent-file workflow (the demo's video twin): a seeded random latent of the shape it declares
+            shape = (cfg.get("latents") or {}).get(nid)
+            assert shape, f"{stem}: Load Latent {nid} needs its shape in extra.dpm_latent_test.latents"
+            x = torch.randn(*shape, generator=torch.Generator().manual_seed(int(nid)))
+            inp["latent"] = write_latent(input_dir, f"wf_{stem}_{nid}", x)
+            latent_inputs[nid] = x
         elif node["class_type"] == "LoadImage":
             variant = (cfg.get("images") or {}).get(nid)
             assert variant in (None, "inverted"), f"{stem}: unknown test image variant {variant!r}"
@@ -534,6 +543,24 @@ def _adapt(ui: dict, object_info: dict, image_name: str, stem: str):
             rec, rt = reconstruction(eid, vae)
             checks.append({"output": outs[0], "reconstruction": rec, "round_trip": rt})
 
+    # latent-file workflows: a replay saved as a latent against the replay with the encoder's own settings,
+    # which must give the loaded latent back
+    for rid in [k for k, n in api.items() if n["class_type"] == "ReplayLatentWithPrompt"]:
+        rep = api[rid]["inputs"]
+        eid = rep["latent_code"][0]
+        src = api[eid]["inputs"]["latent_image"] if api[eid]["class_type"] == "DPMEncode" else None
+        if not src or api[src[0]]["class_type"] != "LoadLatent":
+            continue
+        if all(rep[k] == api[eid]["inputs"][k] for k in ("model", "positive", "negative", "cfg")):
+            continue
+        outs = [k for k, n in api.items() if n["class_type"] == "SaveLatent" and n["inputs"]["samples"] == [rid, 0]]
+        assert outs, f"{stem}: the replay {rid} of a loaded latent is not saved"
+        enc = api[eid]["inputs"]
+        same = add("ReplayLatentWithPrompt", model=enc["model"], positive=enc["positive"], negative=enc["negative"],
+                   latent_code=[eid, 0], cfg=enc["cfg"])
+        checks.append({"kind": "latent", "output": outs[0], "input": latent_inputs[src[0]],
+                       "reconstruction": add("SaveLatent", samples=[same, 0], filename_prefix=f"wf_test/{stem}_rec")})
+
     # Langevin: the guided image against the same code without guidance
     for lid in [k for k, n in api.items() if n["class_type"] == "LangevinLatentSampler"]:
         lv = api[lid]["inputs"]
@@ -634,7 +661,7 @@ def test_workflow_runs_and_reconstructs(path, server, object_info):
     _test_image(Path(server.input_dir) / image_name)
     _test_image(Path(server.input_dir) / inverted_name(image_name), inverted=True)
     _test_clip(Path(server.input_dir) / clip_name(image_name))
-    api, checks = _adapt(_load(path), object_info, image_name, path.stem)
+    api, checks = _adapt(_load(path), object_info, image_name, path.stem, Path(server.input_dir))
     assert checks, (f"{path.name}: no DPM Encode -> Replay -> VAE Decode -> Save Image chain "
                     "and no Langevin Latent Sampler -> VAE Decode -> Save Image chain")
     _prepare_asyrp_directions(server, api, image_name, path.stem)
@@ -660,6 +687,11 @@ def test_workflow_runs_and_reconstructs(path, server, object_info):
             assert saved.is_file() and saved.name.endswith(".dpmcode.safetensors"), saved
 
     for c in checks:
+        if c.get("kind") == "latent":  # replay of a loaded latent: exact with the encoder's settings, an edit else
+            rec, out = saved_latents(server, entry, c["reconstruction"]), saved_latents(server, entry, c["output"])
+            assert rel_err(rec, c["input"]) <= 1e-4, f"{path.name}: replay off the loaded latent by {rel_err(rec, c['input'])}"
+            assert rel_err(out, c["input"]) > 1e-3, f"{path.name}: the edit did not change the latent"
+            continue
         out, rec = _png(server, entry, c["output"]), _png(server, entry, c["reconstruction"])
         if "round_trip" in c:
             err = int(np.abs(rec - _png(server, entry, c["round_trip"])).max())
