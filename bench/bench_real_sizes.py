@@ -161,15 +161,16 @@ def one(kind: str, mode: str, opts) -> dict:
     per_call = _timer(cuda)
     mem = Memory(cuda)
     res = {"kind": kind, "mode": mode, "device": "cuda" if cuda else "cpu", "dtype": opts.dtype, "steps": steps,
-           "latent": [1, spec.latent_channels, side, side], "threads": torch.get_num_threads(),
+           "latent": [1, spec.latent_channels, side, side], "context": list(spec.context_shape(opts.context_tokens)), "threads": torch.get_num_threads(),
            "torch": torch.__version__}
     t0 = time.perf_counter()
     with torch.inference_mode():
         model = RM.build_model(kind, dtype=dtype, seed=0)
         res["params_m"] = sum(p.numel() for p in model.model.diffusion_model.parameters()) / 1e6
         res["model_class"] = type(model.model.model_config).__name__
+        res["manual_cast"] = str(model.model.manual_cast_dtype)  # the dtype the layers compute in, when cast
         res["build_s"] = time.perf_counter() - t0
-        cond = spec.conditioning(seed=1)
+        cond = spec.conditioning(seed=1, tokens=opts.context_tokens)
         code = lc.RandomLatentCode.execute(model, opts.size, opts.size, 1, 0, steps, "normal", ETA).result[0]
 
         def replay_node():
@@ -207,12 +208,15 @@ def one(kind: str, mode: str, opts) -> dict:
             mem.start()
             ours()  # warm-up: loads the model
             bare()
-            best = [math.inf] * 3
+            fns = (ours, bare, ksampler) if opts.ksampler else (ours, bare)
+            best = [math.inf] * len(fns)
             for _ in range(opts.rounds):  # interleaved: a busy machine slows all alike
-                for k, fn in enumerate((ours, bare, ksampler)):
+                for k, fn in enumerate(fns):
                     best[k] = min(best[k], per_call(fn))
-            res.update(ours_s=best[0], bare_s=best[1], ksampler_s=best[2], ratio_bare=best[0] / best[1],
-                       ratio_ksampler=best[0] / best[2], per_call_s=best[1] / (2 * steps), peak_mb=mem.peak_above())
+            res.update(ours_s=best[0], bare_s=best[1], ratio_bare=best[0] / best[1],
+                       per_call_s=best[1] / (2 * steps), peak_mb=mem.peak_above())
+            if opts.ksampler:
+                res.update(ksampler_s=best[2], ratio_ksampler=best[0] / best[2])
             del guider
             # per-call overhead: the same guider path on a tiny SD1.5 at a 2x2 latent (next to no tensor work)
             tiny = RM.build_model("tiny_sd15", dtype=dtype, seed=0)
@@ -373,10 +377,24 @@ def cycle(which: str, opts) -> dict:
 
 # ---------------------------------------------------------------------------------------------- driver
 
+def prepare(opts) -> dict:
+    """The CLIP Energy's folder: a random ViT-B/32 CLIPModel (the tiny CLIP with --tiny)."""
+    from dpmtools import tiny_clip
+
+    folder = tiny_clip.make_tiny_clip_folder(os.path.join(opts.tmp, "clip_energy", opts.clip), seed=0,
+                                             full_size=not opts.tiny)
+    return {"clip_folder": str(folder)}
+
+
+def _dispatch(kind: str, mode: str, opts) -> dict:
+    if kind == "prepare":
+        return prepare(opts)
+    return cycle(mode, opts) if kind == "cycle" else one(kind, mode, opts)
+
+
 def _run_child(args: list[str], opts) -> dict:
     if opts.same_process:
-        ns = argparse.Namespace(**vars(opts))
-        return cycle(args[1], ns) if args[0] == "cycle" else one(args[0], args[1], ns)
+        return _dispatch(args[0], args[1], argparse.Namespace(**vars(opts)))
     env = dict(os.environ)
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # freed large blocks go back to the OS: RSS follows tensors
     if opts.device == "cuda":
@@ -411,6 +429,8 @@ def report(results: dict, opts) -> dict:
         row = {
             "params_m": rp.get("params_m") or ck.get("params_m"),
             "model_class": rp.get("model_class") or ck.get("model_class"),
+            "latent": rp.get("latent") or ck.get("latent"), "context": rp.get("context") or ck.get("context"),
+            "manual_cast": rp.get("manual_cast") or ck.get("manual_cast"),
             "call_s": rp.get("per_call_s"), "tiny_call_s": rp.get("tiny_call_s"),
             "encode_replay_ratio": rp.get("ratio_bare"), "ksampler_ratio": rp.get("ratio_ksampler"),
             "checkpoint_ratio": ck.get("ratio"), "full_graph_ratio": fg.get("ratio"),
@@ -465,6 +485,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    ap.add_argument("--no-ksampler", dest="ksampler", action="store_false",
+                    help="replay mode: skip the KSampler euler_ancestral comparison (saves a third of its time)")
+    ap.add_argument("--context-tokens", type=int, default=None,
+                    help="conditioning tokens instead of the model's usual (SD3: 154 with T5, 77 without)")
     ap.add_argument("--cycle", action="store_true", help="compare with diffusers' CycleDiffusionPipeline (SD1.5)")
     ap.add_argument("--flux", action="store_true", help="add Flux.1-dev (needs about 24 GB at bf16 + activations)")
     ap.add_argument("--tiny", action="store_true", help="the tests' tiny models: checks the code path in seconds")
@@ -480,8 +504,7 @@ def main() -> None:
         opts.size = 64 if opts.tiny else 256
     opts.clip = opts.clip or ("tiny" if opts.tiny else "vit_b_32")
     if opts.child:
-        kind, mode = opts.child
-        print(json.dumps(cycle(mode, opts) if kind == "cycle" else one(kind, mode, opts)))
+        print(json.dumps(_dispatch(*opts.child, opts)))
         return
     models = (opts.models.split(",") if opts.models else
               (["tiny_sd15", "tiny_sd3", "tiny_sdxl"] if opts.tiny else ["sd15", "sd3", "sdxl"]))
@@ -498,12 +521,11 @@ def main() -> None:
         opts.tmp = tmp
         opts.passthrough = ["--tmp", tmp, "--steps", str(opts.steps), "--size", str(opts.size), "--rounds",
                             str(opts.rounds), "--dtype", opts.dtype, "--device", opts.device, "--clip", opts.clip] + \
-            (["--tiny"] if opts.tiny else [])
-        from dpmtools import tiny_clip
-
-        if "auto" in modes:  # the CLIP Energy's folder: random weights, built once for every model
-            tiny_clip.make_tiny_clip_folder(os.path.join(tmp, "clip_energy", opts.clip), seed=0,
-                                            full_size=not opts.tiny)
+            (["--tiny"] if opts.tiny else []) + ([] if opts.ksampler else ["--no-ksampler"]) + \
+            ([] if opts.context_tokens is None else ["--context-tokens", str(opts.context_tokens)])
+        if "auto" in modes:  # the CLIP Energy's folder, built once for every model (in a child: this stays small)
+            if _run_child(["prepare", "clip"], opts).get("failed"):
+                raise SystemExit("could not build the CLIP Energy's folder")
         results = {}
         for kind in models:
             if opts.cycle and kind.endswith("sdxl") and "cycle" not in results:

@@ -9,9 +9,10 @@ class from them exactly as it does for a checkpoint file, builds that class's mo
 ``comfy.sd.load_state_dict_guess_config`` does. No state dict of the whole model is ever held beside
 it, so the peak memory is the model's own size (SDXL fp32: 10.3 GB).
 
-``KINDS`` lists the models: ``sd15``, ``sdxl``, ``sd3`` (SD3-medium MMDiT), ``flux`` (Flux.1-dev,
-12 B parameters: only for a machine with the memory), and ``tiny_*`` versions of the first three
-with the test models' configurations (``tiny_models``) for fast checks of the same code path.
+``KINDS`` lists the models: ``sd15``, ``sdxl``, ``ssd1b`` (SDXL distilled to 1.3 B), ``sd3`` (SD3-medium
+MMDiT), ``flux`` (Flux.1-dev, 12 B parameters: only for a machine with the memory), and ``tiny_*``
+versions of SD1.5, SDXL and SD3 with the test models' configurations (``tiny_models``) for fast
+checks of the same code path.
 
 ComfyUI must be on sys.path and its device chosen (``comfy_env``) before these are called.
 """
@@ -41,6 +42,11 @@ SDXL_UNET = dict(_UNET, num_classes="sequential", adm_in_channels=2816, num_res_
                  transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], transformer_depth_middle=10,
                  use_linear_in_transformer=True, context_dim=2048, num_heads=-1, num_head_channels=64)
 
+# Segmind's SSD-1B: SDXL distilled to 1.3 B parameters (shallower 1280-channel stacks, no middle block),
+# an SDXL-family model ComfyUI supports; the fallback where the full SDXL does not fit in memory.
+SSD1B_UNET = dict(SDXL_UNET, transformer_depth=[0, 0, 2, 2, 4, 4],
+                  transformer_depth_output=[0, 0, 0, 1, 1, 2, 10, 4, 4], transformer_depth_middle=-1)
+
 SD3_MEDIUM_MMDIT = {
     "in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 24, "input_size": None,
     "adm_in_channels": 2048,
@@ -67,20 +73,25 @@ class Spec:
         self.kind, self.arch, self.config = kind, arch, config
         self.latent_channels, self.context, self.pooled, self.vae = latent_channels, context, pooled, vae
 
-    def conditioning(self, seed: int = 1, batch: int = 1, dtype=torch.float32) -> list:
-        """Random CONDITIONING of the shapes this model's text encoders give (no text encoder needed)."""
+    def context_shape(self, tokens: int | None = None) -> tuple:
+        return (tokens or self.context[0], self.context[1])
+
+    def conditioning(self, seed: int = 1, batch: int = 1, dtype=torch.float32, tokens: int | None = None) -> list:
+        """Random CONDITIONING of the shapes this model's text encoders give (no text encoder needed);
+        ``tokens``: another token count (SD3 without T5: 77)."""
         g = torch.Generator().manual_seed(seed)
         extras = {}
         if self.pooled:
             extras["pooled_output"] = torch.randn(batch, self.pooled, generator=g).to(dtype)
         if self.kind.endswith("flux"):
             extras["guidance"] = 3.5
-        return [[torch.randn(batch, *self.context, generator=g).to(dtype), extras]]
+        return [[torch.randn(batch, *self.context_shape(tokens), generator=g).to(dtype), extras]]
 
 
 KINDS = {
     "sd15": Spec("sd15", "unet", SD15_UNET, 4, (77, 768), None, "kl"),
     "sdxl": Spec("sdxl", "unet", SDXL_UNET, 4, (77, 2048), 1280, "kl"),
+    "ssd1b": Spec("ssd1b", "unet", SSD1B_UNET, 4, (77, 2048), 1280, "kl"),
     "sd3": Spec("sd3", "mmdit", SD3_MEDIUM_MMDIT, 16, (154, 4096), 2048, "kl16"),
     "flux": Spec("flux", "flux", FLUX_DEV, 16, (256, 4096), 768, "kl16"),
     "tiny_sd15": Spec("tiny_sd15", "unet", _TINY_UNETS["tiny_sd15"], 4, (77, 768), None, "taesd"),
