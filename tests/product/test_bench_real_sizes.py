@@ -31,17 +31,6 @@ def test_full_size_configs_are_the_models_comfyui_detects(kind, cls, params_m):
     assert sum(p.numel() for p in net.parameters()) / 1e6 == pytest.approx(params_m, abs=0.1)
 
 
-def test_diffusers_sd15_layout_maps_onto_comfyuis_unet():
-    """The converted tiny diffusers U-Net loads strictly into ComfyUI's U-Net: every key, every shape."""
-    import torch
-
-    net = RM.diffusers_sd15_unet("tiny_sd15", seed=0)
-    with torch.inference_mode():
-        patcher = RM.comfy_model_from_diffusers("tiny_sd15", net)
-    w = dict(net.named_parameters())["conv_in.weight"]
-    assert torch.equal(patcher.model.diffusion_model.input_blocks[0][0].weight, w)
-
-
 def test_tiny_run_prints_every_figure(tmp_path):
     out = tmp_path / "summary.json"
     cmd = [sys.executable, str(REPO / "bench" / "bench_real_sizes.py"), "--tiny", "--models", "tiny_sd15", "--cycle",
@@ -68,5 +57,5 @@ def test_tiny_run_prints_every_figure(tmp_path):
         r = cycle[which]
         assert r["model_calls"] == 4 and r["wall_s"] > 0
         assert r["max_abs_error"] < 1e-3, (which, r)  # both reconstruct the input latent
-    assert cycle["ours"]["max_abs_error"] < 1e-5
+    assert cycle["ours"]["max_abs_error"] < 1e-5  # its weights came from the diffusers U-Net (strict load)
     assert summary["cycle_time_ratio"] > 0
