@@ -340,6 +340,7 @@ def cycle(which: str, opts) -> dict:
             pipe = CycleDiffusionPipeline(vae=vae, text_encoder=enc, tokenizer=tok, unet=net.to(device, dtype),
                                           scheduler=sched, safety_checker=None, feature_extractor=None,
                                           requires_safety_checker=False)
+            pipe = pipe.to(device)  # its (unused) VAE too: the pipeline takes its device from its modules
             pipe.set_progress_bar_config(disable=True)
             out = {}
 
@@ -517,6 +518,8 @@ def main() -> None:
         else:
             models.append("flux")
     modes = opts.modes.split(",")
+    if opts.device == "cuda":  # read by _common.setup in this process (--same-process) and in every child
+        os.environ["DPM_LATENT_BENCH_CUDA"] = "1"
     with tempfile.TemporaryDirectory() as tmp:
         opts.tmp = tmp
         opts.passthrough = ["--tmp", tmp, "--steps", str(opts.steps), "--size", str(opts.size), "--rounds",
