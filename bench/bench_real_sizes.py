@@ -161,7 +161,8 @@ def one(kind: str, mode: str, opts) -> dict:
     per_call = _timer(cuda)
     mem = Memory(cuda)
     res = {"kind": kind, "mode": mode, "device": "cuda" if cuda else "cpu", "dtype": opts.dtype, "steps": steps,
-           "latent": [1, spec.latent_channels, side, side], "context": list(spec.context_shape(opts.context_tokens)), "threads": torch.get_num_threads(),
+           "latent": [1, spec.latent_channels, side, side], "context": list(spec.context_shape(opts.context_tokens)),
+           "threads": torch.get_num_threads(),
            "torch": torch.__version__}
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -418,10 +419,12 @@ def report(results: dict, opts) -> dict:
     print()
     m = summary["machine"]
     print(f"Real-size benchmark: device {m['device']}, {m['dtype']}, torch {m['torch']}, {m['threads']} thread(s), "
-          f"{m['cpus']} CPU(s), latent {opts.size // 8}x{opts.size // 8} ({opts.size} px), {opts.steps} steps, batch 1, "
+          f"{m['cpus']} CPU(s), latent {opts.size // 8}x{opts.size // 8} ({opts.size} px), {opts.steps} steps, "
+          "batch 1, "
           f"best of {opts.rounds}")
     hdr = (f"{'model':10s} {'params':>7s} {'call s':>7s} {'enc+rep':>8s} {'ks_a':>6s} {'ckpt x':>7s} {'graph x':>7s} "
-           f"{'ckpt +MB':>9s} {'graph +MB':>9s} {'node x':>7s} {'auto':>6s} {'pred MB':>8s} {'used MB':>8s} {'peak MB':>8s}")
+           f"{'ckpt +MB':>9s} {'graph +MB':>9s} {'node x':>7s} {'auto':>6s} {'pred MB':>8s} {'used MB':>8s} "
+           f"{'peak MB':>8s}")
     print(hdr)
     for kind, modes in results.items():
         if kind == "cycle":
@@ -471,7 +474,8 @@ def report(results: dict, opts) -> dict:
             summary["cycle_time_ratio"] = cy["ours"]["wall_s"] / cy["diffusers"]["wall_s"]
             print(f"  time ours / diffusers = {summary['cycle_time_ratio']:.3f}")
     print("ratios: enc+rep = encode + replay / the same calls through ComfyUI's guider (target <= 1.05); ks_a = / "
-          "KSampler euler_a; ckpt x, graph x = one Langevin chain-gradient step / one replay, recomputing (about 4) and "
+          "KSampler euler_a; ckpt x, graph x = one Langevin chain-gradient step / one replay, recomputing (about 4) "
+          "and "
           "keeping the graph (about 3); node x = the Langevin node's step (VAE + CLIP) / one replay; +MB = peak above "
           "the loaded models; pred MB = auto's prediction (chain graph + decode), used MB = the node step's peak")
     return summary
@@ -514,7 +518,8 @@ def main() -> None:
 
         if opts.device == "cpu" and psutil.virtual_memory().total < 48 * 2 ** 30:
             print(f"Flux.1: skipped: 12 B parameters are about 24 GB at bf16 before activations; this machine has "
-                  f"{psutil.virtual_memory().total / 2 ** 30:.0f} GB of RAM. Run with --device cuda on a GPU with the memory.")
+                  f"{psutil.virtual_memory().total / 2 ** 30:.0f} GB of RAM. Run with --device cuda on a GPU with "
+                  "the memory.")
         else:
             models.append("flux")
     modes = opts.modes.split(",")
