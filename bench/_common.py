@@ -12,12 +12,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))  # dpmtools (never the repository itself: its nodes/ would shadow ComfyUI's)
 
 
-def setup():
-    """ComfyUI on sys.path (DPM_LATENT_COMFYUI), fp32 on the CPU (CUDA with DPM_LATENT_BENCH_CUDA=1); the pack."""
+def setup(force_fp32: bool = True):
+    """ComfyUI on sys.path (DPM_LATENT_COMFYUI), fp32 on the CPU (CUDA with DPM_LATENT_BENCH_CUDA=1); the pack.
+    ``force_fp32=False`` lets a benchmark choose fp16/bf16 weights itself."""
     from dpmtools import comfy_env
 
     comfy_env.add_comfy_to_path()
-    comfy_env.set_device(cpu=os.environ.get("DPM_LATENT_BENCH_CUDA") != "1", force_fp32=True)
+    comfy_env.set_device(cpu=os.environ.get("DPM_LATENT_BENCH_CUDA") != "1", force_fp32=force_fp32)
     return comfy_env.import_pack()
 
 

@@ -32,8 +32,14 @@ def _vocab() -> dict[str, int]:
     return vocab
 
 
-def make_tiny_clip_folder(folder: Union[str, Path], seed: int = 0, image_size: int = 32) -> Path:
-    """Create (or overwrite) a tiny CLIPModel folder and return its path."""
+def make_tiny_clip_folder(folder: Union[str, Path], seed: int = 0, image_size: int = 32,
+                          full_size: bool = False) -> Path:
+    """Create (or overwrite) a tiny CLIPModel folder and return its path.
+
+    ``full_size=True``: the ViT-B/32 architecture instead (transformers' default ``CLIPConfig``: 224 px,
+    patch 32, 12 layers of 768 in the vision tower, 12 of 512 in the text tower, 49408 token
+    embeddings, 151 M parameters, fp32), random weights, with the same character tokenizer; for the
+    real-size benchmark (``image_size`` is then 224)."""
     from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
 
     folder = Path(folder)
@@ -41,13 +47,19 @@ def make_tiny_clip_folder(folder: Union[str, Path], seed: int = 0, image_size: i
     vocab = _vocab()
     tower = dict(hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=2,
                  num_attention_heads=4, projection_dim=PROJECTION)
-    config = CLIPConfig(
-        text_config=dict(tower, vocab_size=len(vocab), max_position_embeddings=32,
-                         bos_token_id=vocab[BOS], eos_token_id=vocab[EOS],
-                         pad_token_id=vocab[EOS]),
-        vision_config=dict(tower, image_size=image_size, patch_size=8),
-        projection_dim=PROJECTION,
-    )
+    max_tokens = 77 if full_size else 32
+    if full_size:
+        image_size = 224
+        config = CLIPConfig(text_config=dict(bos_token_id=vocab[BOS], eos_token_id=vocab[EOS],
+                                             pad_token_id=vocab[EOS]))
+    else:
+        config = CLIPConfig(
+            text_config=dict(tower, vocab_size=len(vocab), max_position_embeddings=max_tokens,
+                             bos_token_id=vocab[BOS], eos_token_id=vocab[EOS],
+                             pad_token_id=vocab[EOS]),
+            vision_config=dict(tower, image_size=image_size, patch_size=8),
+            projection_dim=PROJECTION,
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPModel(config)
@@ -59,7 +71,7 @@ def make_tiny_clip_folder(folder: Union[str, Path], seed: int = 0, image_size: i
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "CLIPTokenizer", "bos_token": BOS, "eos_token": EOS,
-        "unk_token": EOS, "pad_token": EOS, "model_max_length": 32}), encoding="utf-8")
+        "unk_token": EOS, "pad_token": EOS, "model_max_length": max_tokens}), encoding="utf-8")
     AutoTokenizer.from_pretrained(str(folder), local_files_only=True).save_pretrained(folder)
 
     CLIPImageProcessor(
