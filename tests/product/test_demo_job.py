@@ -183,10 +183,11 @@ def test_best_of_n_row(demo, measured):
 
 
 def test_asyrp_row(demo, measured):
-    """Asyrp 'red -> blue' on held-out red shapes (docs/asyrp.md, "What the demo measures"). Strength 0 is the
-    plain replay; Gaussian controls of the trained norm change neither shape nor colour; the direction from
-    examples turns flow model B's squares blue, moves colour monotonically with strength, and composes with a
-    size direction; every row agrees with the published draw (docs/demo_metrics.json)."""
+    """Asyrp 'red -> blue' on held-out red shapes (docs/demo-world.md). Strength 0 is the plain replay; Gaussian
+    controls of the trained norm change neither shape nor colour; the directions from examples (both networks)
+    and the DDPM's CLIP-trained one move colour towards blue and keep the shape and background, monotonically in
+    strength; the flow model's composes with a size direction; every row agrees with the published draw
+    (docs/demo_metrics.json)."""
     m, images = measured
     a = m["asyrp"]
     pub = _baseline()["asyrp"]
@@ -211,9 +212,15 @@ def test_asyrp_row(demo, measured):
         e = [rows[f"examples {v:g}"]["colour_shift"] for v in (0.5, 1.0, 2.0)]
         assert e[0] < e[1] + 0.02 and e[1] < e[2] + 0.02, (which, e)
         assert images[f"asyrp_{which}_examples_1"].shape[0] == a["n_images"]
-    f = a["flow"]["rows"]
+    # the directions move colour where random ones of their size do not (measured n = 24: DDPM from examples at 3
+    # 0.79 blue, CLIP-trained at 1 0.54; flow from examples at 1 0.38, at 1.5 0.54; docs/demo-world.md)
+    u, f = a["ddpm"]["rows"], a["flow"]["rows"]
+    for r in (u["examples 3"], u["trained 1"], f["examples 1"]):
+        assert r["colour_shift"] >= u["gauss_norm 1"]["colour_shift"] + 0.15 and r["target_rate"] >= 0.15, r
+        assert r["shape_kept"] >= 0.9 and r["outside_change"] <= 0.03, r
     ex = f["examples 1"]
-    assert ex["target_rate"] >= 0.5 and ex["shape_kept"] >= 0.9 and ex["outside_change"] <= 0.03, ex
+    # the flow model's CLIP-trained direction does not recolour (docs/asyrp.md: its P_t is a yellow blob)
+    assert f["trained 1"]["colour_shift"] < 0.15, f["trained 1"]
     # composition: colour + size do both
     c, s1 = f["compose 1"], f["size 1"]
     assert c["target_rate"] >= ex["target_rate"] - 0.2, (c, ex)
