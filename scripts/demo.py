@@ -627,18 +627,19 @@ def measure_video(server, n: int = VIDEO["n"], seed: int = 0) -> tuple[dict, dic
 
 # ----------------------------------------------------------------------------- Asyrp (h-space)
 ASYRP = {  # per h-space: the CLIP-trained direction demo/train.py --parts asyrp ships (demo/models/asyrp/), its
-    # Gaussian controls, and the settings of the direction made from examples inside the graph
+    # Gaussian controls, and the settings of the direction made from examples inside the graph (grid_strength:
+    # where it met the four criteria on other held-out images, docs/asyrp.md)
     "ddpm": {"title": "pixel DDPM A (U-Net; h = after the first up block, h_site 'after first up block')",
              "loader": "diffusers",
              "model": PIXEL_DDPM_A, "domain": "A", "shape": "circle", "scheduler": "normal",
              "direction": "dpm_world_ddpm_red_to_blue.asyrp.safetensors",
              "examples": {"t_edit": 0.1, "t_start": 0.6, "h_site": "after first up block", "spread": "object"},
-             "example_strengths": [0.5, 1.0, 2.0, 3.0]},
+             "example_strengths": [0.5, 1.0, 2.0, 3.0], "grid_strength": 3.0},
     "flow": {"title": "flow model B (SD3 MMDiT; h = image tokens of the middle joint block)", "loader": "checkpoint",
              "model": CKPT_B, "domain": "B", "shape": "square", "scheduler": "simple",
              "direction": "dpm_world_flow_red_to_blue.asyrp.safetensors",
              "examples": {"t_edit": 0.2, "t_start": 0.7, "h_site": "middle", "spread": "everywhere"},
-             "example_strengths": [0.5, 1.0, 1.5, 2.0]},
+             "example_strengths": [0.5, 1.0, 1.5, 2.0], "grid_strength": 1.5},
 }
 ASYRP_STEPS = 20
 ASYRP_WORKFLOW = "asyrp_demo.json"
@@ -957,9 +958,11 @@ def grid(images: dict, rows: int = 8):
             ("input", "input_squares"), (f"CLIP {EDIT_COLOUR}", "clip_edit")]
     for which, label in (("ddpm", "U-Net"), ("flow", "MMDiT")):  # Asyrp: input, replay, each direction at 1
         cols.append(None)
+        top = ASYRP[which]["grid_strength"]
         cols += [(f"{label} red", f"asyrp_{which}_input"), ("replay", f"asyrp_{which}_trained_0"),
                  ("CLIP-trained", f"asyrp_{which}_trained_1"), ("examples", f"asyrp_{which}_examples_1"),
-                 ("examples x2", f"asyrp_{which}_examples_2"), ("Gaussian", f"asyrp_{which}_gauss_norm_1")]
+                 (f"examples x{top:g}", f"asyrp_{which}_examples_{top:g}"),
+                 ("Gaussian", f"asyrp_{which}_gauss_norm_1")]
         if which == ASYRP_COMPOSE:
             cols.append(("+ large", f"asyrp_{which}_compose_1"))
     cell, gap, head = 64, 12, 16
