@@ -750,12 +750,12 @@ ASYRP_DIR = MODELS / "asyrp"
 # (h = image tokens of the middle joint block), both trained with Asyrp Train Direction's defaults;
 # held-out images are never trained on.
 ASYRP_RUNS = {
-    # DDPM: Asyrp Train Direction's defaults (the paper's recipe) on 8 red circles, at h_site "after first up
-    # block": the paper's middle block of this tiny U-Net carries layout, not colour (docs/asyrp.md).
+    # DDPM: Asyrp Train Direction's defaults (the paper's recipe; 20 steps, not 40) on 8 red circles, at h_site
+    # "after first up block": the paper's middle block of this tiny U-Net carries layout, not colour (docs/asyrp.md).
     "ddpm": {"file": "dpm_world_ddpm_red_to_blue", "loader": "diffusers", "model": "dpm_world_ddpm_circles",
              "domain": "A", "shape": "circle", "steps": 20, "t_edit": 0.5, "iterations": 5,
              "learning_rate": 0.5, "l1_weight": 3.0, "n_train": 8, "h_site": "after first up block"},
-    # flow: Asyrp Train Direction's own defaults (the paper's recipe: lr 0.5, l1 3 x text cosine against the
+    # flow: Asyrp Train Direction's own defaults, 20 steps (the paper's recipe: lr 0.5, l1 3 x text cosine against the
     # source chain, StepLR, 5 iterations, t_edit 0.5) on 8 training images. It does not turn squares blue: this
     # model's P_t decodes to a yellow blob until late in the chain, so directional CLIP on P_t cannot see the
     # edit (docs/asyrp.md, "What the demo measures").

@@ -674,7 +674,8 @@ def control_file(direction: str, control: str) -> str:
 
 def asyrp_example_images(which: str) -> dict:
     """The example sets of a network's shape: 'blue' / 'red' (the same scenes in both colours) and, for the
-    composition, 'large' / 'small' red shapes (the same centres at two sizes). Name -> (n, 3, 64, 64)."""
+    composition, 'large' / 'small' red shapes at places drawn independently for each set (unpaired, as Asyrp
+    Direction From Examples allows). Name -> (n, 3, 64, 64)."""
     import torch
 
     W = world()
@@ -806,8 +807,9 @@ def outside_change(out, src, attrs, margin: float = 3.0) -> list:
 def measure_asyrp(server, n: int = 24, seed: int = 0) -> tuple[dict, dict]:
     """Asyrp edits 'red -> blue' of ``n`` held-out RED shapes (encoded with DPM Encode) on the pixel DDPM's U-Net
     and on the flow model's MMDiT: the shipped CLIP-trained direction (strength 0 = the plain replay, 1), the
-    direction from examples (0.5 / 1 / 2: linearity), Gaussian controls (the trained norm; 0.2 ||h||) and, on
-    ASYRP_COMPOSE, the colour direction combined with a small -> large one (composition)."""
+    direction from examples at its network's example_strengths, Gaussian controls (the trained norm; 0.2 ||h||)
+    and, on ASYRP_COMPOSE, the colour direction combined with a small -> large one (composition). "Outside" is
+    measured against the input image, so it includes the VAE's and the resize's own error (the replay row)."""
     import numpy as np
 
     W = world()
@@ -946,8 +948,9 @@ def measure_best_of_n(server, circles, n_images: int = BEST_OF_N["n_images"]) ->
 
 def grid(images: dict, rows: int = 8):
     """Columns: input | VAE round trip | replay A | replay B | SDEdit B || masked replay B | masked KSampler B
-    || unguided | CLIP-guided || square | CLIP-edit || Asyrp on the DDPM's U-Net, one per strength || Asyrp on the
-    flow model's MMDiT, one per strength."""
+    || unguided | CLIP-guided || square | CLIP-edit || Asyrp per network (DDPM U-Net, flow MMDiT): red input, plain
+    replay, CLIP-trained at 1, from examples at 1 and at its grid_strength, Gaussian control (flow: + large, the
+    composition)."""
     import numpy as np
     from PIL import Image, ImageDraw
 

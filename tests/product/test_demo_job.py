@@ -184,10 +184,10 @@ def test_best_of_n_row(demo, measured):
 
 def test_asyrp_row(demo, measured):
     """Asyrp 'red -> blue' on held-out red shapes (docs/demo-world.md). Strength 0 is the plain replay; Gaussian
-    controls of the trained norm change neither shape nor colour; the directions from examples (both networks)
-    and the DDPM's CLIP-trained one move colour towards blue and keep the shape and background, monotonically in
-    strength; the flow model's composes with a size direction; every row agrees with the published draw
-    (docs/demo_metrics.json)."""
+    controls of the trained norm move no colour and keep the shapes; the directions from examples (both networks)
+    and the DDPM's CLIP-trained one move colour towards blue beyond their network's control and keep the shape and
+    background, monotonically in strength; the flow model's composes with a size direction; every row agrees with
+    the published draw (docs/demo_metrics.json)."""
     m, images = measured
     a = m["asyrp"]
     pub = _baseline()["asyrp"]
@@ -205,26 +205,31 @@ def test_asyrp_row(demo, measured):
             p = pub[which]["rows"][name]
             for k in ("target_rate", "shape_kept"):
                 assert r[k + "_ci95"][1] >= p[k + "_ci95"][0] and r[k + "_ci95"][0] <= p[k + "_ci95"][1], (which, name, k, r, p)
-        # the paper's robustness claim, with a Gaussian delta_h of the trained direction's norm
+        # the paper's robustness claim, with a Gaussian delta_h of the trained direction's norm: no blue, colour
+        # hardly moved (published 0.04 [0.03, 0.06] on the DDPM, 0.01 on the flow model), shapes kept
         g = rows["gauss_norm 1"]
-        assert g["shape_kept"] >= 0.9 and abs(g["target_rate"] - zero["target_rate"]) <= 0.1, g
-        # linearity: strength 0.5 / 1 / 2 move colour monotonically
+        assert g["shape_kept"] >= 0.85 and abs(g["target_rate"] - zero["target_rate"]) <= 0.1, g
+        assert g["colour_shift"] < 0.1, g
+        # strength 0.5 / 1 / 2 move colour monotonically (monotone, not linear: docs/demo-world.md)
         e = [rows[f"examples {v:g}"]["colour_shift"] for v in (0.5, 1.0, 2.0)]
         assert e[0] < e[1] + 0.02 and e[1] < e[2] + 0.02, (which, e)
         assert images[f"asyrp_{which}_examples_1"].shape[0] == a["n_images"]
-    # the directions move colour where random ones of their size do not (measured n = 24: DDPM from examples at 3
-    # 0.79 blue, CLIP-trained at 1 0.54; flow from examples at 1 0.38, at 1.5 0.54; docs/demo-world.md)
+    # the directions move colour beyond their network's Gaussian control of the trained norm (measured n = 24: DDPM
+    # from examples at 3 0.79 blue, CLIP-trained at 1 0.54; flow from examples at 1 0.38, at 1.5 0.54)
     u, f = a["ddpm"]["rows"], a["flow"]["rows"]
-    for r in (u["examples 3"], u["trained 1"], f["examples 1"]):
-        assert r["colour_shift"] >= u["gauss_norm 1"]["colour_shift"] + 0.15 and r["target_rate"] >= 0.15, r
-        assert r["shape_kept"] >= 0.9 and r["outside_change"] <= 0.03, r
+    for rows, key in ((u, "examples 3"), (u, "trained 1"), (f, "examples 1")):
+        r = rows[key]
+        assert r["colour_shift"] >= rows["gauss_norm 1"]["colour_shift"] + 0.15 and r["target_rate"] >= 0.15, (key, r)
+        assert r["shape_kept"] >= 0.9 and r["outside_change"] <= 0.03, (key, r)
     ex = f["examples 1"]
     # the flow model's CLIP-trained direction does not recolour (docs/asyrp.md: its P_t is a yellow blob)
     assert f["trained 1"]["colour_shift"] < 0.15, f["trained 1"]
-    # composition: colour + size do both
+    # composition: colour + size does both, beyond what either direction does alone (published: size x1.64 vs
+    # x1.16 for colour alone; colour shift 0.39 vs 0.12 for size alone)
     c, s1 = f["compose 1"], f["size 1"]
-    assert c["target_rate"] >= ex["target_rate"] - 0.2, (c, ex)
-    assert c["size_ratio"] >= f["trained 0"]["size_ratio"] + 0.1 and s1["size_ratio"] >= f["trained 0"]["size_ratio"] + 0.1, (c, s1)
+    base = f["trained 0"]["size_ratio"]
+    assert c["size_ratio"] >= ex["size_ratio"] + 0.1 and s1["size_ratio"] >= base + 0.1, (c, s1, ex)
+    assert c["colour_shift"] >= s1["colour_shift"] + 0.15, (c, s1)
     md = "\n".join(demo.asyrp_markdown(a))
     assert "Gaussian control, trained norm" in md and "plain replay" in md
 
