@@ -868,7 +868,8 @@ def clip_quality(clips, domain):
     const_colour = float(np.mean([len({f["colour"] for f in r}) == 1 for r in reads]))
     res = []
     for r in reads:
-        cx = np.array([f["cx"] for f in r]); cy = np.array([f["cy"] for f in r])
+        cx = np.array([f["cx"] for f in r])
+        cy = np.array([f["cy"] for f in r])
         if np.isnan(cx).any():
             continue
         tt = np.arange(len(r))

@@ -90,11 +90,14 @@ def test_output_block_patch_sees_the_mid_block(ddpm_mod, model_dirs):
     m2.set_model_output_block_patch(patch)
     to = m2.model_options["transformer_options"]
     edited = m2.model.apply_model(x, sigma, transformer_options=to)
-    assert seen == [(("output", 0), (1, 16, H // 2, W // 2))]
+    # as in ComfyUI's U-Net, the patch is called per output block with its id: the mid-block output at
+    # ("output", 0), and (h_site "after first up block") up_blocks[0]'s output at ("output", its resnet count)
+    k = len(patcher.model.diffusion_model.unet.up_blocks[0].resnets)
+    assert seen == [(("output", 0), (1, 16, H // 2, W // 2)), (("output", k), (1, 16, H, W))]
     assert rel_err(edited, plain) > 1e-3
     # the original patcher is untouched: no patch, same output
     again = patcher.model.apply_model(x, sigma, transformer_options=patcher.model_options["transformer_options"])
-    assert torch.equal(again, plain) and len(seen) == 1
+    assert torch.equal(again, plain) and len(seen) == 2
 
 
 def _ksampler_reference(ddpm_mod, folder, noise_seed, steps, clip):

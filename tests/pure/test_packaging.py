@@ -120,13 +120,14 @@ def test_comfyignore_keeps_what_an_install_runs_and_drops_the_rest(package):
     for folder in ("nodes/", "samplers/", "guidance/", "web/", "workflows/", "demo/models/", "tools/dpmtools/"):
         files = [f for f in _tracked_files() if f.startswith(folder)]
         assert files and set(files) <= kept_set, (folder, sorted(set(files) - kept_set))
-    # every demo model a shipped workflow names is in the package (its .png / .tiff inputs are drawn by the
-    # demo job)
+    # every demo model a shipped workflow names is in the package (its .png / .tiff / .latent inputs are drawn
+    # by the demo job: write_sample_inputs, write_video_sample)
     model_files = {Path(f).name: f for f in kept if f.startswith("demo/models/")}
     model_dirs = {part for f in kept if f.startswith("demo/models/") for part in Path(f).parts[3:-1]}
     named = set()
     for wf in sorted((REPO / "workflows").glob("*.json")):
-        named |= {s for s in re.findall(r'"(dpm_world_[^"/]+?)(?<!\.png)(?<!\.tiff)"', wf.read_text(encoding="utf-8"))}
+        text = wf.read_text(encoding="utf-8")
+        named |= set(re.findall(r'"(dpm_world_[^"/]+?)(?<!\.png)(?<!\.tiff)(?<!\.latent)"', text))
     assert named, "no shipped workflow names a demo model?"
     missing = sorted(n for n in named if n not in model_files and n not in model_dirs)
     assert not missing, f"workflows name demo models the package lacks: {missing}"
