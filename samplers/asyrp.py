@@ -158,25 +158,28 @@ class GlobalDelta(nn.Module):
         return self.delta[self.index(level)].to(h.dtype).unsqueeze(0).expand_as(h)
 
 
-def object_contrast(h: torch.Tensor, fraction: float = 0.5) -> torch.Tensor:
-    """(B, C): per image, the mean of ``h - background`` over the object's positions. The background is
-    h's per-channel median over positions (the object covers less than half of the picture); the object
-    is where ``||h - background||`` reaches ``fraction`` of its maximum in that image."""
+def _object_deviation(h: torch.Tensor, fraction: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h - background, object mask)``: background is h's per-channel median over positions (the object
+    covers less than half of the picture); the object is where ``||h - background||`` reaches ``fraction``
+    of its maximum in that image. h: (B, C, H, W); the mask is (B, 1, H, W), 0 or 1."""
     h = h.float()
-    bg = h.flatten(2).median(dim=2).values[..., None, None]
-    dev = h - bg
+    dev = h - h.flatten(2).median(dim=2).values[..., None, None]
     size = dev.norm(dim=1, keepdim=True)
     mask = (size >= fraction * size.flatten(1).amax(dim=1).view(-1, 1, 1, 1)).to(h.dtype)
-    return (dev * mask).flatten(2).sum(2) / mask.flatten(2).sum(2).clamp_min(1.0)
+    return dev, mask
 
 
-def object_stats(h: torch.Tensor) -> torch.Tensor:
-    """(B, C + 1): ``object_contrast`` and, last, the object's position count (to size the edit)."""
-    h = h.float()
-    bg = h.flatten(2).median(dim=2).values[..., None, None]
-    size = (h - bg).norm(dim=1, keepdim=True)
-    count = (size >= 0.5 * size.flatten(1).amax(dim=1).view(-1, 1, 1, 1)).flatten(1).sum(1, keepdim=True)
-    return torch.cat([object_contrast(h), count.to(h.dtype)], dim=1)
+def object_stats(h: torch.Tensor, fraction: float = 0.5) -> torch.Tensor:
+    """(B, C + 1): per image, the mean of ``h - background`` over the object's positions, and, last, the
+    object's position count (to size the edit). See ``_object_deviation`` for background and object."""
+    dev, mask = _object_deviation(h, fraction)
+    count = mask.flatten(2).sum(2)
+    return torch.cat([(dev * mask).flatten(2).sum(2) / count.clamp_min(1.0), count], dim=1)
+
+
+def object_contrast(h: torch.Tensor, fraction: float = 0.5) -> torch.Tensor:
+    """(B, C): ``object_stats`` without the count."""
+    return object_stats(h, fraction)[:, :-1]
 
 
 class ObjectDelta(nn.Module):

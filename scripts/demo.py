@@ -647,7 +647,9 @@ ASYRP_EXAMPLES = {"n": 16, "seed": 900}   # the same scenes in blue ("with") and
 # branch -> strengths; "trained" at 0 is the plain replay (the baseline of every row); the direction from
 # examples runs at its network's "example_strengths" (the settings were chosen on other held-out images,
 # docs/asyrp.md)
-ASYRP_BRANCHES = {"trained": [0.0, 1.0], "gauss_norm": [1.0], "gauss_0.2": [1.0]}
+ASYRP_CONTROLS = {"gauss_norm": "Gaussian control, trained norm",   # files demo/train.py writes beside each
+                  "gauss_0.2": "Gaussian control, 0.2 ||h||"}        # direction -> their row label
+ASYRP_BRANCHES = {"trained": [0.0, 1.0], **{control: [1.0] for control in ASYRP_CONTROLS}}
 
 
 def asyrp_branches(which: str) -> dict:
@@ -657,8 +659,6 @@ def asyrp_branches(which: str) -> dict:
     if which == ASYRP_COMPOSE:
         b.update(size=[1.0], compose=[1.0])
     return b
-ASYRP_CONTROLS = {"gauss_norm": "Gaussian delta_h at the trained direction's norm",
-                  "gauss_0.2": "Gaussian delta_h at 0.2 ||h||"}   # files demo/train.py writes beside each direction
 ASYRP_COMPOSE = "flow"   # composition (red -> blue plus small -> large, both from examples) on this network
 ASYRP_SIZES = {"large": (13.0, 16.0), "small": (7.0, 9.0)}   # half extents of the size example sets
 
@@ -868,9 +868,8 @@ def measure_asyrp(server, n: int = 24, seed: int = 0) -> tuple[dict, dict]:
 ASYRP_LABELS = {"trained 0": "strength 0: the plain replay (baseline)", "trained 1": "CLIP-trained, 1",
                 "examples 0.5": "from examples, 0.5", "examples 1": "from examples, 1",
                 "examples 1.5": "from examples, 1.5", "examples 2": "from examples, 2", "examples 3": "from examples, 3",
-                "gauss_norm 1": "Gaussian control, trained norm",
-                "gauss_0.2 1": "Gaussian control, 0.2 ||h||", "size 1": "small -> large from examples, 1",
-                "compose 1": "red -> blue + small -> large, 1 + 1"}
+                "size 1": "small -> large from examples, 1", "compose 1": "red -> blue + small -> large, 1 + 1",
+                **{f"{control} 1": label for control, label in ASYRP_CONTROLS.items()}}
 
 
 def asyrp_markdown(a) -> list[str]:
