@@ -24,13 +24,21 @@ def _flat_images(images, name: str) -> list[torch.Tensor]:
     return out
 
 
-def _labels(labels, n: int, sizes: list[int]) -> list[str]:
-    """One label per image: given per image, or per list item (then suffixed [b] inside a batch)."""
+def _label_items(labels, n: int) -> list[str]:
+    """The labels as a list ([] when none are given); one text of several lines is one label per line."""
     if not labels or all(x is None or str(x) == "" for x in labels):
-        return [f"#{i}" for i in range(n)]
+        return []
     items = [str(x) for x in labels]
     if len(items) == 1 and n > 1:
         items = [s.strip() for s in items[0].splitlines() if s.strip()]
+    return items
+
+
+def _labels(labels, n: int, sizes: list[int]) -> list[str]:
+    """One label per image: given per image, or per list item (then suffixed [b] inside a batch)."""
+    items = _label_items(labels, n)
+    if not items:
+        return [f"#{i}" for i in range(n)]
     if len(items) == n:
         return items
     if len(items) == len(sizes):
@@ -38,6 +46,28 @@ def _labels(labels, n: int, sizes: list[int]) -> list[str]:
     raise B.NodeInputError(
         f"labels: {len(items)} labels for {n} images; connect DPM Sweep's label output (one per candidate) "
         "or give one line per image")
+
+
+def _cfg_slices(sizes: list[int], n: int, labels, n_sources: int) -> list[int]:
+    """The batches as Rank sees them. Replay with cfg_values returns, per code, one batch holding every cfg
+    for every input image, cfg-major (cfg i: images i*B .. i*B+B-1); its batch index is then the position
+    modulo B, the number of input images, not the position in the batch. B is told by DPM Sweep's labels
+    (one per code and cfg: n / their count) or by the source images (one per input image); the batches
+    are then cut into slices of B. Otherwise (and when B would not divide a batch) the batches stay."""
+    if len(set(sizes)) != 1:
+        return sizes
+    size = sizes[0]
+    items = _label_items(labels, n)
+    hints = set()
+    if items and len(items) not in (n, len(sizes)) and n % len(items) == 0:
+        hints.add(n // len(items))
+    if 1 < n_sources < size:
+        hints.add(n_sources)
+    if len(hints) > 1:
+        raise B.NodeInputError(f"labels / source_image: the labels give {n // len(items)} input images per cfg, the "
+                               f"source images {n_sources}; connect DPM Sweep's labels and one source per input image")
+    per = hints.pop() if hints else size
+    return [per] * (n // per) if size % per == 0 else sizes
 
 
 def rank_images(images, clip_name, target_text, metric, top_k, rank_within, source_text=None, source_image=None,
@@ -52,21 +82,23 @@ def rank_images(images, clip_name, target_text, metric, top_k, rank_within, sour
         raise B.NodeInputError("images: no image to rank")
     sizes = [int(b.shape[0]) for b in images if b is not None]
     n = len(cands)
+    src = _flat_images(source_image, "source_image")
+    record = first(pruning) if isinstance(pruning, list) else pruning
+    if record is not None:  # the pruned replay's candidates are batches of its input images, whatever the lists
+        sizes = [int(record["batch"])] * (n // int(record["batch"]))
+    else:
+        sizes = _cfg_slices(sizes, n, labels, len(src))
     names = _labels(labels, n, sizes)
     try:
         check_options(metric, rank_within, target_text)
     except ValueError as e:
         raise B.NodeInputError(str(e)) from None
-    record = first(pruning) if isinstance(pruning, list) else pruning
     dropped = pruning_notes(record, n) if record is not None else {}
-    if record is not None:  # the pruned replay's candidates are batches of its input images, whatever the lists
-        sizes = [int(record["batch"])] * (n // int(record["batch"]))
     bsz = sizes[0]
     try:
         groups = batch_groups(sizes, rank_within)
     except ValueError as e:
         raise B.NodeInputError(f"rank_within: {e}") from None
-    src = _flat_images(source_image, "source_image")
     if metric == "directional CLIP":
         if not src or not (source_text or "").strip():
             raise B.NodeInputError(

@@ -184,6 +184,41 @@ def test_rank_node_in_process(pack):
         nodes.RankByCLIP.execute([batch1], ["nope"], ["x"], ["CLIP score"], [1], ["all images"])
 
 
+def test_rank_groups_replays_at_several_cfg_by_input_image(pack):
+    """Replay with cfg_values gives one batch per code holding every cfg for every input image, cfg-major.
+    With 'each batch index' Rank ranks per input image (position modulo the image count, told by DPM Sweep's
+    labels or by the source images), not per position in that batch; the labels get the image index."""
+    import folder_paths
+
+    nodes = importlib.import_module("dpm_latent.nodes.best_of_n")
+    paths, _ = folder_paths.folder_names_and_paths["clip_energy"]
+    if str(DEMO_CLIP.parent) not in paths:
+        paths.append(str(DEMO_CLIP.parent))
+    w = _world()
+    sq, ci, red = (w.render(s, c, 30, 30, 10)[0].movedim(0, -1) for s, c in
+                   (("square", "blue"), ("circle", "blue"), ("square", "red")))
+    # 2 codes x cfg (1, 2) x 2 input images; image 0 is at positions 0, 2 of each batch, image 1 at 1, 3
+    code0 = torch.stack([ci, red, sq, ci])   # image 0's best: code 0, cfg 2 (candidate 2)
+    code1 = torch.stack([red, ci, ci, sq])   # image 1's best: code 1, cfg 2 (candidate 7)
+    labels = ["seed 0 cfg 1", "seed 0 cfg 2", "seed 1 cfg 1", "seed 1 cfg 2"]
+    top, _scores, best, _sheet, text = nodes.RankByCLIP.execute(
+        [code0, code1], ["dpm_world_clip"], ["a blue square"], ["CLIP score"], [1], ["each batch index"],
+        labels=labels).result
+    assert top.shape[0] == 2 and torch.equal(top[0], sq) and torch.equal(top[1], sq), text
+    assert best == 2 and "for each of 2 batch indices" in text, text
+    assert "[2] seed 0 cfg 2 [0]" in text and "[7] seed 1 cfg 2 [1]" in text, text
+    # the same told by one source image per input image (directional CLIP), without labels
+    src = torch.stack([red, red])
+    res = nodes.RankByCLIP.execute([code0, code1], ["dpm_world_clip"], ["a blue square"], ["directional CLIP"], [1],
+                                   ["each batch index"], ["a red square"], [src])
+    assert res.ui["dpm_rank"][0]["best_indices"] == [2, 7], res.result[4]
+    # labels and sources that disagree on the image count: a clear error naming both
+    with pytest.raises(ValueError, match="labels / source_image: the labels give 2 input images per cfg, the source images 3"):
+        nodes.RankByCLIP.execute([torch.cat([code0, code0[:2]]), torch.cat([code1, code1[:2]])], ["dpm_world_clip"],
+                                 ["a blue square"], ["directional CLIP"], [1], ["each batch index"], ["a red square"],
+                                 [torch.stack([red, red, red])], labels=["a", "b", "c", "d", "e", "f"])
+
+
 # ---------------------------------------------------------------------------- through a server
 def sweep_graph(image: str, clip: str = "tiny_clip", seeds="0-1", denoise="0.5, 0.8", cfg="1, 2", chain=6):
     g = Graph()
