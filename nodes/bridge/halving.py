@@ -23,6 +23,7 @@ from ...samplers.sweep import Halving, SweepError, evals_per_step, parse_halving
 from . import clip_models as CM
 from . import sampling as B
 from .codes import _per_image_cfg, parse_cfg_values
+from .lists import clip_pixels, first, flat_images
 
 
 def halving_of(checkpoints: str, keep: str) -> Halving:
@@ -72,7 +73,6 @@ def _run_rows(model, positive, negative, code, rows, x, i0, i1, values, bsz, cou
 def pruned_replay(model, positive, negative, codes, cfg_values, vae, clip_name, target_text, metric, source_text,
                   source_image, checkpoints, keep, rank_within):
     """Returns (one IMAGE batch per code, the pruning record, a text report)."""
-    first = lambda v, d=None: v[0] if isinstance(v, list) and v else (d if isinstance(v, list) else v)  # noqa: E731
     model, positive, negative, vae = first(model), first(positive), first(negative), first(vae)
     cfg_values, clip_name, target_text, metric = first(cfg_values), first(clip_name), first(target_text), first(metric)
     source_text, checkpoints, keep, rank_within = first(source_text, ""), first(checkpoints), first(keep), \
@@ -97,9 +97,7 @@ def pruned_replay(model, positive, negative, codes, cfg_values, vae, clip_name, 
             if isinstance(c[0], torch.Tensor) and c[0].shape[0] != 1:
                 raise B.NodeInputError(f"{name}: DPM Pruned Replay needs one prompt (conditioning batch 1); "
                                        "it replays a changing subset of the images")
-    from .ranking import _flat_images  # ranking imports this module
-
-    src = _flat_images(source_image, "source_image")
+    src = flat_images(source_image, "source_image")
     if metric == "directional CLIP":
         if not src or not (source_text or "").strip():
             raise B.NodeInputError("source_image / source_text: directional CLIP needs both (the image before the "
@@ -138,13 +136,11 @@ def pruned_replay(model, positive, negative, codes, cfg_values, vae, clip_name, 
         pics = pics.reshape(-1, *pics.shape[-3:])
         if bundle is None:
             bundle, _patcher = CM.load_clip(clip_name)
-        px = lambda ims: torch.cat([bundle.resize(im[None, :, :, :3].movedim(-1, 1), center_crop=True).cpu()  # noqa
-                                    for im in ims])
         src_t = None
         if metric == "directional CLIP":
             srcs = [src[0] if len(src) == 1 else src[i % bsz] for i in alive]
-            src_t = px(srcs)
-        scores = clip_scores(bundle, px(list(pics)), target_text, metric, source_image=src_t, source_text=source_text)
+            src_t = clip_pixels(bundle, srcs)
+        scores = clip_scores(bundle, clip_pixels(bundle, list(pics)), target_text, metric, source_image=src_t, source_text=source_text)
         score_of = {i: float(s) for i, s in zip(alive, scores)}
         for i in alive:
             stage_scores[i][k] = score_of[i]

@@ -9,19 +9,7 @@ from ...guidance.clip_rank import batch_groups, check_options, clip_scores, cont
 from . import clip_models as CM
 from . import sampling as B
 from .halving import pruning_notes
-
-
-def _flat_images(images, name: str) -> list[torch.Tensor]:
-    """A list of IMAGE batches -> list of single images (H, W, C)."""
-    out = []
-    for batch in images or []:
-        if batch is None:
-            continue
-        if not isinstance(batch, torch.Tensor) or batch.dim() != 4 or batch.shape[-1] not in (3, 4):
-            raise B.NodeInputError(f"{name}: expected IMAGE batches (B, H, W, 3), got "
-                                   f"{getattr(batch, 'shape', type(batch).__name__)}")
-        out.extend(batch[i] for i in range(batch.shape[0]))
-    return out
+from .lists import clip_pixels, first, flat_images
 
 
 def _label_items(labels, n: int) -> list[str]:
@@ -74,16 +62,15 @@ def rank_images(images, clip_name, target_text, metric, top_k, rank_within, sour
                 labels=None, pruning=None):
     """Rank Images by CLIP (its inputs arrive as lists): returns (top images, their scores, best index,
     contact sheet, ranking text, info for the UI)."""
-    first = lambda v, d=None: v[0] if isinstance(v, list) and v else (d if isinstance(v, list) else v)  # noqa: E731
     clip_name, target_text, metric, top_k = first(clip_name), first(target_text), first(metric), first(top_k)
     rank_within, source_text = first(rank_within), first(source_text, "")
-    cands = _flat_images(images, "images")
+    cands = flat_images(images, "images")
     if not cands:
         raise B.NodeInputError("images: no image to rank")
     sizes = [int(b.shape[0]) for b in images if b is not None]
     n = len(cands)
-    src = _flat_images(source_image, "source_image")
-    record = first(pruning) if isinstance(pruning, list) else pruning
+    src = flat_images(source_image, "source_image")
+    record = first(pruning)
     if record is not None:  # the pruned replay's candidates are batches of its input images, whatever the lists
         sizes = [int(record["batch"])] * (n // int(record["batch"]))
     else:
@@ -115,12 +102,9 @@ def rank_images(images, clip_name, target_text, metric, top_k, rank_within, sour
                                    f"or one per candidate ({n})")
     bundle, _patcher = CM.load_clip(clip_name)
 
-    def pixels(ims):
-        return torch.cat([bundle.resize(im[None, :, :, :3].movedim(-1, 1), center_crop=True).cpu() for im in ims])
-
-    src_t = pixels(src) if metric == "directional CLIP" else None
+    src_t = clip_pixels(bundle, src) if metric == "directional CLIP" else None
     try:
-        scores = clip_scores(bundle, pixels(cands), target_text, metric, source_image=src_t,
+        scores = clip_scores(bundle, clip_pixels(bundle, cands), target_text, metric, source_image=src_t,
                              source_text=source_text)
     except ValueError as e:
         raise B.NodeInputError(str(e)) from None
