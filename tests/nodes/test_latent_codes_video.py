@@ -1,9 +1,8 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Video families ComfyUI's detector knows only at full size (Genmo Mochi: 48 blocks of 3072; Cosmos 1: 7B or
-14B), in-process: tiny models of ComfyUI's own classes (supported_models -> model_base -> the DiT, wrapped in
-ComfyUI's ModelPatcher; ``dpmtools.tiny_models.load_tiny_mochi`` / ``load_tiny_cosmos1``) through the pack's
-nodes. DPM Encode -> Replay is exact; the code records the frame count and the latent format; Empty
-Conditioning gives what their forward needs; a replay with another model moves the result (the model is used)."""
+"""Video codes in-process: the tiny Mochi and Cosmos 1 models (``dpmtools.tiny_models``: ComfyUI's own classes at
+tiny sizes; their exact reconstruction through the server is in test_latent_codes_video_server.py) get the
+conditioning their forward needs from Empty Conditioning and are really used (a replay with another model moves
+the result); HunyuanVideo 1.5's start-frame conditioning passes through."""
 from __future__ import annotations
 
 import importlib
@@ -16,7 +15,6 @@ FAMILIES = {
     "mochi": ("load_tiny_mochi", 12, "Mochi", "GenmoMochi"),
     "cosmos1": ("load_tiny_cosmos1", 16, "Cosmos1CV8x8x8", "CosmosVideo"),
 }
-CASES = [(1.0, 1.0, 6), (0.6, 3.0, 8)]  # (denoise, cfg, steps)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +27,7 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_exact_video_reconstruction_in_process(cyc, family):
+def test_tiny_mochi_and_cosmos1_codes_use_the_model(cyc, family):
     from dpmtools import tiny_models
 
     loader, ch, fmt, base = FAMILIES[family]
@@ -38,16 +36,13 @@ def test_exact_video_reconstruction_in_process(cyc, family):
     assert type(model.get_model_object("latent_format")).__name__ == fmt
     cond = cyc.EmptyConditioning.execute(model, 4).result[0]
     assert torch.count_nonzero(cond[0][0]) == 0 and cond[0][1]["attention_mask"].shape == (1, 4)
-    x0 = torch.randn(2, ch, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    x0 = torch.randn(1, ch, 3, 4, 4, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
-        for k, (denoise, cfg, steps) in enumerate(CASES):
-            code = cyc.DPMEncode.execute(model, cond, cond, {"samples": x0}, 7 + k, steps, "simple", denoise, 0.1,
-                                         cfg).result[0]
-            assert code.latent_format == fmt and tuple(code.shape) == tuple(x0.shape), (code.latent_format, code.shape)
-            rec = cyc.ReplayLatentWithPrompt.execute(model, cond, cond, code, cfg).result[0]["samples"]
-            assert _rel(rec, x0) <= 1e-4, (family, CASES[k], _rel(rec, x0))
+        code = cyc.DPMEncode.execute(model, cond, cond, {"samples": x0}, 7, 5, "simple", 0.8, 0.1, 1.0).result[0]
+        same = cyc.ReplayLatentWithPrompt.execute(model, cond, cond, code, 1.0).result[0]["samples"]
         moved = cyc.ReplayLatentWithPrompt.execute(other, cond, cond, code, 1.0).result[0]["samples"]
-    assert _rel(moved, x0) > 0.05, _rel(moved, x0)
+    assert code.latent_format == fmt
+    assert _rel(same, x0) <= 1e-4 and _rel(moved, x0) > 0.05, (_rel(same, x0), _rel(moved, x0))
 
 
 def test_hunyuan_video15_start_frame_conditioning_passes_through(cyc, model_dirs):

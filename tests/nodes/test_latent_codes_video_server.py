@@ -1,9 +1,9 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """Video latents (B, C, T, H, W) through a real ComfyUI server: DPM Encode -> Replay is exact for every video
-family of the host's ComfyUI that loads at a tiny size (tiny random Wan 2.1, Wan 2.2, HunyuanVideo, HunyuanVideo
-1.5, LTX-Video and Cosmos Predict2 DiTs built with ComfyUI's classes, loaded by UNETLoader; Mochi and Cosmos 1,
-which ComfyUI detects only at full size, are tested in-process in test_latent_codes_video.py); codes record
-frames and latent format and are refused by another family; masks vary over time; Random Latent Code takes a video latent's shape; image-to-video conditioning
+family of the host's ComfyUI (tiny random Wan 2.1, Wan 2.2, HunyuanVideo, HunyuanVideo 1.5, LTX-Video and Cosmos
+Predict2 DiTs built with ComfyUI's classes, loaded by UNETLoader; Mochi and Cosmos 1, which ComfyUI detects only
+at full size, built in the server by the tests' Tiny Video Model node); codes record frames and latent format
+and are refused by another family; masks vary over time; Random Latent Code takes a video latent's shape; image-to-video conditioning
 made for another clip length is refused naming both lengths."""
 from __future__ import annotations
 
@@ -22,11 +22,16 @@ FAMILIES = {
     "ltxv": ("tiny_ltxv.safetensors", 128, (2, 2, 2), "LTXV"),
     # Cosmos Predict2 samples in Wan 2.1's latent space (its VAE) with its own sigma parametrisation (x0 + sigma*n)
     "cosmos_predict2": ("tiny_cosmos_predict2.safetensors", 16, (3, 4, 4), "Wan21"),
+    # ComfyUI loads Mochi and Cosmos 1 files only at full size: the tests' Tiny Video Model node builds them
+    "mochi": ("tiny:mochi", 12, (3, 4, 4), "Mochi"),
+    "cosmos1": ("tiny:cosmos1", 16, (3, 4, 4), "Cosmos1CV8x8x8"),
 }
 CASES = [(1.0, 1.0, 6), (0.6, 3.0, 8)]  # (denoise, cfg, steps)
 
 
 def _model(g, fname):
+    if fname.startswith("tiny:"):  # dpmtools/test_server_nodes: ComfyUI's classes at tiny sizes, in the server
+        return g.node("DPMTestTinyVideoModel", family=fname[5:], seed=0)
     return g.node("UNETLoader", unet_name=fname, weight_dtype="default")
 
 
