@@ -102,7 +102,7 @@ def server(model_dirs, tmp_path_factory):
     # and the tests' tiny Mochi / Cosmos 1 node (ComfyUI loads those families only at full size from files)
     srv = ComfyServer(comfy_env.comfy_dir(), tmp_path_factory.mktemp("comfy"), python=sys.executable,
                       model_dirs=model_dirs, pack_name=TEST_PACK_NAME,
-                      extra_nodes={"dpm-latent-test-models": comfy_env.REPO / "tools" / "dpmtools" / "test_server_nodes"})
+                      extra_nodes={"dpm-latent-test-models": comfy_env.REPO / "tools/dpmtools/test_server_nodes"})
     srv.start()
     yield srv
     srv.stop()

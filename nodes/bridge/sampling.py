@@ -67,7 +67,8 @@ def family_of(model) -> str:
         "((1-sigma)*x0 + sigma*n)")
 
 
-FAMILY_NAMES = {"ve": "eps/v-prediction", "flow": "flow (rectified flow)"}
+FAMILY_NAMES = {"ve": "eps/v-prediction, EDM or Cosmos Predict2 (x0 + sigma*n)",
+                "flow": "flow (rectified flow, (1-sigma)*x0 + sigma*n)"}
 
 
 def latent_channels(model) -> int:

@@ -3,8 +3,9 @@
 family of the host's ComfyUI (tiny random Wan 2.1, Wan 2.2, HunyuanVideo, HunyuanVideo 1.5, LTX-Video and Cosmos
 Predict2 DiTs built with ComfyUI's classes, loaded by UNETLoader; Mochi and Cosmos 1, which ComfyUI detects only
 at full size, built in the server by the tests' Tiny Video Model node); codes record frames and latent format
-and are refused by another family; masks vary over time; Random Latent Code takes a video latent's shape; image-to-video conditioning
-made for another clip length is refused naming both lengths."""
+and are refused by another family; masks vary over time; Random Latent Code takes a video latent's shape;
+image-to-video start frames pass through, and conditioning made for another clip length is refused naming both
+lengths."""
 from __future__ import annotations
 
 import pytest
@@ -108,7 +109,10 @@ def test_video_code_file_records_frames_and_family_and_is_refused_elsewhere(serv
     assert rel_err(saved_latents(server, entry, sv.id), x0) <= 1e-4
 
     for other, words in (("tiny_hunyuan_video.safetensors", ["Wan21", "HunyuanVideo"]),
-                         ("tiny_wan22.safetensors", ["Wan21", "Wan22"])):
+                         ("tiny_wan22.safetensors", ["Wan21", "Wan22"]),
+                         # same latent space (Wan 2.1's VAE), other noise parametrisation
+                         ("tiny_cosmos_predict2.safetensors",
+                          ["(1-sigma)*x0 + sigma*n", "Cosmos Predict2 (x0 + sigma*n)"])):
         g = Graph()
         model = _model(g, other)
         cond = g.node("EmptyConditioning", model=model.out(0), tokens=4)
