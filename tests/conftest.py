@@ -46,13 +46,20 @@ def model_dirs(tmp_path_factory):
     tiny_models.make_sd3_checkpoint(dirs["checkpoints"] / "tiny_sd3_b.safetensors", seed=1)
     tiny_models.make_sdxl_checkpoint(dirs["checkpoints"] / "tiny_sdxl.safetensors", seed=0)
     tiny_models.make_clip_l_text_encoder(dirs["text_encoders"] / "tiny_clip_l.safetensors", seed=0)
-    # video models (Wan 2.1 / 2.2, HunyuanVideo, LTX-Video layouts) and a tiny Wan 2.1 VAE, ~25 MB in all
+    # video models (Wan 2.1 / 2.2, HunyuanVideo (1.5), LTX-Video, Cosmos Predict2 layouts) and a tiny Wan 2.1 VAE,
+    # ~70 MB in all
     tiny_models.make_wan21_diffusion_model(dirs["diffusion_models"] / "tiny_wan21.safetensors", seed=0)
     tiny_models.make_wan21_diffusion_model(dirs["diffusion_models"] / "tiny_wan21_b.safetensors", seed=1)
     tiny_models.make_wan21_diffusion_model(dirs["diffusion_models"] / "tiny_wan22.safetensors", seed=0, wan22=True)
     tiny_models.make_wan21_diffusion_model(dirs["diffusion_models"] / "tiny_wan21_i2v.safetensors", seed=0, i2v=True)
     tiny_models.make_hunyuan_video_diffusion_model(dirs["diffusion_models"] / "tiny_hunyuan_video.safetensors", seed=0)
+    tiny_models.make_hunyuan_video_diffusion_model(dirs["diffusion_models"] / "tiny_hunyuan_video_i2v.safetensors",
+                                                   seed=0, i2v=True)
     tiny_models.make_ltxv_diffusion_model(dirs["diffusion_models"] / "tiny_ltxv.safetensors", seed=0)
+    tiny_models.make_hunyuan_video15_diffusion_model(dirs["diffusion_models"] / "tiny_hunyuan_video15.safetensors",
+                                                     seed=0)
+    tiny_models.make_cosmos_predict2_diffusion_model(dirs["diffusion_models"] / "tiny_cosmos_predict2.safetensors",
+                                                     seed=0)
     tiny_models.make_wan21_vae(dirs["vae"] / "tiny_wan21_vae.safetensors", seed=0)
     tiny_clip.make_tiny_clip_folder(dirs["clip_energy"] / "tiny_clip", seed=0)
     dirs["diffusers"] = root / "diffusers"
@@ -92,8 +99,10 @@ def lr(gn):
 def server(model_dirs, tmp_path_factory):
     from dpmtools.server import TEST_PACK_NAME, ComfyServer
 
+    # and the tests' tiny Mochi / Cosmos 1 node (ComfyUI loads those families only at full size from files)
     srv = ComfyServer(comfy_env.comfy_dir(), tmp_path_factory.mktemp("comfy"), python=sys.executable,
-                      model_dirs=model_dirs, pack_name=TEST_PACK_NAME)
+                      model_dirs=model_dirs, pack_name=TEST_PACK_NAME,
+                      extra_nodes={"dpm-latent-test-models": comfy_env.REPO / "tools/dpmtools/test_server_nodes"})
     srv.start()
     yield srv
     srv.stop()

@@ -28,6 +28,10 @@ def conditioning_dims(model) -> tuple[int, int | None]:
         return int(net.txt_in.input_embedder.weight.shape[1]), (None if vec is None else int(vec.in_layer.weight.shape[1]))
     if isinstance(base, comfy.model_base.LTXV):
         return int(net.caption_projection.linear_1.weight.shape[1]), None
+    if isinstance(base, comfy.model_base.GenmoMochi):  # T5-XXL tokens, pooled inside the model
+        return int(net.t5_yproj.weight.shape[1]), None
+    if isinstance(base, (comfy.model_base.CosmosVideo, comfy.model_base.CosmosPredict2)):  # Cosmos' T5 (1024 wide)
+        return int(cfg.get("crossattn_emb_channels", 1024)), None
     if type(base) is comfy.model_base.BaseModel and cfg.get("context_dim") and not cfg.get("adm_in_channels"):
         return int(cfg["context_dim"]), None
     raise NodeInputError(
@@ -38,7 +42,14 @@ def conditioning_dims(model) -> tuple[int, int | None]:
 def empty_conditioning(model, tokens: int = 77) -> list:
     """All-zero conditioning of ``tokens`` text tokens (and a zero pooled vector where the model takes one)."""
     ctx, pooled = conditioning_dims(model)
+    base = model.model
     extra = {} if pooled is None else {"pooled_output": torch.zeros(1, pooled)}
-    if isinstance(model.model, comfy.model_base.LTXV):  # LTX-Video's forward needs its text tokens' mask
+    if isinstance(base, comfy.model_base.HunyuanVideo) and pooled is None:
+        # HunyuanVideo 1.5 has no pooled vector, but model_base.HunyuanVideo reads the key (its text encoder
+        # gives None there, as CLIP Text Encode passes it on)
+        extra["pooled_output"] = None
+    if isinstance(base, (comfy.model_base.LTXV, comfy.model_base.GenmoMochi, comfy.model_base.CosmosVideo,
+                         comfy.model_base.CosmosPredict2)):
+        # the text tokens' mask, as these models' T5 encoders give it (LTX-Video's and Mochi's forward need it)
         extra["attention_mask"] = torch.ones(1, tokens, dtype=torch.long)
     return [[torch.zeros(1, tokens, ctx), extra]]

@@ -67,7 +67,8 @@ def family_of(model) -> str:
         "((1-sigma)*x0 + sigma*n)")
 
 
-FAMILY_NAMES = {"ve": "eps/v-prediction", "flow": "flow (rectified flow)"}
+FAMILY_NAMES = {"ve": "eps/v-prediction, EDM or Cosmos Predict2 (x0 + sigma*n)",
+                "flow": "flow (rectified flow, (1-sigma)*x0 + sigma*n)"}
 
 
 def latent_channels(model) -> int:
@@ -125,10 +126,14 @@ def check_clip_length(conds, shape, name: str, made: str = "the latent") -> None
         return
     for c in conds or []:
         extra = c[1] if len(c) > 1 and isinstance(c[1], dict) else {}
+        mask = extra.get("concat_mask")
+        mask_frames = mask.shape[2] if isinstance(mask, torch.Tensor) and mask.ndim == 5 else None
         for key in ("concat_latent_image", "concat_mask"):
             t = extra.get(key)
+            # shorter is fine for a mask, and for a start frame's latent whose mask spans the clip (HunyuanVideo
+            # image-to-video "v1 (concat)": ComfyUI pads it with zeros in time, as in KSampler)
             if isinstance(t, torch.Tensor) and t.ndim == 5 and t.shape[2] != shape[2] and not (
-                    key == "concat_mask" and t.shape[2] < shape[2]):
+                    t.shape[2] < shape[2] and (key == "concat_mask" or mask_frames == shape[2])):
                 raise NodeInputError(
                     f"{name}: its image-to-video {key} is for a clip of {t.shape[2]} latent frames but {made} has "
                     f"{shape[2]} latent frames (shape {tuple(shape)}); make the conditioning with the clip's "
@@ -233,6 +238,29 @@ def make_guider(model, positive, negative, cfg: float) -> comfy.samplers.CFGGuid
     return guider
 
 
+def pin_concat_image(model, conds, shape):
+    """Conditioning whose model-side image does not depend on the latent being sampled.
+
+    Models whose concatenated input includes an image (``concat_keys`` "concat_image": HunyuanVideo
+    image-to-video; "masked_image": inpainting models) take ``concat_latent_image`` from the conditioning, and
+    where a conditioning has none (Hunyuan Image To Video sets it on the positive only), ComfyUI gives them the
+    latent being sampled instead. That latent is the source clip when encoding but a placeholder when replaying
+    a code, so the replay would not be exact. Such conditioning gets an all-zero ``concat_latent_image`` (what
+    the model sees when KSampler starts from an empty latent) in encode and replay alike. A new list; the input
+    is not changed."""
+    keys = set(getattr(model.model, "concat_keys", ()) or ())
+    if not conds or not keys & {"concat_image", "masked_image"}:
+        return conds
+    out = []
+    for c in conds:
+        extra = c[1] if len(c) > 1 and isinstance(c[1], dict) else None
+        if extra is None or extra.get("concat_latent_image") is not None:
+            out.append(c)
+        else:
+            out.append([c[0], dict(extra, concat_latent_image=torch.zeros(tuple(shape)))] + list(c[2:]))
+    return out
+
+
 # work(denoise, x0_model_space, callback, guider) -> latent in model space
 Work = Callable[..., torch.Tensor]
 
@@ -274,6 +302,7 @@ def run_in_comfy(model, positive, negative, cfg: float, latent: torch.Tensor, si
     ``denoise_mask`` (the edit mask, 1 = may change) reaches the model's conditioning as KSampler's noise
     mask does (inpainting models, Wan 2.2's and LTX-Video's image-to-video read it); the blending
     itself is the work's (the code's trajectory outside the mask), so the sampler ignores it."""
+    positive, negative = (pin_concat_image(model, c, latent.shape) for c in (positive, negative))
     guider = make_guider(model, positive, negative, cfg)
     callback = None if steps_for_progress is None else latent_preview.prepare_callback(model, steps_for_progress)
     noise = torch.zeros_like(latent)

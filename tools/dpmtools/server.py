@@ -104,11 +104,13 @@ class ComfyServer:
     never ``dpm-latent``, under which scripts/comfy_host.py links a checkout into the host for
     ``serve``. ``model_dirs`` maps model folder keys (``checkpoints``, ``clip_energy``, ...) to
     extra folders; ``cpu`` passes ``--cpu``; ``python`` runs main.py (default: this Python).
+    ``extra_nodes`` maps more custom node folder names to folders it loads too (the tests' tiny model
+    node, ``dpmtools/test_server_nodes``).
     """
 
     def __init__(self, comfy_dir: Path, workdir: Path, python: str | None = None,
                  model_dirs: dict[str, Path] | None = None, extra_args: list[str] | None = None,
-                 cpu: bool = True, *, pack_name: str):
+                 cpu: bool = True, *, pack_name: str, extra_nodes: dict[str, Path] | None = None):
         # absolute paths only: ComfyUI runs in comfy_dir and would read a relative one from there
         self.comfy_dir = Path(comfy_dir).resolve()
         self.pack_name = pack_name
@@ -119,6 +121,7 @@ class ComfyServer:
         self.python = python or sys.executable
         self.model_dirs = {key: Path(path).resolve() for key, path in (model_dirs or {}).items()}
         self.extra_args = extra_args or []
+        self.extra_nodes = {name: Path(path).resolve() for name, path in (extra_nodes or {}).items()}
         self.cpu = cpu
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -131,9 +134,10 @@ class ComfyServer:
     def start(self, timeout: float = 180.0) -> "ComfyServer":
         for d in ("input", "output", "temp", "user", "custom_nodes"):
             (self.workdir / d).mkdir(parents=True, exist_ok=True)
-        link = self.workdir / "custom_nodes" / self.pack_name
-        if not link.exists():
-            link.symlink_to(REPO, target_is_directory=True)
+        for name, target in {self.pack_name: REPO, **self.extra_nodes}.items():
+            link = self.workdir / "custom_nodes" / name
+            if not link.exists():
+                link.symlink_to(target, target_is_directory=True)
         # paths as JSON strings (valid YAML double-quoted scalars): any character in a path is safe
         lines = ["dpm_latent_server:", f"  custom_nodes: {json.dumps(str(self.workdir / 'custom_nodes'))}"]
         for key, path in self.model_dirs.items():
@@ -147,7 +151,7 @@ class ComfyServer:
                "--input-directory", str(self.input_dir), "--output-directory", str(self.output_dir),
                "--temp-directory", str(self.workdir / "temp"), "--user-directory", str(self.workdir / "user"),
                "--extra-model-paths-config", str(cfg),
-               "--disable-all-custom-nodes", "--whitelist-custom-nodes", self.pack_name,
+               "--disable-all-custom-nodes", "--whitelist-custom-nodes", self.pack_name, *self.extra_nodes,
                "--database-url", "sqlite:///:memory:", "--preview-method", "latent2rgb",
                *self.extra_args]
         self._log = open(self.log_path, "wb")

@@ -58,6 +58,10 @@ __all__ = [
     "make_hunyuan_video_diffusion_model",
     "make_ltxv_diffusion_model",
     "make_wan21_vae",
+    "make_hunyuan_video15_diffusion_model",
+    "make_cosmos_predict2_diffusion_model",
+    "load_tiny_mochi",
+    "load_tiny_cosmos1",
     "SD15_UNET_CONFIG",
     "SDXL_UNET_CONFIG",
     "SD3_MMDIT_CONFIG",
@@ -285,13 +289,16 @@ def make_wan21_diffusion_model(path, seed: int = 0, *, wan22: bool = False, i2v:
     return _dit_file(net, seed, path)
 
 
-def make_hunyuan_video_diffusion_model(path, seed: int = 0) -> Path:
+def make_hunyuan_video_diffusion_model(path, seed: int = 0, *, i2v: bool = False) -> Path:
     """Tiny HunyuanVideo DiT, fp32. CONDITIONING ``[[tensor(B, T, 32), {"pooled_output": tensor(B, 768)}]]``.
-    Latent ``(B, 16, t, h, w)`` with even h, w."""
+    Latent ``(B, 16, t, h, w)`` with even h, w. ``i2v=True``: HunyuanVideo image-to-video
+    (``HunyuanVideoI2V``): 33 input channels, the clip plus Hunyuan Image To Video's start-frame latent (16,
+    "v1 (concat)") and its inverted mask (1)."""
     import comfy.ops
     from comfy.ldm.hunyuan_video.model import HunyuanVideo
 
-    net = HunyuanVideo(image_model="hunyuan_video", **HUNYUAN_VIDEO_DIT_CONFIG, device="meta",
+    cfg = dict(HUNYUAN_VIDEO_DIT_CONFIG, in_channels=33) if i2v else HUNYUAN_VIDEO_DIT_CONFIG
+    net = HunyuanVideo(image_model="hunyuan_video", **cfg, device="meta",
                        operations=comfy.ops.disable_weight_init)
     return _dit_file(net, seed, path)
 
@@ -305,6 +312,48 @@ def make_ltxv_diffusion_model(path, seed: int = 0) -> Path:
     return _dit_file(net, seed, path)
 
 
+# HunyuanVideo 1.5 (comfy.supported_models.HunyuanVideo15, model_base.HunyuanVideo15, latent format
+# HunyuanVideo15, 32 channels, flow, shift 7): the layout of HunyuanVideo plus the 1.5 parts the detector looks
+# for: a SigLIP vision projection (1152 wide, the detector's key for 1.5), the condition-type embedding, no pooled
+# vector. 65 input channels as the real model: the clip (32), an image-to-video start frame (32, zeros for
+# text-to-video) and its mask (1), which model_base.HunyuanVideo15.concat_cond always appends.
+HUNYUAN_VIDEO15_DIT_CONFIG = dict(HUNYUAN_VIDEO_DIT_CONFIG, in_channels=65, out_channels=32, vec_in_dim=None,
+                                  use_cond_type_embedding=True, vision_in_dim=1152)
+# Cosmos Predict2 (comfy.supported_models.CosmosT2IPredict2, model_base.CosmosPredict2, latent format Wan21,
+# sampling FLOW_COSMOS): the detector reads the width from the patch embedder and, for widths other than 2048 /
+# 5120, keeps MiniTrainDIT's 10 blocks of 16 heads; its 3-D RoPE (h / w extrapolation 4) needs a head of >= 12.
+# T5 tokens 1024 wide (the detector fixes it). 192 wide: 15 M parameters, stored in bf16 (30 MB).
+COSMOS_PREDICT2_DIT_CONFIG = {"max_img_h": 240, "max_img_w": 240, "max_frames": 128, "in_channels": 16,
+                              "out_channels": 16, "patch_spatial": 2, "patch_temporal": 1,
+                              "concat_padding_mask": True, "model_channels": 192, "num_blocks": 10, "num_heads": 16,
+                              "crossattn_emb_channels": 1024, "pos_emb_cls": "rope3d", "pos_emb_learnable": True,
+                              "pos_emb_interpolation": "crop", "min_fps": 1, "max_fps": 30, "use_adaln_lora": True,
+                              "adaln_lora_dim": 256, "extra_per_block_abs_pos_emb": False,
+                              "rope_h_extrapolation_ratio": 4.0, "rope_w_extrapolation_ratio": 4.0,
+                              "rope_t_extrapolation_ratio": 1.0}
+
+
+def make_hunyuan_video15_diffusion_model(path, seed: int = 0) -> Path:
+    """Tiny HunyuanVideo 1.5 DiT, fp32. CONDITIONING ``[[tensor(B, T, 32), {}]]`` (no pooled vector).
+    Latent ``(B, 32, t, h, w)`` with even h, w."""
+    import comfy.ops
+    from comfy.ldm.hunyuan_video.model import HunyuanVideo
+
+    net = HunyuanVideo(image_model="hunyuan_video", **HUNYUAN_VIDEO15_DIT_CONFIG, device="meta",
+                       operations=comfy.ops.disable_weight_init)
+    return _dit_file(net, seed, path)
+
+
+def make_cosmos_predict2_diffusion_model(path, seed: int = 0) -> Path:
+    """Tiny Cosmos Predict2 DiT (bf16 file). CONDITIONING ``[[tensor(B, T, 1024), {}]]``.
+    Latent ``(B, 16, t, h, w)`` with even h, w (Wan 2.1's latent space)."""
+    import comfy.ops
+    from comfy.ldm.cosmos.predict2 import MiniTrainDIT
+
+    net = MiniTrainDIT(**COSMOS_PREDICT2_DIT_CONFIG, device="meta", operations=comfy.ops.disable_weight_init)
+    return _save(_fill(_meta_state_dict(net), seed, dtype=torch.bfloat16), path)
+
+
 def make_wan21_vae(path, seed: int = 0, dim: int = 8) -> Path:
     """Tiny Wan 2.1 video VAE (``comfy.ldm.wan.vae.WanVAE``, width ``dim`` instead of 96), fp32.
 
@@ -316,3 +365,59 @@ def make_wan21_vae(path, seed: int = 0, dim: int = 8) -> Path:
         vae = WanVAE(dim=dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                      temperal_downsample=[False, True, True], dropout=0.0)
     return _save(_fill(_meta_state_dict(vae), seed + 1, gain=1.0), path)
+
+
+# ------------------------------------------------- video families ComfyUI only detects at full size
+# ComfyUI's detector fixes every size of Genmo Mochi (48 blocks of 3072) and of Cosmos 1 (7B: 4096 wide; any
+# other width is read as the 14B one: 36 blocks of 40 heads), so no small file loads through UNET Loader as
+# either. These build ComfyUI's own model classes (supported_models -> model_base -> the real DiT) at tiny
+# sizes in this process and wrap them in ComfyUI's ModelPatcher, as UNET Loader's loader does after detection.
+
+# Genmo Mochi (comfy.supported_models.GenmoMochi, model_base.GenmoMochi, latent format Mochi, 12 channels,
+# flow, shift 6): the detector's settings with 2 blocks of width 64 (2 heads of 32) and 64-wide T5 tokens; its
+# block asserts an x-MLP of 12288 (1536 * 8), so the MLP ratio is 192.
+MOCHI_DIT_CONFIG = {"image_model": "mochi_preview", "depth": 2, "patch_size": 2, "num_heads": 2,
+                    "hidden_size_x": 64, "hidden_size_y": 32, "mlp_ratio_x": 192.0, "mlp_ratio_y": 4.0,
+                    "learn_sigma": False, "in_channels": 12, "qk_norm": True, "qkv_bias": False, "out_bias": True,
+                    "attn_drop": 0.0, "patch_embed_bias": True, "posenc_preserve_area": True,
+                    "timestep_mlp_bias": True, "attend_to_padding": False, "timestep_scale": 1000.0,
+                    "use_t5": True, "t5_feat_dim": 64, "t5_token_length": 256, "rope_theta": 10000.0}
+# Cosmos 1 text-to-video (comfy.supported_models.CosmosT2V, model_base.CosmosVideo, latent format
+# Cosmos1CV8x8x8, 16 channels, EDM sampling, sigma_data 0.5): the detector's block layout with 2 blocks of
+# 8 heads of 12, 1024-wide T5 tokens (as ComfyUI's Cosmos text encoder gives) and a 32-wide adaLN-LoRA.
+COSMOS1_DIT_CONFIG = {"image_model": "cosmos", "max_img_h": 240, "max_img_w": 240, "max_frames": 128,
+                      "in_channels": 16, "out_channels": 16, "patch_spatial": 2, "patch_temporal": 1,
+                      "model_channels": 96, "num_blocks": 2, "num_heads": 8, "block_config": "FA-CA-MLP",
+                      "concat_padding_mask": True, "crossattn_emb_channels": 1024, "pos_emb_cls": "rope3d",
+                      "pos_emb_learnable": False, "pos_emb_interpolation": "crop", "block_x_format": "THWBD",
+                      "affline_emb_norm": True, "use_adaln_lora": True, "adaln_lora_dim": 32,
+                      "extra_per_block_abs_pos_emb": True, "extra_per_block_abs_pos_emb_type": "learnable",
+                      "rope_h_extrapolation_ratio": 1.0, "rope_w_extrapolation_ratio": 1.0,
+                      "rope_t_extrapolation_ratio": 2.0}
+
+
+def _tiny_model_patcher(config_class: str, unet_config: dict, seed: int):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    model_config = getattr(comfy.supported_models, config_class)(dict(unet_config))
+    model_config.set_inference_dtype(torch.float32, None)
+    with torch.device("meta"):
+        shapes = _meta_state_dict(model_config.get_model({}, device=torch.device("meta")).diffusion_model)
+    model = model_config.get_model({}, device=mm.unet_offload_device())
+    model.load_model_weights(_fill(shapes, seed), "")
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def load_tiny_mochi(seed: int = 0):
+    """A tiny Genmo Mochi as a ComfyUI MODEL (ModelPatcher), fp32.
+    CONDITIONING ``[[tensor(B, T, 64), {"attention_mask": ones(B, T)}]]``. Latent ``(B, 12, t, h, w)``, even h, w."""
+    return _tiny_model_patcher("GenmoMochi", MOCHI_DIT_CONFIG, seed)
+
+
+def load_tiny_cosmos1(seed: int = 0):
+    """A tiny Cosmos 1 text-to-video DiT as a ComfyUI MODEL (ModelPatcher), fp32.
+    CONDITIONING ``[[tensor(B, T, 1024), {}]]``. Latent ``(B, 16, t, h, w)`` with even h, w."""
+    return _tiny_model_patcher("CosmosT2V", COSMOS1_DIT_CONFIG, seed)
