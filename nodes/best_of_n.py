@@ -92,9 +92,9 @@ class RankByCLIP(io.ComfyNode):
                 io.Combo.Input("rank_within", options=list(GROUPS), default="all images",
                                tooltip="all images: one ranking. each batch index: when every candidate is a batch "
                                        "of B input images swept together, the best per input image (index b of "
-                                       "every batch; a Replay batch at several cfg is cut per cfg, told by DPM Sweep's "
-                                       "labels or one source_image per input image); outputs top_k per input "
-                                       "image, input image first."),
+                                       "every batch; a Replay batch at several cfg is cut per cfg when DPM Sweep's "
+                                       "labels are connected); outputs top_k per input image, input image "
+                                       "first."),
                 I.source_text("", multiline=True, optional=True),
                 io.Image.Input("source_image", optional=True,
                                tooltip="The input image before the edit; for directional CLIP."),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 MAX_VALUES = 10000
 
@@ -96,6 +96,22 @@ class Sweep:
 
     def cfg_text(self) -> str:
         return ", ".join(fmt(c) for c in self.cfg)
+
+
+_LABEL = re.compile(r"^seed (\S+) d (\S+) cfg (\S+)$")
+
+
+def cfg_count(labels: Sequence[str]) -> Optional[int]:
+    """How many cfg values a list of ``Sweep.labels`` sweeps (the cfg cycles fastest: one label per encode
+    and cfg), or None when the labels are not a whole sweep's."""
+    parts = [_LABEL.match(str(t).strip()) for t in labels]
+    if not parts or not all(parts):
+        return None
+    cfgs = [m.group(3) for m in parts]
+    n_cfg = len(dict.fromkeys(cfgs))
+    if len(cfgs) % n_cfg or cfgs != cfgs[:n_cfg] * (len(cfgs) // n_cfg):
+        return None
+    return n_cfg
 
 
 def make_sweep(seeds: str, denoise: str, cfg: str) -> Sweep:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ...guidance.clip_rank import batch_groups, check_options, clip_scores, contact_sheet, rank_groups
+from ...samplers.sweep import cfg_count
 from . import clip_models as CM
 from . import sampling as B
 from .halving import pruning_notes
@@ -36,26 +37,17 @@ def _labels(labels, n: int, sizes: list[int]) -> list[str]:
         "or give one line per image")
 
 
-def _cfg_slices(sizes: list[int], n: int, labels, n_sources: int) -> list[int]:
+def _cfg_slices(sizes: list[int], labels) -> list[int]:
     """The batches as Rank sees them. Replay with cfg_values returns, per code, one batch holding every cfg
-    for every input image, cfg-major (cfg i: images i*B .. i*B+B-1); its batch index is then the position
-    modulo B, the number of input images, not the position in the batch. B is told by DPM Sweep's labels
-    (one per code and cfg: n / their count) or by the source images (one per input image); the batches
-    are then cut into slices of B. Otherwise (and when B would not divide a batch) the batches stay."""
-    if len(set(sizes)) != 1:
+    for every input image, cfg-major (cfg i: images i*B .. i*B+B-1), so its batch index is the position
+    modulo B, the number of input images, not the position in the batch. When DPM Sweep's labels (one per
+    code and cfg) tell the cfg count C, each batch is cut into its C slices of B = size / C images;
+    otherwise (other labels, none, or batches C does not divide) the batches stay."""
+    n_cfg = cfg_count(_label_items(labels, sum(sizes)))
+    if n_cfg is None or n_cfg == 1 or len(set(sizes)) != 1 or sizes[0] % n_cfg:
         return sizes
-    size = sizes[0]
-    items = _label_items(labels, n)
-    hints = set()
-    if items and len(items) not in (n, len(sizes)) and n % len(items) == 0:
-        hints.add(n // len(items))
-    if 1 < n_sources < size:
-        hints.add(n_sources)
-    if len(hints) > 1:
-        raise B.NodeInputError(f"labels / source_image: the labels give {n // len(items)} input images per cfg, the "
-                               f"source images {n_sources}; connect DPM Sweep's labels and one source per input image")
-    per = hints.pop() if hints else size
-    return [per] * (n // per) if size % per == 0 else sizes
+    per = sizes[0] // n_cfg
+    return [per] * (sum(sizes) // per)
 
 
 def rank_images(images, clip_name, target_text, metric, top_k, rank_within, source_text=None, source_image=None,
@@ -74,7 +66,7 @@ def rank_images(images, clip_name, target_text, metric, top_k, rank_within, sour
     if record is not None:  # the pruned replay's candidates are batches of its input images, whatever the lists
         sizes = [int(record["batch"])] * (n // int(record["batch"]))
     else:
-        sizes = _cfg_slices(sizes, n, labels, len(src))
+        sizes = _cfg_slices(sizes, labels)
     names = _labels(labels, n, sizes)
     try:
         check_options(metric, rank_within, target_text)

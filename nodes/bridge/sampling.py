@@ -134,8 +134,10 @@ def check_clip_length(conds, shape, name: str, made: str = "the latent") -> None
             # image-to-video "v1 (concat)": ComfyUI pads it with zeros in time, as in KSampler)
             if isinstance(t, torch.Tensor) and t.ndim == 5 and t.shape[2] != shape[2] and not (
                     t.shape[2] < shape[2] and (key == "concat_mask" or mask_frames == shape[2])):
+                # a start frame padded in time is made for its mask's clip length (Hunyuan Image To Video)
+                made_for = mask_frames if key == "concat_latent_image" and mask_frames is not None else t.shape[2]
                 raise NodeInputError(
-                    f"{name}: its image-to-video {key} is for a clip of {t.shape[2]} latent frames but {made} has "
+                    f"{name}: its image-to-video {key} is for a clip of {made_for} latent frames but {made} has "
                     f"{shape[2]} latent frames (shape {tuple(shape)}); make the conditioning with the clip's "
                     "length (e.g. Wan Image To Video's length) or encode a clip of that length")
 
@@ -238,16 +240,19 @@ def make_guider(model, positive, negative, cfg: float) -> comfy.samplers.CFGGuid
     return guider
 
 
-def pin_concat_image(model, conds, shape):
+def pin_concat_image(model, conds, shape, name: str, denoise_mask=None):
     """Conditioning whose model-side image does not depend on the latent being sampled.
 
-    Models whose concatenated input includes an image (``concat_keys`` "concat_image": HunyuanVideo
-    image-to-video; "masked_image": inpainting models) take ``concat_latent_image`` from the conditioning, and
-    where a conditioning has none (Hunyuan Image To Video sets it on the positive only), ComfyUI gives them the
-    latent being sampled instead. That latent is the source clip when encoding but a placeholder when replaying
-    a code, so the replay would not be exact. Such conditioning gets an all-zero ``concat_latent_image`` (what
-    the model sees when KSampler starts from an empty latent) in encode and replay alike. A new list; the input
-    is not changed."""
+    Where a conditioning has no ``concat_latent_image``, ComfyUI shows a model that concatenates an image
+    the latent being sampled instead: the source when encoding, but a placeholder when replaying a code,
+    so the replay would not be exact.
+    - ``concat_image`` (HunyuanVideo image-to-video; Hunyuan Image To Video sets the start frame on the
+      positive prompt only): such a prompt gets an all-zero ``concat_latent_image``, what the model sees
+      when KSampler starts from an empty latent, in encode and replay alike.
+    - ``masked_image`` (inpainting checkpoints) with a noise mask: the model is meant to see the image
+      around the mask, which a zero image would hide, so this is refused with the fix (InpaintModelConditioning
+      puts the image on both prompts). Without a noise mask ComfyUI gives it a blank image: nothing to do.
+    Returns a new list; the input is not changed. ``name``: the input named in the error."""
     keys = set(getattr(model.model, "concat_keys", ()) or ())
     if not conds or not keys & {"concat_image", "masked_image"}:
         return conds
@@ -256,8 +261,16 @@ def pin_concat_image(model, conds, shape):
         extra = c[1] if len(c) > 1 and isinstance(c[1], dict) else None
         if extra is None or extra.get("concat_latent_image") is not None:
             out.append(c)
-        else:
+        elif "concat_image" in keys:
             out.append([c[0], dict(extra, concat_latent_image=torch.zeros(tuple(shape)))] + list(c[2:]))
+        elif denoise_mask is not None:
+            raise NodeInputError(
+                f"{name}: this inpainting model ({type(model.model).__name__}) reads the masked image from the "
+                "conditioning, and this prompt has none, so ComfyUI would show it the latent being sampled, which "
+                "a replay does not have. Make the prompts and the masked latent with InpaintModelConditioning "
+                "(it puts the image on both prompts), or use a non-inpainting checkpoint with the mask.")
+        else:
+            out.append(c)
     return out
 
 
@@ -302,7 +315,8 @@ def run_in_comfy(model, positive, negative, cfg: float, latent: torch.Tensor, si
     ``denoise_mask`` (the edit mask, 1 = may change) reaches the model's conditioning as KSampler's noise
     mask does (inpainting models, Wan 2.2's and LTX-Video's image-to-video read it); the blending
     itself is the work's (the code's trajectory outside the mask), so the sampler ignores it."""
-    positive, negative = (pin_concat_image(model, c, latent.shape) for c in (positive, negative))
+    positive = pin_concat_image(model, positive, latent.shape, "positive", denoise_mask)
+    negative = pin_concat_image(model, negative, latent.shape, "negative", denoise_mask)
     guider = make_guider(model, positive, negative, cfg)
     callback = None if steps_for_progress is None else latent_preview.prepare_callback(model, steps_for_progress)
     noise = torch.zeros_like(latent)

@@ -186,8 +186,10 @@ def test_rank_node_in_process(pack):
 
 def test_rank_groups_replays_at_several_cfg_by_input_image(pack):
     """Replay with cfg_values gives one batch per code holding every cfg for every input image, cfg-major.
-    With 'each batch index' Rank ranks per input image (position modulo the image count, told by DPM Sweep's
-    labels or by the source images), not per position in that batch; the labels get the image index."""
+    With 'each batch index' and DPM Sweep's labels (which tell the cfg count) Rank ranks per input image
+    (position modulo the image count), not per position in that batch; the labels get the image index.
+    Without sweep labels the batches stay as they are (a plain batch with 2 sources for 4 images is still
+    refused)."""
     import folder_paths
 
     nodes = importlib.import_module("dpm_latent.nodes.best_of_n")
@@ -197,26 +199,31 @@ def test_rank_groups_replays_at_several_cfg_by_input_image(pack):
     w = _world()
     sq, ci, red = (w.render(s, c, 30, 30, 10)[0].movedim(0, -1) for s, c in
                    (("square", "blue"), ("circle", "blue"), ("square", "red")))
+    rank = nodes.RankByCLIP.execute
     # 2 codes x cfg (1, 2) x 2 input images; image 0 is at positions 0, 2 of each batch, image 1 at 1, 3
     code0 = torch.stack([ci, red, sq, ci])   # image 0's best: code 0, cfg 2 (candidate 2)
     code1 = torch.stack([red, ci, ci, sq])   # image 1's best: code 1, cfg 2 (candidate 7)
-    labels = ["seed 0 cfg 1", "seed 0 cfg 2", "seed 1 cfg 1", "seed 1 cfg 2"]
-    top, _scores, best, _sheet, text = nodes.RankByCLIP.execute(
-        [code0, code1], ["dpm_world_clip"], ["a blue square"], ["CLIP score"], [1], ["each batch index"],
-        labels=labels).result
+    _s, _d, _k, _cfg, labels, _n = importlib.import_module("dpm_latent.nodes.best_of_n").DPMSweep.execute(
+        "0-1", "0.5", "1, 2", 10).result
+    assert labels == ["seed 0 d 0.5 cfg 1", "seed 0 d 0.5 cfg 2", "seed 1 d 0.5 cfg 1", "seed 1 d 0.5 cfg 2"]
+    top, _scores, best, _sheet, text = rank([code0, code1], ["dpm_world_clip"], ["a blue square"], ["CLIP score"], [1],
+                                            ["each batch index"], labels=labels).result
     assert top.shape[0] == 2 and torch.equal(top[0], sq) and torch.equal(top[1], sq), text
     assert best == 2 and "for each of 2 batch indices" in text, text
-    assert "[2] seed 0 cfg 2 [0]" in text and "[7] seed 1 cfg 2 [1]" in text, text
-    # the same told by one source image per input image (directional CLIP), without labels
+    assert "[2] seed 0 d 0.5 cfg 2 [0]" in text and "[7] seed 1 d 0.5 cfg 2 [1]" in text, text
+    # with one source image per input image (directional CLIP)
     src = torch.stack([red, red])
-    res = nodes.RankByCLIP.execute([code0, code1], ["dpm_world_clip"], ["a blue square"], ["directional CLIP"], [1],
-                                   ["each batch index"], ["a red square"], [src])
+    res = rank([code0, code1], ["dpm_world_clip"], ["a blue square"], ["directional CLIP"], [1], ["each batch index"],
+               ["a red square"], [src], labels=labels)
     assert res.ui["dpm_rank"][0]["best_indices"] == [2, 7], res.result[4]
-    # labels and sources that disagree on the image count: a clear error naming both
-    with pytest.raises(ValueError, match="labels / source_image: the labels give 2 input images per cfg, the source images 3"):
-        nodes.RankByCLIP.execute([torch.cat([code0, code0[:2]]), torch.cat([code1, code1[:2]])], ["dpm_world_clip"],
-                                 ["a blue square"], ["directional CLIP"], [1], ["each batch index"], ["a red square"],
-                                 [torch.stack([red, red, red])], labels=["a", "b", "c", "d", "e", "f"])
+    # one input image (B = 1): the sweep's candidates are one group, whatever their cfg
+    res = rank([torch.stack([ci, red]), torch.stack([red, sq])], ["dpm_world_clip"], ["a blue square"], ["CLIP score"],
+               [1], ["each batch index"], labels=labels)
+    assert res.ui["dpm_rank"][0]["best_indices"] == [3] and res.result[0].shape[0] == 1, res.result[4]
+    # no sweep labels: a plain batch of 4 input images with 2 sources is refused, as before
+    with pytest.raises(ValueError, match=r"source_image: 2 images; give one, one per batch index \(4\)"):
+        rank([code0, code1], ["dpm_world_clip"], ["a blue square"], ["directional CLIP"], [1], ["each batch index"],
+             ["a red square"], [src])
 
 
 # ---------------------------------------------------------------------------- through a server

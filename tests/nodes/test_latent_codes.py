@@ -129,3 +129,34 @@ def test_clip_folders_follow_links_and_survive_loops(pack, tmp_path):
     finally:
         paths.remove(str(root))
     assert "linked_clip" in found
+
+
+def test_inpainting_model_with_a_mask_needs_its_image_on_both_prompts(nodes, tmp_path):
+    """An inpainting checkpoint (9 input channels) with a noise mask reads the masked image from the
+    conditioning; a prompt without it would be shown the latent being sampled (the source when encoding, a
+    placeholder when replaying), so DPM Encode refuses it naming the prompt and InpaintModelConditioning.
+    With the image on both prompts, as that node makes them, encode -> masked replay is exact."""
+    import comfy.sd
+    from dpmtools import tiny_models
+
+    cyc, _B = nodes
+    path = tiny_models.make_sd15_checkpoint(tmp_path / "tiny_sd15_inpaint.safetensors", seed=0, inpaint=True)
+    with torch.inference_mode():
+        model, _c, _vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=False)
+    assert set(model.model.concat_keys) == {"mask", "masked_image"}
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, 4, 8, 8, generator=g)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:6, 2:6] = 1.0
+    latent = {"samples": x0, "noise_mask": mask}
+    with torch.inference_mode():
+        bare = cyc.EmptyConditioning.execute(model, 4).result[0]
+        with pytest.raises(ValueError, match="positive: this inpainting model .*InpaintModelConditioning"):
+            cyc.DPMEncode.execute(model, bare, bare, latent, 1, 6, "normal", 0.7, 0.1, 2.0)
+        # what InpaintModelConditioning gives: the masked image latent and the mask on both prompts
+        extra = {"concat_latent_image": x0 * (1 - mask), "concat_mask": mask}
+        both = [[bare[0][0], dict(bare[0][1], **extra)]]
+        code = cyc.DPMEncode.execute(model, both, both, latent, 1, 6, "normal", 0.7, 0.1, 2.0).result[0]
+        rec = cyc.ReplayLatentWithPrompt.execute(model, both, both, code, 2.0).result[0]["samples"]
+    assert float((rec - x0).norm() / x0.norm()) <= 1e-4
+    assert "concat_latent_image" not in bare[0][1]   # the input conditioning is not changed

@@ -44,6 +44,15 @@ def test_pure_torch_packages_never_import_comfyui(folder):
         assert not bad, f"{folder}/{path.name} imports {bad}"
 
 
+@pytest.mark.parametrize("folder", ["nodes", "samplers", "guidance"])
+def test_the_pack_never_imports_the_tools(folder):
+    """The tools package (tests' server, tiny models) is on the test server's path (its test-only node adds
+    it), never on a user's: pack code importing it would pass every server test and fail for users."""
+    for path in sorted((REPO / folder).rglob("*.py")):
+        bad = [name for level, name in _imports(path) if level == 0 and name.split(".")[0] in {"dpmtools", "tools"}]
+        assert not bad, f"{path.relative_to(REPO)} imports {bad}"
+
+
 def _python_files_outside_tests():
     for path in sorted(REPO.rglob("*.py")):
         rel = path.relative_to(REPO)

@@ -198,14 +198,16 @@ def _save(sd: dict[str, torch.Tensor], path) -> Path:
 
 # -------------------------------------------------------------------------- builders
 
-def make_sd15_checkpoint(path, seed: int = 0, *, with_clip_l: bool = False) -> Path:
+def make_sd15_checkpoint(path, seed: int = 0, *, with_clip_l: bool = False, inpaint: bool = False) -> Path:
     """Tiny SD1.5 (EPS) UNet + 4-channel TAESD VAE, fp32, as one checkpoint file.
 
     ``with_clip_l=True`` also embeds the random fp16 CLIP-L of
     :func:`make_clip_l_text_encoder` (same seed), so that CheckpointLoaderSimple
     returns a working CLIP too; the file then grows from 85 MB to 332 MB.
+    ``inpaint=True``: the UNet takes 9 input channels (latent, mask, masked image), which ComfyUI's
+    detector reads as an inpainting model (``set_inpaint``).
     """
-    sd = _unet_state_dict(SD15_UNET_CONFIG, _SD15_HEADS, seed)
+    sd = _unet_state_dict(dict(SD15_UNET_CONFIG, in_channels=9) if inpaint else SD15_UNET_CONFIG, _SD15_HEADS, seed)
     sd.update(_taesd_state_dict(4, seed))
     if with_clip_l:
         sd.update(_clip_l_state_dict(seed, prefix="cond_stage_model.transformer."))
