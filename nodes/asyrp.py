@@ -118,7 +118,13 @@ class AsyrpDirectionFromExamples(io.ComfyNode):
                                        "only where h looks like the object (a per-position gate from the images "
                                        "without the attribute), so the background is not shifted; for pictures "
                                        "of one object on a plain background (measured on the demo pixel DDPM "
-                                       "with h_site 'after first up block', docs/asyrp.md)."),
+                                       "with h_site 'after first up block', docs/asyrp.md). 'where pairs "
+                                       "differ': the two sets are pairs, image k of both the same scene with and "
+                                       "without the attribute (the same count, in order); delta_h is the mean "
+                                       "difference of h over the positions where each pair's latents differ, "
+                                       "applied where h looks like such a position (a linear discriminant from "
+                                       "the images without it). Recommended for paired examples (measured on the "
+                                       "demo flow model, docs/asyrp.md)."),
                 io.Float.Input("t_start", default=1.0, min=0.01, max=1.0, step=0.01, optional=True,
                                tooltip="Start of the shifted steps as a fraction of the chain: steps starting "
                                        "above it get no delta_h (1: from T, as training). Lower it when the edit "

@@ -223,8 +223,81 @@ class ObjectDelta(nn.Module):
         return (d * self.gate(h, level)).to(h.dtype)
 
 
+REGION_FRACTION = 0.7   # a position is in a pair's region when its pooled difference reaches this share of the max
+
+
+def position_grid(latent_hw: Sequence[int], h: torch.Tensor) -> tuple[int, int]:
+    """The 2-D grid of h's positions over a latent of spatial size ``latent_hw``: a U-Net's h is already a
+    map ``(B, C, H', W')``; a DiT's is ``(B, C, L, 1)``, L tokens of p x p latent patches in row-major order
+    (SD3, Flux), so the grid is ``(ceil(H/p), ceil(W/p))`` for the p that gives L tokens."""
+    H, W = int(latent_hw[0]), int(latent_hw[1])
+    if h.shape[-1] != 1 or h.shape[-2] == 1:
+        return int(h.shape[-2]), int(h.shape[-1])
+    L = int(h.shape[-2])
+    for p in range(1, max(H, W) + 1):
+        if math.ceil(H / p) * math.ceil(W / p) == L:
+            return math.ceil(H / p), math.ceil(W / p)
+    raise CodeError(f"h has {L} positions, which is no patch grid of a {H}x{W} latent")
+
+
+def pair_regions(diff: torch.Tensor, h: torch.Tensor, fraction: float = REGION_FRACTION) -> torch.Tensor:
+    """(B, positions) 0/1: where a pair of examples differs, on h's positions. ``diff`` (B, 1, H, W) is
+    ``||z_with - z_without||`` over the latent's channels; it is averaged over each position's share of the
+    latent, and a position is in the region when that reaches ``fraction`` of the image's largest value."""
+    grid = position_grid(diff.shape[-2:], h)
+    pooled = F.adaptive_avg_pool2d(diff.float(), grid).flatten(1)
+    top = pooled.amax(dim=1, keepdim=True)
+    return ((pooled >= fraction * top) & (top > 0)).to(torch.float32)
+
+
+class RegionDelta(nn.Module):
+    """One shift per channel and step, applied where h looks like the examples' region.
+
+    At step i, ``delta_h = delta[i] * g`` with the per-position gate
+    ``g = clamp((<h, probe[i]> - lo[i]) / (hi[i] - lo[i]), 0, 1)``: ``probe`` is the linear discriminant
+    (Fisher's LDA) of h at the region's positions against h elsewhere, on the images without the attribute,
+    and ``lo`` / ``hi`` the two classes' mean projections. So g is 1 on a typical region position, 0 on a
+    typical other one; the edit follows the region wherever it is, at any image size, and the rest of the
+    picture is not shifted. Steps whose delta is zero are no edit."""
+
+    kind = "region direction"
+
+    def __init__(self, channels: int, levels: Sequence[float]):
+        super().__init__()
+        self.channels = int(channels)
+        self.register_buffer("levels", torch.tensor([float(v) for v in levels], dtype=torch.float64))
+        n = len(levels)
+        self.delta = nn.Parameter(torch.zeros(n, self.channels))
+        self.probe = nn.Parameter(torch.zeros(n, self.channels))
+        self.bounds = nn.Parameter(torch.zeros(n, 2))   # (lo, hi) per step
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "channels": self.channels, "levels": [float(v) for v in self.levels]}
+
+    def index(self, level: float) -> int:
+        return int(torch.argmin((self.levels - float(level)).abs()))
+
+    def gate(self, h: torch.Tensor, level: float) -> torch.Tensor:
+        i = self.index(level)
+        u = self.probe[i].to(device=h.device, dtype=torch.float32)
+        lo, hi = (float(v) for v in self.bounds[i].detach())
+        proj = torch.einsum("bc...,c->b...", h.float(), u).unsqueeze(1)
+        return ((proj - lo) / max(hi - lo, 1e-12)).clamp(0.0, 1.0)
+
+    def forward(self, h: torch.Tensor, level: float) -> torch.Tensor:
+        if h.dim() != 4 or h.shape[1] != self.channels:
+            raise CodeError(f"this region direction has {self.channels} channels, the model's h here is "
+                            f"{list(h.shape[1:])}")
+        d = self.delta[self.index(level)].to(device=h.device, dtype=torch.float32)
+        if not bool(d.any()):
+            return torch.zeros_like(h)
+        return (d.view(1, -1, 1, 1) * self.gate(h, level)).to(h.dtype)
+
+
 def make_term(config: dict) -> nn.Module:
     kind = config.get("kind")
+    if kind == RegionDelta.kind:
+        return RegionDelta(int(config["channels"]), config["levels"])
     if kind == ObjectDelta.kind:
         return ObjectDelta(int(config["channels"]), config["levels"], float(config.get("gain", 1.0)))
     if kind == DeltaBlock.kind:
@@ -386,35 +459,125 @@ def asyrp_sample(plain: Denoiser, edited: Optional[Denoiser], x_start: torch.Ten
 
 # ---------------------------------------------------------------- directions from examples
 
-def mean_h_along_chain(plain: Denoiser, read_h: Callable[[Callable[[], torch.Tensor]], torch.Tensor],
-                       x0: torch.Tensor, sigmas: torch.Tensor, family: str, n_steps: int,
-                       batch_size: int = 8, reduce: Optional[Callable] = None) -> tuple[list, list]:
-    """Per step ``i < n_steps`` of the deterministic DDIM chain that starts at the DDIM inversion of
-    ``x0``, the mean over the images of h at that step's level (a list of ``(C, H, W)`` tensors) and
-    the mean over the images of ||h|| (a list of floats).
+def h_along_chain(plain: Denoiser, read_h: Callable[[Callable[[], torch.Tensor]], torch.Tensor],
+                  x0: torch.Tensor, sigmas: torch.Tensor, family: str, n_steps: int, batch_size: int = 8):
+    """Yields ``(first, i, h)`` for each batch of ``x0`` (images ``first ..``) and each step ``i < n_steps``
+    of the deterministic DDIM chain that starts at the DDIM inversion of the batch: h at that step's
+    level, ``(B, C, H, W)``, detached, float32.
 
-    ``read_h(call) -> h`` runs ``call()`` (one plain model evaluation) and returns the h that
-    evaluation passed through, ``(B, C, H, W)``; the chain is the one the edit replays, so the
-    means are taken at the same levels and site as training and editing. ``reduce(h) -> (B, ...)``:
-    what is averaged instead of h itself (e.g. ``object_contrast``)."""
+    ``read_h(call) -> h`` runs ``call()`` (one plain model evaluation) and returns the h that evaluation
+    passed through; the chain is the one the edit replays, so h is read at the same levels and site as
+    training and editing."""
     s = [float(v) for v in sigmas]
-    sums, norms = [None] * n_steps, [0.0] * n_steps
+    step = max(int(batch_size), 1)
     with torch.no_grad():
-        for start in range(0, x0.shape[0], max(int(batch_size), 1)):
-            x = ddim_invert(plain, x0[start:start + batch_size], sigmas, family)
+        for first in range(0, x0.shape[0], step):
+            x = ddim_invert(plain, x0[first:first + step], sigmas, family)
             for i in range(n_steps):
                 out = {}
 
                 def call(x=x, i=i):
                     out["d"] = plain(x, s[i])
                     return out["d"]
-                h = read_h(call).detach().float()
-                norms[i] += float(h.flatten(1).norm(dim=1).sum())
-                h = (h if reduce is None else reduce(h)).sum(0)
-                sums[i] = h if sums[i] is None else sums[i] + h
+                yield first, i, read_h(call).detach().float()
                 a, b, _c = step_coefficients(s[i], s[i + 1], 0.0, family)
                 x = a * x + b * out["d"]
+
+
+def mean_h_along_chain(plain: Denoiser, read_h: Callable[[Callable[[], torch.Tensor]], torch.Tensor],
+                       x0: torch.Tensor, sigmas: torch.Tensor, family: str, n_steps: int,
+                       batch_size: int = 8, reduce: Optional[Callable] = None) -> tuple[list, list]:
+    """Per step ``i < n_steps`` of ``h_along_chain``, the mean over the images of h (a list of ``(C, H, W)``
+    tensors) and the mean over the images of ||h|| (a list of floats). ``reduce(h) -> (B, ...)``: what is
+    averaged instead of h itself (e.g. ``object_contrast``)."""
+    sums, norms = [None] * n_steps, [0.0] * n_steps
+    for _first, i, h in h_along_chain(plain, read_h, x0, sigmas, family, n_steps, batch_size):
+        norms[i] += float(h.flatten(1).norm(dim=1).sum())
+        h = (h if reduce is None else reduce(h)).sum(0)
+        sums[i] = h if sums[i] is None else sums[i] + h
     return [v / x0.shape[0] for v in sums], [v / x0.shape[0] for v in norms]
+
+
+@dataclass
+class RegionStats:
+    """One step's sums over the positions of a set of images, split by ``pair_regions``: h summed over the
+    region and over the rest, the two position counts, and (for the discriminant) the scatter of h about
+    ``ref`` summed over every position, ``sum (h - ref)(h - ref)^T``."""
+
+    region: torch.Tensor
+    rest: torch.Tensor
+    n_region: float
+    n_rest: float
+    ref: Optional[torch.Tensor] = None
+    scatter: Optional[torch.Tensor] = None
+
+
+def region_stats_along_chain(plain: Denoiser, read_h: Callable[[Callable[[], torch.Tensor]], torch.Tensor],
+                             x0: torch.Tensor, diff: torch.Tensor, sigmas: torch.Tensor, family: str,
+                             n_steps: int, scatter: bool = False, first_step: int = 0,
+                             batch_size: int = 8) -> tuple[list, list]:
+    """Per step ``i < n_steps`` of ``h_along_chain``, the ``RegionStats`` of ``x0``'s images (None for
+    steps before ``first_step``) and the mean ||h||. ``diff`` (N, 1, H, W): per image, how much its pair
+    differs (``pair_regions``). ``scatter`` also sums the scatter about the first batch's mean h, which
+    costs C x C floats (float64) per step from ``first_step`` on."""
+    stats: list = [None] * n_steps
+    norms = [0.0] * n_steps
+    for first, i, h in h_along_chain(plain, read_h, x0, sigmas, family, n_steps, batch_size):
+        norms[i] += float(h.flatten(1).norm(dim=1).sum())
+        if i < first_step:
+            continue
+        m = pair_regions(diff[first:first + h.shape[0]].to(h.device), h).unsqueeze(1)   # (B, 1, P)
+        t = h.flatten(2)                                                                  # (B, C, P)
+        part = RegionStats((t * m).sum((0, 2)).double().cpu(), (t * (1 - m)).sum((0, 2)).double().cpu(),
+                           float(m.sum()), float((1 - m).sum()))
+        if scatter:
+            ref = stats[i].ref if stats[i] is not None else t.mean((0, 2)).double().cpu()
+            flat = t.permute(0, 2, 1).reshape(-1, t.shape[1]).double() - ref.to(t.device)
+            part.ref, part.scatter = ref, (flat.T @ flat).cpu()
+        old = stats[i]
+        if old is not None:
+            part.region, part.rest = old.region + part.region, old.rest + part.rest
+            part.n_region, part.n_rest = old.n_region + part.n_region, old.n_rest + part.n_rest
+            if scatter:
+                part.scatter = old.scatter + part.scatter
+        stats[i] = part
+    return stats, [v / x0.shape[0] for v in norms]
+
+
+def region_direction(with_: Sequence[Optional[RegionStats]], without: Sequence[Optional[RegionStats]],
+                     levels: Sequence[float], meta: Optional[dict] = None,
+                     shrinkage: float = 1e-3) -> Direction:
+    """A ``RegionDelta`` direction from paired examples' ``RegionStats`` per step (None: no edit there):
+    delta is the mean h over the pairs' regions with the attribute minus without (strength 1 moves the
+    region's h by the mean difference), the gate's probe Fisher's discriminant of region against rest on
+    the images without it, ``S^-1 (m_region - m_rest)`` with S the pooled within-class covariance plus
+    ``shrinkage`` times its mean variance on the diagonal."""
+    if len(with_) != len(without) or not with_:
+        raise CodeError("the two example sets give a different (or no) number of steps of h")
+    if len(with_) > len(levels):
+        raise CodeError(f"{len(with_)} steps of h for {len(levels)} levels")
+    first = next((v for v in without if v is not None), None)
+    if first is None:
+        raise CodeError("no step of h to make a region direction from")
+    term = RegionDelta(int(first.region.numel()), levels)
+    with torch.no_grad():
+        for i, (a, b) in enumerate(zip(with_, without)):
+            if a is None or b is None:
+                continue
+            if min(a.n_region, b.n_region) == 0 or b.n_rest == 0:
+                raise CodeError("the example pairs do not differ anywhere on h's positions (or differ "
+                                "everywhere): they must show the same scenes with and without the attribute")
+            m_r, m_b = b.region / b.n_region, b.rest / b.n_rest
+            n = b.n_region + b.n_rest
+            cr, cb = m_r - b.ref, m_b - b.ref
+            cov = (b.scatter - b.n_region * torch.outer(cr, cr) - b.n_rest * torch.outer(cb, cb)) / n
+            cov = cov + shrinkage * float(cov.diagonal().mean()) * torch.eye(cov.shape[0], dtype=cov.dtype)
+            u = torch.linalg.solve(cov, m_r - m_b)
+            term.delta[i] = (a.region / a.n_region - m_r).to(term.delta.dtype)
+            term.probe[i] = u.to(term.probe.dtype)
+            term.bounds[i, 0], term.bounds[i, 1] = float(u @ m_b), float(u @ m_r)
+    term.requires_grad_(False)
+    return Direction([term], [1.0], dict(meta or {}))
 
 
 def example_direction(h_with: Sequence[torch.Tensor], h_without: Sequence[torch.Tensor],

@@ -673,8 +673,10 @@ ASYRP = {  # per h-space: the CLIP-trained direction demo/train.py --parts asyrp
     "flow": {"title": "flow model B (SD3 MMDiT; h = image tokens of the middle joint block)", "loader": "checkpoint",
              "model": CKPT_B, "domain": "B", "shape": "square", "scheduler": "simple",
              "direction": "dpm_world_flow_red_to_blue.asyrp.safetensors",
-             "examples": {"t_edit": 0.2, "t_start": 0.7, "h_site": "middle", "spread": "everywhere"},
-             "example_strengths": [0.5, 1.0, 1.5, 2.0], "grid_strength": 1.5},
+             "examples": {"t_edit": 0.2, "t_start": 0.5, "h_site": "middle", "spread": "where pairs differ"},
+             "example_strengths": [0.5, 1.0, 1.5, 2.0], "grid_strength": 2.0,
+             # the size direction of the composition: its example sets are not pairs
+             "size_examples": {"t_edit": 0.2, "t_start": 0.7, "h_site": "middle", "spread": "everywhere"}},
 }
 ASYRP_STEPS = 20
 ASYRP_WORKFLOW = "asyrp_demo.json"
@@ -764,18 +766,18 @@ def asyrp_prompt(server, which: str, input_image: str, example_tiffs: dict) -> t
         dec = g.node("VAEDecode", samples=ed.out(0), vae=vae)
         g.node("SaveImage", images=dec.out(0), filename_prefix=f"dpm_asyrp/{which}_{name}")
 
-    def from_examples(with_, without):
+    def from_examples(with_, without, settings):
         return g.node("AsyrpDirectionFromExamples", model=edit["model"], latents_with=latents(example_tiffs[with_]),
                       latents_without=latents(example_tiffs[without]), steps=ASYRP_STEPS,
-                      conditioning=edit["positive"], **a["examples"]).out(0)
+                      conditioning=edit["positive"], **settings).out(0)
 
-    colour = from_examples("blue", "red")
+    colour = from_examples("blue", "red", a["examples"])
     branch("examples", colour, a["example_strengths"])
     for control in ASYRP_CONTROLS:
         branch(control, g.node("LoadAsyrpDirection", direction_file=control_file(a["direction"], control)).out(0),
                ASYRP_BRANCHES[control])
     if which == ASYRP_COMPOSE:
-        size = from_examples("large", "small")
+        size = from_examples("large", "small", a["size_examples"])
         branch("size", size, [1.0])
         both = g.node("CombineAsyrpDirections", direction_1=colour, coefficient_1=1.0, direction_2=size,
                       coefficient_2=1.0)

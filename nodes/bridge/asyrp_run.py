@@ -24,7 +24,9 @@ from .conditioning import empty_conditioning
 from .hspace import check_direction_for_model, direction_on, model_record, patched
 
 
-SPREADS = ("everywhere", "object")  # Direction From Examples: one shift at every position, or gated to the object
+# Direction From Examples: one shift at every position; gated to the object (median contrast); gated to where paired
+# examples differ (a linear discriminant of h there)
+SPREADS = ("everywhere", "object", "where pairs differ")
 DELTA_WARN = 0.5  # ||delta_h|| / ||h|| above this: training warns (the issue's measure: 4-5 destroys images)
 
 
@@ -298,7 +300,10 @@ def from_examples(model, latents_with, latents_without, steps, t_edit, condition
     """Asyrp Direction From Examples: per step, the mean h along the DDIM chains of ``latents_with``
     minus that of ``latents_without`` (no training), at ``h_site``. ``spread`` "everywhere": one shift per
     channel at every position (``AS.example_direction``); "object": the difference of the examples' object
-    contrasts, applied where h looks like the object (``AS.object_direction``). Steps starting above
+    contrasts, applied where h looks like the object (``AS.object_direction``); "where pairs differ": the
+    examples are pairs (the same scene with and without the attribute), the mean difference over the positions
+    where each pair's latents differ, applied where h looks like such a position (``AS.region_direction``).
+    Steps starting above
     ``t_start`` get no delta_h (1: from T, as training). Returns the direction."""
     rec = model_record(model, h_site)
     if spread not in SPREADS:
@@ -310,6 +315,15 @@ def from_examples(model, latents_with, latents_without, steps, t_edit, condition
         raise B.NodeInputError(f"latents_without: its images are {list(b.shape[1:])} latents, latents_with's "
                                f"{list(a.shape[1:])}; both sets must be at one image size (h is compared per "
                                "position)")
+    paired = spread == "where pairs differ"
+    if paired and a.shape[0] != b.shape[0]:
+        raise B.NodeInputError(f"latents_without: spread 'where pairs differ' takes pairs (image k of both sets is "
+                               f"the same scene with and without the attribute), but it has {b.shape[0]} images "
+                               f"and latents_with {a.shape[0]}; give both sets the same scenes in the same order, "
+                               "or use spread 'everywhere'")
+    if paired and a.dim() != 4:
+        raise B.NodeInputError(f"spread: 'where pairs differ' takes image latents [B, C, H, W]; these are "
+                               f"{list(a.shape)}; use 'everywhere' for video")
     n_edit = AS.edited_steps(steps, t_edit)
     if n_edit == 0:
         raise B.NodeInputError(f"t_edit: {t_edit} leaves no step of {steps} to edit; lower it")
@@ -329,11 +343,17 @@ def from_examples(model, latents_with, latents_without, steps, t_edit, condition
 
     def work(denoise_fn, x0, _callback, guider):
         x0 = x0.float()
+        parts = (x0[:n_a], x0[n_a:])
+        diff = (parts[0] - parts[1]).norm(dim=1, keepdim=True) if paired else None
         try:
             means = []
-            for k, part in enumerate((x0[:n_a], x0[n_a:])):
-                means.append(AS.mean_h_along_chain(denoise_fn, shift.read, part, sigmas, family, n_edit,
-                                                   reduce=AS.object_stats if spread == "object" else None))
+            for k, part in enumerate(parts):
+                if paired:   # the without-set (k = 1) also gives the gate's discriminant
+                    means.append(AS.region_stats_along_chain(denoise_fn, shift.read, part, diff, sigmas, family,
+                                                             n_edit, scatter=k == 1, first_step=n_skip))
+                else:
+                    means.append(AS.mean_h_along_chain(denoise_fn, shift.read, part, sigmas, family, n_edit,
+                                                       reduce=AS.object_stats if spread == "object" else None))
                 pbar.update_absolute(k + 1, 2)
         except CodeError as e:
             raise B.code_error(e) from None
@@ -350,7 +370,13 @@ def from_examples(model, latents_with, latents_without, steps, t_edit, condition
                 t_edit=float(t_edit), t_boost=0.0, kind="from examples", examples_with=int(n_a),
                 examples_without=int(b.shape[0]))
     try:
-        if spread == "object":
+        if paired:
+            meta.update(spread=spread, region_fraction=AS.REGION_FRACTION)
+            direction = AS.region_direction(result["with"], result["without"], levels, meta)
+            # ||delta_h|| where the gate is about 1: delta on an example's region positions
+            per_image = [0.0 if v is None else v.n_region / b.shape[0] for v in result["without"]]
+            deltas = [direction.terms[0].delta[i] * per_image[i] ** 0.5 for i in range(n_edit)]
+        elif spread == "object":
             # each step's stats: the object contrast (C) and the object's position count (1)
             ca, cb = [d.cpu()[:-1] for d in result["with"]], [d.cpu()[:-1] for d in result["without"]]
             count = [0.5 * float(u[-1] + v[-1]) for u, v in zip(result["with"], result["without"])]

@@ -211,18 +211,56 @@ def test_dit_patch_keeps_a_patch_already_on_its_block(AN, nodes, models):
     assert calls and torch.equal(out["with"], out["plain"])   # inactive shift: exactly the other patch's result
 
 
+def _examples_setup(nodes, models, name):
+    """The nodes, samplers, model, its empty prompt and a 3-image latent shape for the From Examples tests."""
+    cyc, B, _, asy = nodes
+    AS = importlib.import_module("dpm_latent.samplers.asyrp")
+    FMT = importlib.import_module("dpm_latent.samplers.asyrp_format")
+    model = models[name]
+    cond = cyc.EmptyConditioning.execute(model, 1).result[0]
+    shape = (3, 16, 8, 8) if name == "tiny_sd3" else (3, 3, 16, 16)
+    return cyc, B, asy, AS, FMT, model, cond, shape
+
+
+def _h_on_chains(AN, AS, B, model, rec, cond, with_, without, step):
+    """h at ``step`` of the deterministic DDIM chain of each example set, read through the patched model
+    independently of the node: {"with": (N, C, H, W), "without": ...}."""
+    work, shift = AN.patched(model, rec)
+    sigmas = B.schedule(model, "normal", 6, 1.0)
+    hs = {}
+
+    def work_fn(denoise_fn, x0, _cb, _guider):
+        n = with_["samples"].shape[0]
+        for key, lat in (("with", x0[:n]), ("without", x0[n:])):
+            x = AS.ddim_invert(denoise_fn, lat.float(), sigmas, rec["family"])
+            for i in range(step + 1):
+                out = {}
+                h = shift.read(lambda: out.setdefault("d", denoise_fn(x, float(sigmas[i])))).float()
+                a, b, _c = AS.step_coefficients(float(sigmas[i]), float(sigmas[i + 1]), 0.0, rec["family"])
+                x = a * x + b * out["d"]
+            hs[key] = h
+        return x0
+    with torch.inference_mode():
+        B.run_in_comfy(work, cond, cond, 1.0, torch.cat([with_["samples"], without["samples"]]), sigmas, work_fn, 0,
+                       None)
+    return hs
+
+
+def _code_and_replay(cyc, model, cond, shape, g):
+    """DPM Encode (6 steps, eta 0.1) of two random latents of ``shape``'s size, and its plain replay."""
+    lat = {"samples": torch.randn(*((2,) + shape[1:]), generator=g)}
+    with torch.inference_mode():
+        code = cyc.DPMEncode.execute(model, cond, cond, lat, 0, 6, "normal", 1.0, 0.1, 1.0).result[0]
+        return code, cyc.ReplayLatentWithPrompt.execute(model, cond, cond, code, 1.0).result[0]["samples"]
+
+
 @pytest.mark.parametrize("name", ["tiny_sd3", "tiny_ddpm_eps"])
 def test_direction_from_examples_is_the_mean_h_difference_and_edits_like_a_trained_one(AN, nodes, models, name,
                                                                                       tmp_path):
     """Asyrp Direction From Examples: delta_h at step i is mean h(with) - mean h(without) along their DDIM
     chains (read through the same patch Edit uses); the same set on both sides is no edit; the direction
     saves, loads, combines and edits (strength 0: the replay, bit for bit)."""
-    cyc, _B, _, asy = nodes
-    AS = importlib.import_module("dpm_latent.samplers.asyrp")
-    FMT = importlib.import_module("dpm_latent.samplers.asyrp_format")
-    model = models[name]
-    cond = cyc.EmptyConditioning.execute(model, 1).result[0]
-    shape = (3, 16, 8, 8) if name == "tiny_sd3" else (3, 3, 16, 16)
+    cyc, _B, asy, AS, FMT, model, cond, shape = _examples_setup(nodes, models, name)
     g = torch.Generator().manual_seed(5)
     with_ = {"samples": torch.randn(*shape, generator=g)}
     without = {"samples": torch.randn(*shape, generator=g) * 0.5}
@@ -239,17 +277,8 @@ def test_direction_from_examples_is_the_mean_h_difference_and_edits_like_a_train
     assert float(same.terms[0].delta.abs().max()) == 0.0
 
     # h read independently: the patched model on the DDIM chain of each set, step 0 (x_T)
-    work, shift = AN.patched(model, rec)
-    sigmas = _B.schedule(model, "normal", 6, 1.0)
-    means = {}
-
-    def work_fn(denoise_fn, x0, _cb, _guider):
-        for key, lat in (("with", x0[:3]), ("without", x0[3:])):
-            x_T = AS.ddim_invert(denoise_fn, lat.float(), sigmas, rec["family"])
-            means[key] = shift.read(lambda: denoise_fn(x_T, float(sigmas[0]))).float().mean(0)
-        return x0
-    with torch.inference_mode():
-        _B.run_in_comfy(work, cond, cond, 1.0, torch.cat([with_["samples"], without["samples"]]), sigmas, work_fn, 0, None)
+    hs = _h_on_chains(AN, AS, _B, model, rec, cond, with_, without, 0)
+    means = {k: v.mean(0) for k, v in hs.items()}
     want = (means["with"] - means["without"]).mean(dim=(1, 2))
     assert torch.allclose(term.delta[0].flatten(), want, atol=1e-4 * float(want.abs().max()) + 1e-6)
 
@@ -258,10 +287,8 @@ def test_direction_from_examples_is_the_mean_h_difference_and_edits_like_a_train
     back = FMT.load_direction(path)
     assert torch.equal(back.terms[0].delta, term.delta) and back.meta["delta_over_h"] == d.meta["delta_over_h"]
     both = asy.CombineAsyrpDirections.execute(back, 0.5, d, 0.5).result[0]
-    lat = {"samples": torch.randn(*((2,) + shape[1:]), generator=g)}
+    code, replay = _code_and_replay(cyc, model, cond, shape, g)
     with torch.inference_mode():
-        code = cyc.DPMEncode.execute(model, cond, cond, lat, 0, 6, "normal", 1.0, 0.1, 1.0).result[0]
-        replay = cyc.ReplayLatentWithPrompt.execute(model, cond, cond, code, 1.0).result[0]["samples"]
         out = asy.AsyrpEdit.execute(model, cond, cond, 1.0, code, both, "0, 1", -1.0, 0.0, 0).result[0]["samples"]
         one = asy.AsyrpEdit.execute(model, cond, cond, 1.0, code, d, "1", -1.0, 0.0, 0).result[0]["samples"]
         zero = asy.AsyrpEdit.execute(model, cond, cond, 1.0, code, both, "0", -1.0, 0.0, 0).result[0]["samples"]
@@ -270,6 +297,58 @@ def test_direction_from_examples_is_the_mean_h_difference_and_edits_like_a_train
     assert torch.allclose(out[2:], one, atol=1e-3)            # 0.5 d + 0.5 d = d
     with pytest.raises(Exception, match="latents_without"):
         asy.AsyrpDirectionFromExamples.execute(model, with_, {"samples": torch.randn(*shape[:2], 4, 4)}, 6, 0.5)
+
+
+@pytest.mark.parametrize("name", ["tiny_sd3", "tiny_ddpm_eps"])
+def test_direction_where_pairs_differ(AN, nodes, models, name, tmp_path):
+    """spread 'where pairs differ': pairs that differ in one patch give a region direction whose delta is the
+    mean h difference over the region's positions (read independently here at the first shifted step),
+    gated per position;
+    it saves, loads, combines with a per-channel direction and edits (strength 0: the replay, bit for bit);
+    unequal counts and identical pairs are refused, naming the input (video: test_wan_video_dit_middle_block)."""
+    cyc, _B, asy, AS, FMT, model, cond, shape = _examples_setup(nodes, models, name)
+    g = torch.Generator().manual_seed(11)
+    without = {"samples": torch.randn(*shape, generator=g)}
+    w = without["samples"].clone()
+    w[:, :, :4, :4] += 2.0                                     # the attribute: one corner of every pair
+    with_ = {"samples": w}
+    with torch.inference_mode():
+        d = asy.AsyrpDirectionFromExamples.execute(model, with_, without, 6, 0.5, cond, "middle",
+                                                   "where pairs differ", 0.8).result[0]
+    term, rec = d.terms[0], AN.model_record(model)
+    assert term.kind == "region direction" and d.meta["spread"] == "where pairs differ"
+    n_edit, n_skip = AS.edited_steps(6, 0.5), AS.edited_steps(6, 0.8)
+    assert float(term.delta[:n_skip].abs().max()) == 0 and float(term.delta[n_skip:n_edit].abs().min()) >= 0
+    assert float(term.delta[n_skip:n_edit].abs().max()) > 0 and float(term.delta[n_edit:].abs().max()) == 0
+    assert d.meta["delta_over_h"][:n_skip] == [0.0] * n_skip and all(0 < r < 10 for r in d.meta["delta_over_h"][n_skip:])
+
+    # h read independently at step n_skip of the DDIM chains; the region: the corner's positions
+    hs = _h_on_chains(AN, AS, _B, model, rec, cond, with_, without, n_skip)
+    diff = (model.model.process_latent_in(with_["samples"]) - model.model.process_latent_in(without["samples"]))
+    region = AS.pair_regions(diff.norm(dim=1, keepdim=True), hs["with"]).unsqueeze(1)
+    assert 0 < float(region.sum()) < region.numel()
+    want = ((hs["with"] - hs["without"]).flatten(2) * region).sum((0, 2)) / region.sum()
+    assert torch.allclose(term.delta[n_skip], want, atol=1e-4 * float(want.abs().max()) + 1e-6)
+
+    path = tmp_path / ("pairs" + FMT.SUFFIX)
+    FMT.save_direction(d, path)
+    back = FMT.load_direction(path)
+    assert back.terms[0].kind == "region direction" and torch.equal(back.terms[0].probe, term.probe)
+    with torch.inference_mode():
+        plain = asy.AsyrpDirectionFromExamples.execute(model, with_, without, 6, 0.5, cond).result[0]
+    both = asy.CombineAsyrpDirections.execute(back, 1.0, plain, 0.0).result[0]
+    code, replay = _code_and_replay(cyc, model, cond, shape, g)
+    with torch.inference_mode():
+        zero = asy.AsyrpEdit.execute(model, cond, cond, 1.0, code, d, "0", -1.0, 0.0, 0).result[0]["samples"]
+        one = asy.AsyrpEdit.execute(model, cond, cond, 1.0, code, d, "1", -1.0, 0.0, 0).result[0]["samples"]
+        one_back = asy.AsyrpEdit.execute(model, cond, cond, 1.0, code, both, "1", -1.0, 0.0, 0).result[0]["samples"]
+    assert torch.equal(zero, replay) and (one - replay).abs().max() > 1e-4
+    assert torch.allclose(one_back, one, atol=1e-5)
+    with pytest.raises(Exception, match="latents_without: spread 'where pairs differ' takes pairs"):
+        asy.AsyrpDirectionFromExamples.execute(model, with_, {"samples": without["samples"][:2]}, 6, 0.5, None,
+                                               "middle", "where pairs differ")
+    with pytest.raises(Exception, match="do not differ anywhere"):
+        asy.AsyrpDirectionFromExamples.execute(model, without, without, 6, 0.5, None, "middle", "where pairs differ")
 
 
 def test_after_first_up_block_on_comfys_unet(AN):
@@ -420,6 +499,9 @@ def test_wan_video_dit_middle_block(AN, nodes, model_dirs):
     assert ex.meta["h_site"] == AN.DIT_SITE and (moved - replay).abs().max() > 1e-4
     with pytest.raises(Exception, match="h_site: h site 'after first up block' exists on U-Nets only"):
         asyrp.AsyrpDirectionFromExamples.execute(model, with_attr, without, 6, 0.5, None, "after first up block")
+    with pytest.raises(Exception, match="spread: 'where pairs differ' takes image latents"):
+        asyrp.AsyrpDirectionFromExamples.execute(model, with_attr, without, 6, 0.5, None, "middle",
+                                                 "where pairs differ")
     with pytest.raises(Exception, match="not defined for video clips"):
         asyrp.AsyrpTrainDirection.execute(model, None, lat, "tiny_clip", "a", "b", 4, 0.5, 1, 1.0, 1.0, 1.0, 0,
                                           "global direction")

@@ -418,6 +418,73 @@ def test_object_direction_shifts_the_object_wherever_it_is_and_leaves_the_backgr
         d.delta(torch.zeros(1, C + 1, 4, 4), levels[0])
 
 
+def test_pair_regions_map_where_a_pair_differs_onto_h_positions(A):
+    """A U-Net's h grid is its own map; a DiT's L tokens are the latent's p x p patches (row-major); a position
+    is in the region when its pooled difference reaches 0.7 of the image's largest; identical pairs have none."""
+    diff = torch.zeros(2, 1, 8, 8)
+    diff[0, 0, 0:2, 4:6] = 1.0                     # image 0 differs in one 2x2 patch: token (0, 2) of a 4x4 grid
+    h_dit = torch.zeros(2, 5, 16, 1)
+    assert A.position_grid((8, 8), h_dit) == (4, 4) and A.position_grid((8, 8), torch.zeros(1, 5, 2, 2)) == (2, 2)
+    r = A.pair_regions(diff, h_dit)
+    assert r.shape == (2, 16) and r[0].nonzero().flatten().tolist() == [2] and float(r[1].sum()) == 0.0
+    assert A.pair_regions(diff, torch.zeros(2, 5, 2, 2))[0].tolist() == [0.0, 1.0, 0.0, 0.0]
+    with pytest.raises(A.CodeError, match="no patch grid"):
+        A.position_grid((8, 8), torch.zeros(1, 5, 7, 1))
+
+
+def test_region_direction_shifts_the_region_wherever_it_is_and_leaves_the_rest(A):
+    """spread 'where pairs differ': delta is the mean h over the pairs' regions with minus without; the gate,
+    Fisher's discriminant of region against rest on the images without, is 1 on a held-out object at a new
+    position and 0 on the background, even where the background's own h varies more than the object's."""
+    g = torch.Generator().manual_seed(0)
+    C, levels = 6, [math.log(14.6), math.log(3.0), math.log(0.5)]
+    bg, red = torch.randn(C, generator=g), torch.zeros(C)
+    red[0], blue = 3.0, torch.zeros(C)
+    blue[0], blue[1] = 3.0, 2.0
+    places = [(k, 5 - k) for k in range(3)]
+    with_ = torch.stack([_scene(g, C, at=p, obj=blue, bg=bg) for p in places])
+    without = torch.stack([_scene(g, C, at=p, obj=red, bg=bg) for p in places])
+    # a background texture along the object's own channel 0 (and channel 3): a probe of the class means alone
+    # would see it as object; the discriminant cancels it through channel 3
+    texture = 1.5 * torch.randn(3, 8, 8, generator=g)
+    for h in (with_, without):
+        h[:, 0] += texture
+        h[:, 3] += texture
+    diff = (with_ - without)[:, :2].norm(dim=1, keepdim=True)            # "latents": the same maps here
+
+    def stats(h, scatter, diff=diff):
+        parts = iter([h[:2], h[2:]])             # two batches, summed into one step's stats
+
+        def read(call):
+            call()
+            return next(parts)
+        out, norms = A.region_stats_along_chain(lambda x, s: torch.zeros_like(x), read, torch.zeros(3, 1, 8, 8),
+                                                diff, torch.tensor([2.0, 1.0, 0.0]), "ve", 1, scatter=scatter,
+                                                batch_size=2)
+        assert norms[0] == pytest.approx(float(h.flatten(1).norm(dim=1).mean()), rel=1e-5)
+        return out
+    sw, so = stats(with_, False), stats(without, True)
+    assert so[0].n_region == 12 and sw[0].scatter is None and so[0].scatter.shape == (C, C)
+    d = A.region_direction(sw + [None], so + [None], levels, {"h_shape": [C, 8, 8]})
+    term = d.terms[0]
+    assert torch.allclose(term.delta[0], blue - red, atol=0.05)
+    held = _scene(g, C, at=(6, 1), obj=red, bg=bg).unsqueeze(0)           # a position no example had
+    t = 1.5 * torch.randn(8, 8, generator=g)
+    held[:, 0] += t
+    held[:, 3] += t
+    out = d.delta(held, levels[0])
+    assert torch.allclose(out[0, :, 6, 1], term.delta[0], atol=0.1)       # the object is shifted fully
+    assert float(out[0, :, :4, 4:].abs().max()) < 0.05                     # the background is not
+    assert torch.equal(d.delta(held, levels[1]), torch.zeros_like(held))  # a step without stats: no edit
+    assert torch.allclose(d.scaled(2.0).delta(held, levels[0]), 2 * out)
+    back = A.make_term(term.config())
+    back.load_state_dict(term.state_dict())
+    assert torch.equal(back(held, levels[0]), term(held, levels[0]))
+    same = stats(without, True, torch.zeros_like(diff))                   # identical pairs: no region
+    with pytest.raises(A.CodeError, match="do not differ anywhere"):
+        A.region_direction(same, same, levels)
+
+
 def test_direction_files_without_an_h_site_read_as_the_unet_middle_block(A, pack):
     FMT = importlib.import_module("dpm_latent.samplers.asyrp_format")
     meta = {"architecture": "SD15", "unet": "{}", "latent_format": "SD15", "family": "eps", "h_shape": [8, 1, 1],
