@@ -129,7 +129,7 @@ class AsyrpDirectionFromExamples(io.ComfyNode):
                                tooltip="Start of the shifted steps as a fraction of the chain: steps starting "
                                        "above it get no delta_h (1: from T, as training). Lower it when the edit "
                                        "moves the layout, which the first, noisiest steps set (demo pixel DDPM: "
-                                       "0.6)."),
+                                       "0.6; demo flow model, paired: 0.5)."),
             ],
             outputs=[AsyrpDirectionIO.Output(display_name="direction",
                                              tooltip="The mean-difference direction; its record holds "

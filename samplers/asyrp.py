@@ -226,26 +226,30 @@ class ObjectDelta(nn.Module):
 REGION_FRACTION = 0.7   # a position is in a pair's region when its pooled difference reaches this share of the max
 
 
-def position_grid(latent_hw: Sequence[int], h: torch.Tensor) -> tuple[int, int]:
-    """The 2-D grid of h's positions over a latent of spatial size ``latent_hw``: a U-Net's h is already a
-    map ``(B, C, H', W')``; a DiT's is ``(B, C, L, 1)``, L tokens of p x p latent patches in row-major order
-    (SD3, Flux), so the grid is ``(ceil(H/p), ceil(W/p))`` for the p that gives L tokens."""
+def position_grid(latent_hw: Sequence[int], h: torch.Tensor) -> tuple[tuple[int, int], Optional[int]]:
+    """The 2-D grid of h's positions over a latent of spatial size ``latent_hw``, and the DiT patch size (None
+    for a map). A U-Net's h is already a map ``(B, C, H', W')``; a DiT's is ``(B, C, L, 1)``, L tokens of p x p
+    latent patches in row-major order, the latent padded up to a multiple of p (SD3, Flux), so the grid is
+    ``(ceil(H/p), ceil(W/p))`` for the p that gives L tokens."""
     H, W = int(latent_hw[0]), int(latent_hw[1])
     if h.shape[-1] != 1 or h.shape[-2] == 1:
-        return int(h.shape[-2]), int(h.shape[-1])
+        return (int(h.shape[-2]), int(h.shape[-1])), None
     L = int(h.shape[-2])
     for p in range(1, max(H, W) + 1):
         if math.ceil(H / p) * math.ceil(W / p) == L:
-            return math.ceil(H / p), math.ceil(W / p)
-    raise CodeError(f"h has {L} positions, which is no patch grid of a {H}x{W} latent")
+            return (math.ceil(H / p), math.ceil(W / p)), p
+    raise CodeError(f"h has {L} positions, which is no patch grid of a {H}x{W} latent (reference latents in the "
+                    "conditioning add tokens); use spread 'everywhere' there")
 
 
 def pair_regions(diff: torch.Tensor, h: torch.Tensor, fraction: float = REGION_FRACTION) -> torch.Tensor:
     """(B, positions) 0/1: where a pair of examples differs, on h's positions. ``diff`` (B, 1, H, W) is
     ``||z_with - z_without||`` over the latent's channels; it is averaged over each position's share of the
-    latent, and a position is in the region when that reaches ``fraction`` of the image's largest value."""
-    grid = position_grid(diff.shape[-2:], h)
-    pooled = F.adaptive_avg_pool2d(diff.float(), grid).flatten(1)
+    latent (a DiT token's p x p patch, the last row and column of patches clipped to the latent), and a
+    position is in the region when that reaches ``fraction`` of the image's largest value."""
+    grid, p = position_grid(diff.shape[-2:], h)
+    d = diff.float()
+    pooled = (F.adaptive_avg_pool2d(d, grid) if p is None else F.avg_pool2d(d, p, ceil_mode=True)).flatten(1)
     top = pooled.amax(dim=1, keepdim=True)
     return ((pooled >= fraction * top) & (top > 0)).to(torch.float32)
 
@@ -304,7 +308,8 @@ def make_term(config: dict) -> nn.Module:
         return DeltaBlock(int(config["channels"]), int(config["emb_dim"]), int(config["hidden"]))
     if kind == GlobalDelta.kind:
         return GlobalDelta(config["h_shape"], config["levels"])
-    raise CodeError(f"unknown direction kind {kind!r}; expected one of {KINDS}")
+    raise CodeError(f"unknown direction kind {kind!r}; expected one of "
+                    f"{[*KINDS, ObjectDelta.kind, RegionDelta.kind]}")
 
 
 @dataclass
@@ -459,29 +464,31 @@ def asyrp_sample(plain: Denoiser, edited: Optional[Denoiser], x_start: torch.Ten
 
 # ---------------------------------------------------------------- directions from examples
 
+@torch.no_grad()
 def h_along_chain(plain: Denoiser, read_h: Callable[[Callable[[], torch.Tensor]], torch.Tensor],
                   x0: torch.Tensor, sigmas: torch.Tensor, family: str, n_steps: int, batch_size: int = 8):
-    """Yields ``(first, i, h)`` for each batch of ``x0`` (images ``first ..``) and each step ``i < n_steps``
-    of the deterministic DDIM chain that starts at the DDIM inversion of the batch: h at that step's
-    level, ``(B, C, H, W)``, detached, float32.
+    """Yields ``(first, i, h)`` for each step ``i < n_steps`` and, within a step, each batch of ``x0`` (images
+    ``first ..``) of the deterministic DDIM chain that starts at the DDIM inversion of the images: h at that
+    step's level, ``(B, C, H, W)``, detached, float32. Steps are the outer loop, so a step's batches all come
+    before the next step (the inverted latents of every batch are kept meanwhile).
 
     ``read_h(call) -> h`` runs ``call()`` (one plain model evaluation) and returns the h that evaluation
     passed through; the chain is the one the edit replays, so h is read at the same levels and site as
     training and editing."""
     s = [float(v) for v in sigmas]
     step = max(int(batch_size), 1)
-    with torch.no_grad():
-        for first in range(0, x0.shape[0], step):
-            x = ddim_invert(plain, x0[first:first + step], sigmas, family)
-            for i in range(n_steps):
-                out = {}
+    xs = [(first, ddim_invert(plain, x0[first:first + step], sigmas, family))
+          for first in range(0, x0.shape[0], step)]
+    for i in range(n_steps):
+        a, b, _c = step_coefficients(s[i], s[i + 1], 0.0, family)
+        for k, (first, x) in enumerate(xs):
+            out = {}
 
-                def call(x=x, i=i):
-                    out["d"] = plain(x, s[i])
-                    return out["d"]
-                yield first, i, read_h(call).detach().float()
-                a, b, _c = step_coefficients(s[i], s[i + 1], 0.0, family)
-                x = a * x + b * out["d"]
+            def call(x=x, i=i):
+                out["d"] = plain(x, s[i])
+                return out["d"]
+            yield first, i, read_h(call).detach().float()
+            xs[k] = (first, a * x + b * out["d"])
 
 
 def mean_h_along_chain(plain: Denoiser, read_h: Callable[[Callable[[], torch.Tensor]], torch.Tensor],
@@ -501,81 +508,115 @@ def mean_h_along_chain(plain: Denoiser, read_h: Callable[[Callable[[], torch.Ten
 @dataclass
 class RegionStats:
     """One step's sums over the positions of a set of images, split by ``pair_regions``: h summed over the
-    region and over the rest, the two position counts, and (for the discriminant) the scatter of h about
-    ``ref`` summed over every position, ``sum (h - ref)(h - ref)^T``."""
+    region and over the rest, the two position counts, the image count, and (for the discriminant) the
+    scatter of h about ``ref`` (the first batch's mean h) summed over every position,
+    ``sum (h - ref)(h - ref)^T``. Sums are float64 on the CPU."""
 
     region: torch.Tensor
     rest: torch.Tensor
     n_region: float
     n_rest: float
+    n_images: int
     ref: Optional[torch.Tensor] = None
     scatter: Optional[torch.Tensor] = None
 
 
+@dataclass
+class RegionStep:
+    """One step of a region direction: ``delta`` (C), the gate's ``probe`` (C) and its bounds ``lo`` < ``hi``,
+    and the mean region size per image (positions)."""
+
+    delta: torch.Tensor
+    probe: torch.Tensor
+    lo: float
+    hi: float
+    region_size: float
+
+
 def region_stats_along_chain(plain: Denoiser, read_h: Callable[[Callable[[], torch.Tensor]], torch.Tensor],
                              x0: torch.Tensor, diff: torch.Tensor, sigmas: torch.Tensor, family: str,
-                             n_steps: int, scatter: bool = False, first_step: int = 0,
-                             batch_size: int = 8) -> tuple[list, list]:
-    """Per step ``i < n_steps`` of ``h_along_chain``, the ``RegionStats`` of ``x0``'s images (None for
-    steps before ``first_step``) and the mean ||h||. ``diff`` (N, 1, H, W): per image, how much its pair
-    differs (``pair_regions``). ``scatter`` also sums the scatter about the first batch's mean h, which
-    costs C x C floats (float64) per step from ``first_step`` on."""
+                             n_steps: int, scatter: bool = False, first_step: int = 0, batch_size: int = 8,
+                             finish: Optional[Callable[[int, RegionStats], object]] = None) -> tuple[list, list]:
+    """Per step ``i < n_steps`` of ``h_along_chain``, the ``RegionStats`` of ``x0``'s images (None for steps
+    before ``first_step``) and the mean ||h||. ``diff`` (N, 1, H, W): per image, how much its pair differs
+    (``pair_regions``). ``scatter`` also sums the scatter about the first batch's mean h (C x C, float64,
+    on the CPU; the products are taken in float32 on h's device after centring). ``finish(i, stats)``, when
+    given, replaces a step's stats by what it returns as soon as the step is complete, so only one step's
+    scatter is held at a time."""
     stats: list = [None] * n_steps
     norms = [0.0] * n_steps
+    n = x0.shape[0]
     for first, i, h in h_along_chain(plain, read_h, x0, sigmas, family, n_steps, batch_size):
         norms[i] += float(h.flatten(1).norm(dim=1).sum())
+        last = first + h.shape[0] >= n
         if i < first_step:
             continue
         m = pair_regions(diff[first:first + h.shape[0]].to(h.device), h).unsqueeze(1)   # (B, 1, P)
         t = h.flatten(2)                                                                  # (B, C, P)
-        part = RegionStats((t * m).sum((0, 2)).double().cpu(), (t * (1 - m)).sum((0, 2)).double().cpu(),
-                           float(m.sum()), float((1 - m).sum()))
-        if scatter:
-            ref = stats[i].ref if stats[i] is not None else t.mean((0, 2)).double().cpu()
-            flat = t.permute(0, 2, 1).reshape(-1, t.shape[1]).double() - ref.to(t.device)
-            part.ref, part.scatter = ref, (flat.T @ flat).cpu()
+        part = RegionStats((t * m).sum((0, 2)).cpu().double(), (t * (1 - m)).sum((0, 2)).cpu().double(),
+                           float(m.sum()), float((1 - m).sum()), h.shape[0])
         old = stats[i]
+        if scatter:
+            part.ref = old.ref if old is not None else t.mean((0, 2)).cpu().double()
+            c = t.permute(0, 2, 1).reshape(-1, t.shape[1]) - part.ref.to(device=t.device, dtype=t.dtype)
+            part.scatter = (c.T @ c).cpu().double()
         if old is not None:
-            part.region, part.rest = old.region + part.region, old.rest + part.rest
-            part.n_region, part.n_rest = old.n_region + part.n_region, old.n_rest + part.n_rest
+            old.region += part.region
+            old.rest += part.rest
+            old.n_region, old.n_rest = old.n_region + part.n_region, old.n_rest + part.n_rest
+            old.n_images += part.n_images
             if scatter:
-                part.scatter = old.scatter + part.scatter
-        stats[i] = part
-    return stats, [v / x0.shape[0] for v in norms]
+                old.scatter += part.scatter
+            part = old
+        stats[i] = finish(i, part) if (last and finish is not None) else part
+    return stats, [v / n for v in norms]
 
 
-def region_direction(with_: Sequence[Optional[RegionStats]], without: Sequence[Optional[RegionStats]],
-                     levels: Sequence[float], meta: Optional[dict] = None,
-                     shrinkage: float = 1e-3) -> Direction:
-    """A ``RegionDelta`` direction from paired examples' ``RegionStats`` per step (None: no edit there):
-    delta is the mean h over the pairs' regions with the attribute minus without (strength 1 moves the
-    region's h by the mean difference), the gate's probe Fisher's discriminant of region against rest on
-    the images without it, ``S^-1 (m_region - m_rest)`` with S the pooled within-class covariance plus
-    ``shrinkage`` times its mean variance on the diagonal."""
-    if len(with_) != len(without) or not with_:
-        raise CodeError("the two example sets give a different (or no) number of steps of h")
-    if len(with_) > len(levels):
-        raise CodeError(f"{len(with_)} steps of h for {len(levels)} levels")
-    first = next((v for v in without if v is not None), None)
+def region_step(with_: RegionStats, without: RegionStats, step: int = 0, shrinkage: float = 1e-3) -> RegionStep:
+    """One step of a region direction from paired examples' ``RegionStats``: delta is the mean h over the
+    pairs' regions with the attribute minus without (strength 1 moves the region's h by the mean
+    difference); the gate's probe is Fisher's discriminant of region against rest on the images without it,
+    ``u = S^-1 (m_region - m_rest)``, S the pooled within-class covariance plus ``shrinkage`` times its mean
+    variance on the diagonal; ``lo`` / ``hi`` the two classes' mean projections."""
+    if min(with_.n_region, without.n_region) == 0:
+        raise CodeError("the example pairs do not differ anywhere on h's positions: they must show the same "
+                        "scenes with and without the attribute")
+    if without.n_rest == 0:
+        raise CodeError(f"every one of h's {int(without.n_region / max(without.n_images, 1))} positions per image "
+                        "lies where a pair differs, so nothing tells the region from the rest: use larger images, or "
+                        "spread 'everywhere'")
+    m_r, m_b = without.region / without.n_region, without.rest / without.n_rest
+    n = without.n_region + without.n_rest
+    cr, cb = m_r - without.ref, m_b - without.ref
+    cov = (without.scatter - without.n_region * torch.outer(cr, cr) - without.n_rest * torch.outer(cb, cb)) / n
+    ridge = shrinkage * max(float(cov.diagonal().mean()), 1e-12)
+    try:
+        u = torch.linalg.solve(cov + ridge * torch.eye(cov.shape[0], dtype=cov.dtype), m_r - m_b)
+    except RuntimeError as e:
+        raise CodeError(f"h at step {step + 1} does not separate the region from the rest ({e})") from None
+    lo, hi = float(u @ m_b), float(u @ m_r)
+    if not (bool(torch.isfinite(u).all()) and math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        raise CodeError(f"h at step {step + 1} does not separate the region from the rest (not finite, or the "
+                        "region does not project above the rest): check the model's output for NaN, or use "
+                        "spread 'everywhere'")
+    return RegionStep((with_.region / with_.n_region - m_r).float(), u.float(), lo, hi,
+                      without.n_region / max(without.n_images, 1))
+
+
+def region_direction(steps: Sequence[Optional[RegionStep]], levels: Sequence[float],
+                     meta: Optional[dict] = None) -> Direction:
+    """A ``RegionDelta`` direction from one ``RegionStep`` per step (None: no edit there)."""
+    if len(steps) > len(levels):
+        raise CodeError(f"{len(steps)} steps of h for {len(levels)} levels")
+    first = next((v for v in steps if v is not None), None)
     if first is None:
         raise CodeError("no step of h to make a region direction from")
-    term = RegionDelta(int(first.region.numel()), levels)
+    term = RegionDelta(int(first.delta.numel()), levels)
     with torch.no_grad():
-        for i, (a, b) in enumerate(zip(with_, without)):
-            if a is None or b is None:
-                continue
-            if min(a.n_region, b.n_region) == 0 or b.n_rest == 0:
-                raise CodeError("the example pairs do not differ anywhere on h's positions (or differ "
-                                "everywhere): they must show the same scenes with and without the attribute")
-            m_r, m_b = b.region / b.n_region, b.rest / b.n_rest
-            n = b.n_region + b.n_rest
-            cr, cb = m_r - b.ref, m_b - b.ref
-            cov = (b.scatter - b.n_region * torch.outer(cr, cr) - b.n_rest * torch.outer(cb, cb)) / n
-            cov = cov + shrinkage * float(cov.diagonal().mean()) * torch.eye(cov.shape[0], dtype=cov.dtype)
-            u = torch.linalg.solve(cov, m_r - m_b)
-            term.delta[i] = (a.region / a.n_region - m_r).to(term.delta.dtype)
-            term.probe[i] = u.to(term.probe.dtype)
-            term.bounds[i, 0], term.bounds[i, 1] = float(u @ m_b), float(u @ m_r)
+        for i, st in enumerate(steps):
+            if st is not None:
+                term.delta[i], term.probe[i] = st.delta, st.probe
+                term.bounds[i, 0], term.bounds[i, 1] = st.lo, st.hi
     term.requires_grad_(False)
     return Direction([term], [1.0], dict(meta or {}))
 

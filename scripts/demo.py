@@ -662,8 +662,9 @@ def measure_video(server, n: int = VIDEO["n"], seed: int = 0) -> tuple[dict, dic
 
 # ----------------------------------------------------------------------------- Asyrp (h-space)
 ASYRP = {  # per h-space: the CLIP-trained direction demo/train.py --parts asyrp ships (demo/models/asyrp/), its
-    # Gaussian controls, and the settings of the direction made from examples inside the graph (grid_strength:
-    # where it met the four criteria on other held-out images, docs/asyrp.md)
+    # Gaussian controls, and the settings of the direction made from examples inside the graph (chosen on other
+    # held-out images, docs/asyrp.md; grid_strength: the grid's second example column, the DDPM's 3 where it
+    # meets three of the criteria, the flow model's 2 to show strength past 1)
     "ddpm": {"title": "pixel DDPM A (U-Net; h = after the first up block, h_site 'after first up block')",
              "loader": "diffusers",
              "model": PIXEL_DDPM_A, "domain": "A", "shape": "circle", "scheduler": "normal",

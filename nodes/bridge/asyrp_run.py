@@ -324,6 +324,10 @@ def from_examples(model, latents_with, latents_without, steps, t_edit, condition
     if paired and a.dim() != 4:
         raise B.NodeInputError(f"spread: 'where pairs differ' takes image latents [B, C, H, W]; these are "
                                f"{list(a.shape)}; use 'everywhere' for video")
+    if paired and torch.equal(a, b):
+        raise B.NodeInputError("latents_without: with spread 'where pairs differ' each pair must show the same scene "
+                               "with and without the attribute, but these pairs are identical; connect the images "
+                               "without it, or use spread 'everywhere'")
     n_edit = AS.edited_steps(steps, t_edit)
     if n_edit == 0:
         raise B.NodeInputError(f"t_edit: {t_edit} leaves no step of {steps} to edit; lower it")
@@ -346,15 +350,20 @@ def from_examples(model, latents_with, latents_without, steps, t_edit, condition
         parts = (x0[:n_a], x0[n_a:])
         diff = (parts[0] - parts[1]).norm(dim=1, keepdim=True) if paired else None
         try:
-            means = []
-            for k, part in enumerate(parts):
-                if paired:   # the without-set (k = 1) also gives the gate's discriminant
-                    means.append(AS.region_stats_along_chain(denoise_fn, shift.read, part, diff, sigmas, family,
-                                                             n_edit, scatter=k == 1, first_step=n_skip))
-                else:
+            if paired:   # the without-set also gives the gate's discriminant, finished one step at a time
+                with_stats, norms = AS.region_stats_along_chain(denoise_fn, shift.read, parts[0], diff, sigmas,
+                                                                family, n_edit, first_step=n_skip)
+                pbar.update_absolute(1, 2)
+                means = [(with_stats, norms), AS.region_stats_along_chain(
+                    denoise_fn, shift.read, parts[1], diff, sigmas, family, n_edit, scatter=True, first_step=n_skip,
+                    finish=lambda i, st: AS.region_step(with_stats[i], st, i))]
+                pbar.update_absolute(2, 2)
+            else:
+                means = []
+                for k, part in enumerate(parts):
                     means.append(AS.mean_h_along_chain(denoise_fn, shift.read, part, sigmas, family, n_edit,
                                                        reduce=AS.object_stats if spread == "object" else None))
-                pbar.update_absolute(k + 1, 2)
+                    pbar.update_absolute(k + 1, 2)
         except CodeError as e:
             raise B.code_error(e) from None
         (result["with"], norms_a), (result["without"], norms_b) = means
@@ -372,10 +381,10 @@ def from_examples(model, latents_with, latents_without, steps, t_edit, condition
     try:
         if paired:
             meta.update(spread=spread, region_fraction=AS.REGION_FRACTION)
-            direction = AS.region_direction(result["with"], result["without"], levels, meta)
+            direction = AS.region_direction(result["without"], levels, meta)
             # ||delta_h|| where the gate is about 1: delta on an example's region positions
-            per_image = [0.0 if v is None else v.n_region / b.shape[0] for v in result["without"]]
-            deltas = [direction.terms[0].delta[i] * per_image[i] ** 0.5 for i in range(n_edit)]
+            size = [0.0 if v is None else v.region_size for v in result["without"]]
+            deltas = [direction.terms[0].delta[i] * size[i] ** 0.5 for i in range(n_edit)]
         elif spread == "object":
             # each step's stats: the object contrast (C) and the object's position count (1)
             ca, cb = [d.cpu()[:-1] for d in result["with"]], [d.cpu()[:-1] for d in result["without"]]

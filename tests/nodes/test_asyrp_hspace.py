@@ -303,14 +303,16 @@ def test_direction_from_examples_is_the_mean_h_difference_and_edits_like_a_train
 def test_direction_where_pairs_differ(AN, nodes, models, name, tmp_path):
     """spread 'where pairs differ': pairs that differ in one patch give a region direction whose delta is the
     mean h difference over the region's positions (read independently here at the first shifted step),
-    gated per position;
-    it saves, loads, combines with a per-channel direction and edits (strength 0: the replay, bit for bit);
-    unequal counts and identical pairs are refused, naming the input (video: test_wan_video_dit_middle_block)."""
+    gated per position; the region is the patch's positions in the model's own token order (row-major for the
+    MMDiT). It saves, loads, combines with a per-channel direction and edits (strength 0: the replay, bit for
+    bit); unequal counts and identical pairs are refused, naming the input (video:
+    test_wan_video_dit_middle_block)."""
     cyc, _B, asy, AS, FMT, model, cond, shape = _examples_setup(nodes, models, name)
     g = torch.Generator().manual_seed(11)
     without = {"samples": torch.randn(*shape, generator=g)}
     w = without["samples"].clone()
-    w[:, :, :4, :4] += 2.0                                     # the attribute: one corner of every pair
+    H, W = shape[-2:]
+    w[:, :, : H // 4, W // 4: 3 * W // 4] += 2.0             # the attribute: top rows, middle columns
     with_ = {"samples": w}
     with torch.inference_mode():
         d = asy.AsyrpDirectionFromExamples.execute(model, with_, without, 6, 0.5, cond, "middle",
@@ -318,7 +320,8 @@ def test_direction_where_pairs_differ(AN, nodes, models, name, tmp_path):
     term, rec = d.terms[0], AN.model_record(model)
     assert term.kind == "region direction" and d.meta["spread"] == "where pairs differ"
     n_edit, n_skip = AS.edited_steps(6, 0.5), AS.edited_steps(6, 0.8)
-    assert float(term.delta[:n_skip].abs().max()) == 0 and float(term.delta[n_skip:n_edit].abs().min()) >= 0
+    assert float(term.delta[:n_skip].abs().max()) == 0
+    assert all(float(term.delta[i].abs().max()) > 0 for i in range(n_skip, n_edit))
     assert float(term.delta[n_skip:n_edit].abs().max()) > 0 and float(term.delta[n_edit:].abs().max()) == 0
     assert d.meta["delta_over_h"][:n_skip] == [0.0] * n_skip and all(0 < r < 10 for r in d.meta["delta_over_h"][n_skip:])
 
@@ -326,7 +329,11 @@ def test_direction_where_pairs_differ(AN, nodes, models, name, tmp_path):
     hs = _h_on_chains(AN, AS, _B, model, rec, cond, with_, without, n_skip)
     diff = (model.model.process_latent_in(with_["samples"]) - model.model.process_latent_in(without["samples"]))
     region = AS.pair_regions(diff.norm(dim=1, keepdim=True), hs["with"]).unsqueeze(1)
-    assert 0 < float(region.sum()) < region.numel()
+    # by hand: h's grid (gh, gw) over the latent; the patch covers its first gh/4 rows, middle gw/2 columns
+    gh, gw = (4, 4) if name == "tiny_sd3" else tuple(hs["with"].shape[-2:])
+    assert hs["with"].shape[-2:] == ((16, 1) if name == "tiny_sd3" else (gh, gw))
+    by_hand = [r * gw + c for r in range(gh // 4) for c in range(gw // 4, 3 * gw // 4)]
+    assert gh % 4 == 0 and gw % 4 == 0 and all(region[k, 0].nonzero().flatten().tolist() == by_hand for k in range(3))
     want = ((hs["with"] - hs["without"]).flatten(2) * region).sum((0, 2)) / region.sum()
     assert torch.allclose(term.delta[n_skip], want, atol=1e-4 * float(want.abs().max()) + 1e-6)
 
@@ -336,6 +343,11 @@ def test_direction_where_pairs_differ(AN, nodes, models, name, tmp_path):
     assert back.terms[0].kind == "region direction" and torch.equal(back.terms[0].probe, term.probe)
     with torch.inference_mode():
         plain = asy.AsyrpDirectionFromExamples.execute(model, with_, without, 6, 0.5, cond).result[0]
+    both = asy.CombineAsyrpDirections.execute(back, 1.0, plain, 0.5).result[0]
+    level = float(AS.noise_level(float(d.meta["sigmas"][n_skip]), rec["family"]))
+    probe_h = hs["without"][:1]
+    assert torch.allclose(both.delta(probe_h, level), d.delta(probe_h, level) + 0.5 * plain.delta(probe_h, level),
+                          atol=1e-6)
     both = asy.CombineAsyrpDirections.execute(back, 1.0, plain, 0.0).result[0]
     code, replay = _code_and_replay(cyc, model, cond, shape, g)
     with torch.inference_mode():
@@ -347,7 +359,7 @@ def test_direction_where_pairs_differ(AN, nodes, models, name, tmp_path):
     with pytest.raises(Exception, match="latents_without: spread 'where pairs differ' takes pairs"):
         asy.AsyrpDirectionFromExamples.execute(model, with_, {"samples": without["samples"][:2]}, 6, 0.5, None,
                                                "middle", "where pairs differ")
-    with pytest.raises(Exception, match="do not differ anywhere"):
+    with pytest.raises(Exception, match="latents_without: .* these pairs are identical"):
         asy.AsyrpDirectionFromExamples.execute(model, without, without, 6, 0.5, None, "middle", "where pairs differ")
 
 

@@ -419,15 +419,27 @@ def test_object_direction_shifts_the_object_wherever_it_is_and_leaves_the_backgr
 
 
 def test_pair_regions_map_where_a_pair_differs_onto_h_positions(A):
-    """A U-Net's h grid is its own map; a DiT's L tokens are the latent's p x p patches (row-major); a position
-    is in the region when its pooled difference reaches 0.7 of the image's largest; identical pairs have none."""
-    diff = torch.zeros(2, 1, 8, 8)
+    """A U-Net's h grid is its own map; a DiT's L tokens are the latent's p x p patches (row-major, the latent
+    padded up to a multiple of p); a position is in the region when its pooled difference reaches 0.7 of its
+    own image's largest; identical pairs have none."""
+    diff = torch.zeros(3, 1, 8, 8)
     diff[0, 0, 0:2, 4:6] = 1.0                     # image 0 differs in one 2x2 patch: token (0, 2) of a 4x4 grid
-    h_dit = torch.zeros(2, 5, 16, 1)
-    assert A.position_grid((8, 8), h_dit) == (4, 4) and A.position_grid((8, 8), torch.zeros(1, 5, 2, 2)) == (2, 2)
+    diff[2, 0, 6:8, 0:2] = 0.3                     # image 2 less, elsewhere: its own max counts
+    h_dit = torch.zeros(3, 5, 16, 1)
+    assert A.position_grid((8, 8), h_dit) == ((4, 4), 2)
+    assert A.position_grid((8, 8), torch.zeros(1, 5, 2, 2)) == ((2, 2), None)
+    assert A.position_grid((9, 7), torch.zeros(1, 5, 20, 1)) == ((5, 4), 2)     # padded: ceil, not floor
     r = A.pair_regions(diff, h_dit)
-    assert r.shape == (2, 16) and r[0].nonzero().flatten().tolist() == [2] and float(r[1].sum()) == 0.0
-    assert A.pair_regions(diff, torch.zeros(2, 5, 2, 2))[0].tolist() == [0.0, 1.0, 0.0, 0.0]
+    assert r.shape == (3, 16) and r[0].nonzero().flatten().tolist() == [2] and float(r[1].sum()) == 0.0
+    assert r[2].nonzero().flatten().tolist() == [12]
+    assert A.pair_regions(diff, torch.zeros(3, 5, 2, 2))[0].tolist() == [0.0, 1.0, 0.0, 0.0]
+    graded = torch.zeros(1, 1, 2, 8)
+    graded[0, 0, :, 0:2], graded[0, 0, :, 2:4], graded[0, 0, :, 4:6] = 1.0, 0.75, 0.6
+    assert A.pair_regions(graded, torch.zeros(1, 5, 4, 1))[0].tolist() == [1.0, 1.0, 0.0, 0.0]
+    # a latent 5 high: the last token row covers latent row 4 alone (not rows 3-4)
+    odd = torch.zeros(1, 1, 5, 2)
+    odd[0, 0, 2:4] = 1.0
+    assert A.pair_regions(odd, torch.zeros(1, 5, 3, 1))[0].tolist() == [0.0, 1.0, 0.0]
     with pytest.raises(A.CodeError, match="no patch grid"):
         A.position_grid((8, 8), torch.zeros(1, 5, 7, 1))
 
@@ -464,16 +476,36 @@ def test_region_direction_shifts_the_region_wherever_it_is_and_leaves_the_rest(A
         assert norms[0] == pytest.approx(float(h.flatten(1).norm(dim=1).mean()), rel=1e-5)
         return out
     sw, so = stats(with_, False), stats(without, True)
-    assert so[0].n_region == 12 and sw[0].scatter is None and so[0].scatter.shape == (C, C)
-    d = A.region_direction(sw + [None], so + [None], levels, {"h_shape": [C, 8, 8]})
+    assert so[0].n_region == 12 and so[0].n_images == 3 and sw[0].scatter is None
+    # the scatter about the first batch's mean, summed over both batches
+    flat = without.double().permute(0, 2, 3, 1).reshape(-1, C)
+    ref = without[:2].double().mean((0, 2, 3))
+    want = (flat - ref).T @ (flat - ref)
+    assert torch.allclose(so[0].ref, ref) and torch.allclose(so[0].scatter, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    step = A.region_step(sw[0], so[0])
+    d = A.region_direction([step, None], levels, {"h_shape": [C, 8, 8]})
     term = d.terms[0]
     assert torch.allclose(term.delta[0], blue - red, atol=0.05)
+    # the probe is Fisher's discriminant with the pooled within-class covariance
+    inside = A.pair_regions(diff, without).bool().flatten()
+    mr, mb = flat[inside].mean(0), flat[~inside].mean(0)
+    within = torch.cat([flat[inside] - mr, flat[~inside] - mb])
+    cov = within.T @ within / flat.shape[0]
+    u = torch.linalg.solve(cov + 1e-3 * cov.diagonal().mean() * torch.eye(C, dtype=cov.dtype), mr - mb)
+    got = term.probe[0].double()     # the texture makes S nearly singular: compare direction and size
+    assert float(torch.nn.functional.cosine_similarity(got, u, dim=0)) > 0.99999
+    assert float(got.norm() / u.norm()) == pytest.approx(1.0, rel=1e-3)
+    assert term.bounds[0].tolist() == pytest.approx([float(got @ mb), float(got @ mr)], rel=1e-4)
     held = _scene(g, C, at=(6, 1), obj=red, bg=bg).unsqueeze(0)           # a position no example had
     t = 1.5 * torch.randn(8, 8, generator=g)
     held[:, 0] += t
     held[:, 3] += t
     out = d.delta(held, levels[0])
     assert torch.allclose(out[0, :, 6, 1], term.delta[0], atol=0.1)       # the object is shifted fully
+    strong = _scene(g, C, at=(6, 1), obj=2 * red, bg=bg).unsqueeze(0)     # beyond the region's mean: gate 1 exactly
+    strong[:, 0] += t
+    strong[:, 3] += t
+    assert torch.equal(d.delta(strong, levels[0])[0, :, 6, 1], term.delta[0])
     assert float(out[0, :, :4, 4:].abs().max()) < 0.05                     # the background is not
     assert torch.equal(d.delta(held, levels[1]), torch.zeros_like(held))  # a step without stats: no edit
     assert torch.allclose(d.scaled(2.0).delta(held, levels[0]), 2 * out)
@@ -482,7 +514,10 @@ def test_region_direction_shifts_the_region_wherever_it_is_and_leaves_the_rest(A
     assert torch.equal(back(held, levels[0]), term(held, levels[0]))
     same = stats(without, True, torch.zeros_like(diff))                   # identical pairs: no region
     with pytest.raises(A.CodeError, match="do not differ anywhere"):
-        A.region_direction(same, same, levels)
+        A.region_step(same[0], same[0])
+    everywhere = stats(without, True, torch.ones_like(diff))               # every position in the region
+    with pytest.raises(A.CodeError, match="every one of h's 64 positions per image"):
+        A.region_step(everywhere[0], everywhere[0])
 
 
 def test_direction_files_without_an_h_site_read_as_the_unet_middle_block(A, pack):
