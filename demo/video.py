@@ -130,19 +130,24 @@ def _sd3_factors():
     return lf.scale_factor, lf.shift_factor
 
 
+# frames per VAE call: on the CPU, TAESD over 16 frames of 64 x 64 at a time is 1.3-1.6x faster than over 256
+# and gives the same bits (bench/bench_video_vae_chunk.py, 2 cores, 2026-12-04)
+CHUNK = 16
+
+
 def encode_frames(vae, frames: torch.Tensor) -> torch.Tensor:
     """(N, 3, 64, 64) images in [0, 1] -> model-space latents (N, 16, 8, 8) (TAESD, SD3 process_in)."""
     scale, shift = _sd3_factors()
     with torch.no_grad():
-        return torch.cat([(vae.encode(frames[i:i + 256] * 2 - 1) - shift) * scale
-                          for i in range(0, len(frames), 256)])
+        return torch.cat([(vae.encode(frames[i:i + CHUNK] * 2 - 1) - shift) * scale
+                          for i in range(0, len(frames), CHUNK)])
 
 
 def decode_frames(vae, lat: torch.Tensor) -> torch.Tensor:
     """Model-space latents (N, 16, 8, 8) -> images (N, 3, 64, 64) in [0, 1]."""
     scale, shift = _sd3_factors()
     with torch.no_grad():
-        out = torch.cat([vae.decode(lat[i:i + 256] / scale + shift) for i in range(0, len(lat), 256)])
+        out = torch.cat([vae.decode(lat[i:i + CHUNK] / scale + shift) for i in range(0, len(lat), CHUNK)])
     return ((out + 1) / 2).clamp(0, 1)
 
 
