@@ -130,8 +130,8 @@ def _sd3_factors():
     return lf.scale_factor, lf.shift_factor
 
 
-# frames per VAE call: on the CPU, TAESD over 16 frames of 64 x 64 at a time is 1.3-1.6x faster than over 256
-# and gives the same bits (bench/bench_video_vae_chunk.py, 2 cores, 2026-12-04)
+# frames per VAE call: on the CPU, TAESD over 16 frames of 64 x 64 at a time is faster than over 256 and gives the
+# same bits (bench/bench_video_vae_chunk.py prints both; docs/benchmarks.md has the measured ratios)
 CHUNK = 16
 
 
