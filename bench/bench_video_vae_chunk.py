@@ -41,5 +41,6 @@ def main() -> None:
         print(f"{part}: {t_whole:.2f} s at 256 frames per call, {t_chunk:.2f} s at {V.CHUNK}; "
               f"time at 256 / time at {V.CHUNK} = {t_whole / t_chunk:.2f}x; same bits: {same}")
 
+
 if __name__ == "__main__":
     main()
