@@ -28,11 +28,7 @@ def main() -> None:
     lat = V.encode_frames(vae, frames)
 
     def run(chunk, part):
-        saved, V.CHUNK = V.CHUNK, chunk
-        try:
-            return V.encode_frames(vae, frames) if part == "encode" else V.decode_frames(vae, lat)
-        finally:
-            V.CHUNK = saved
+        return V.encode_frames(vae, frames, chunk) if part == "encode" else V.decode_frames(vae, lat, chunk)
 
     print(f"threads {torch.get_num_threads()}; 256 frames of 64 x 64, best of {args.repeats}")
     for part in ("encode", "decode"):

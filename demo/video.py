@@ -135,19 +135,20 @@ def _sd3_factors():
 CHUNK = 16
 
 
-def encode_frames(vae, frames: torch.Tensor) -> torch.Tensor:
-    """(N, 3, 64, 64) images in [0, 1] -> model-space latents (N, 16, 8, 8) (TAESD, SD3 process_in)."""
+def encode_frames(vae, frames: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+    """(N, 3, 64, 64) images in [0, 1] -> model-space latents (N, 16, 8, 8) (TAESD, SD3 process_in), ``chunk``
+    frames per VAE call."""
     scale, shift = _sd3_factors()
     with torch.no_grad():
-        return torch.cat([(vae.encode(frames[i:i + CHUNK] * 2 - 1) - shift) * scale
-                          for i in range(0, len(frames), CHUNK)])
+        return torch.cat([(vae.encode(frames[i:i + chunk] * 2 - 1) - shift) * scale
+                          for i in range(0, len(frames), chunk)])
 
 
-def decode_frames(vae, lat: torch.Tensor) -> torch.Tensor:
-    """Model-space latents (N, 16, 8, 8) -> images (N, 3, 64, 64) in [0, 1]."""
+def decode_frames(vae, lat: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+    """Model-space latents (N, 16, 8, 8) -> images (N, 3, 64, 64) in [0, 1], ``chunk`` frames per VAE call."""
     scale, shift = _sd3_factors()
     with torch.no_grad():
-        out = torch.cat([vae.decode(lat[i:i + CHUNK] / scale + shift) for i in range(0, len(lat), CHUNK)])
+        out = torch.cat([vae.decode(lat[i:i + chunk] / scale + shift) for i in range(0, len(lat), chunk)])
     return ((out + 1) / 2).clamp(0, 1)
 
 
