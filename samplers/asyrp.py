@@ -189,21 +189,31 @@ class ObjectDelta(nn.Module):
     ``g = clamp(<h - background, probe[i]> / ||probe[i]||^2, 0, 1)``: background is h's per-channel
     median over positions, ``probe[i]`` the examples' mean object-minus-background h (``object_contrast``
     of the images without the attribute). So g is about 1 on the object, 0 on the background, and the
-    edit follows the object wherever it is, at any image size; the rest of the picture is not shifted."""
+    edit follows the object wherever it is, at any image size; the rest of the picture is not shifted.
+
+    ``centred``: the gated shift minus its mean over each image's positions, per channel, so the edit
+    moves the object's h against the rest of the picture but leaves the picture's mean h (what the
+    group norms after the site normalise by) where it was. Without it, on the demo pixel DDPM's h after
+    its second up level, the shifted mean reaches every position through those norms and tints the
+    whole background (docs/asyrp.md measures both)."""
 
     kind = "object direction"
 
-    def __init__(self, channels: int, levels: Sequence[float], gain: float = 1.0):
+    def __init__(self, channels: int, levels: Sequence[float], gain: float = 1.0, centred: bool = False):
         super().__init__()
         self.channels = int(channels)
         self.gain = float(gain)
+        self.centred = bool(centred)
         self.register_buffer("levels", torch.tensor([float(v) for v in levels], dtype=torch.float64))
         self.delta = nn.Parameter(torch.zeros(len(levels), self.channels))
         self.probe = nn.Parameter(torch.zeros(len(levels), self.channels))
 
     def config(self) -> dict:
-        return {"kind": self.kind, "channels": self.channels, "levels": [float(v) for v in self.levels],
-                "gain": self.gain}
+        c = {"kind": self.kind, "channels": self.channels, "levels": [float(v) for v in self.levels],
+             "gain": self.gain}
+        if self.centred:   # only then, so directions saved before it existed keep their exact record
+            c["centred"] = True
+        return c
 
     def index(self, level: float) -> int:
         return int(torch.argmin((self.levels - float(level)).abs()))
@@ -220,7 +230,10 @@ class ObjectDelta(nn.Module):
             raise CodeError(f"this object direction has {self.channels} channels, the model's h here is "
                             f"{list(h.shape[1:])}")
         d = self.delta[self.index(level)].to(device=h.device, dtype=torch.float32).view(1, -1, 1, 1)
-        return (d * self.gate(h, level)).to(h.dtype)
+        shift = d * self.gate(h, level)
+        if self.centred:
+            shift = shift - shift.mean(dim=(2, 3), keepdim=True)
+        return shift.to(h.dtype)
 
 
 REGION_FRACTION = 0.7   # a position is in a pair's region when its pooled difference reaches this share of the max
@@ -303,7 +316,8 @@ def make_term(config: dict) -> nn.Module:
     if kind == RegionDelta.kind:
         return RegionDelta(int(config["channels"]), config["levels"])
     if kind == ObjectDelta.kind:
-        return ObjectDelta(int(config["channels"]), config["levels"], float(config.get("gain", 1.0)))
+        return ObjectDelta(int(config["channels"]), config["levels"], float(config.get("gain", 1.0)),
+                           bool(config.get("centred", False)))
     if kind == DeltaBlock.kind:
         return DeltaBlock(int(config["channels"]), int(config["emb_dim"]), int(config["hidden"]))
     if kind == GlobalDelta.kind:
@@ -653,15 +667,16 @@ def example_direction(h_with: Sequence[torch.Tensor], h_without: Sequence[torch.
 
 def object_direction(c_with: Sequence[torch.Tensor], c_without: Sequence[torch.Tensor],
                      levels: Sequence[float], meta: Optional[dict] = None, orthogonal: bool = True,
-                     gain: float = 1.0) -> Direction:
+                     gain: float = 1.0, centred: bool = False) -> Direction:
     """An ``ObjectDelta`` direction from the examples' mean ``object_contrast`` per step: delta is the
     contrast of the images with the attribute minus that of those without (strength 1 moves the
-    object's h by the mean difference), the gate's probe the contrast of those without."""
+    object's h by the mean difference), the gate's probe the contrast of those without; ``centred``
+    as ``ObjectDelta``."""
     if len(c_with) != len(c_without) or not c_with:
         raise CodeError("the two example sets give a different (or no) number of steps of h")
     if len(c_with) > len(levels):
         raise CodeError(f"{len(c_with)} steps of h for {len(levels)} levels")
-    term = ObjectDelta(int(c_with[0].numel()), levels, gain)
+    term = ObjectDelta(int(c_with[0].numel()), levels, gain, centred)
     with torch.no_grad():
         for i, (a, b) in enumerate(zip(c_with, c_without)):
             d, u = (a - b).float().flatten(), b.float().flatten()

@@ -26,7 +26,8 @@ from .hspace import check_direction_for_model, direction_on, model_record, patch
 
 # Direction From Examples: one shift at every position; gated to the object (median contrast); gated to where paired
 # examples differ (a linear discriminant of h there)
-SPREADS = ("everywhere", "object", "where pairs differ")
+SPREADS = ("everywhere", "object", "object, centred", "where pairs differ")
+OBJECT_SPREADS = ("object", "object, centred")
 DELTA_WARN = 0.5  # ||delta_h|| / ||h|| above this: training warns (the issue's measure: 4-5 destroys images)
 
 
@@ -300,7 +301,8 @@ def from_examples(model, latents_with, latents_without, steps, t_edit, condition
     """Asyrp Direction From Examples: per step, the mean h along the DDIM chains of ``latents_with``
     minus that of ``latents_without`` (no training), at ``h_site``. ``spread`` "everywhere": one shift per
     channel at every position (``AS.example_direction``); "object": the difference of the examples' object
-    contrasts, applied where h looks like the object (``AS.object_direction``); "where pairs differ": the
+    contrasts, applied where h looks like the object (``AS.object_direction``); "object, centred": the same,
+    minus the shift's mean over the picture (``AS.ObjectDelta``'s ``centred``); "where pairs differ": the
     examples are pairs (the same scene with and without the attribute), the mean difference over the positions
     where each pair's latents differ, applied where h looks like such a position (``AS.region_direction``).
     Steps starting above
@@ -362,7 +364,7 @@ def from_examples(model, latents_with, latents_without, steps, t_edit, condition
                 means = []
                 for k, part in enumerate(parts):
                     means.append(AS.mean_h_along_chain(denoise_fn, shift.read, part, sigmas, family, n_edit,
-                                                       reduce=AS.object_stats if spread == "object" else None))
+                                                       reduce=AS.object_stats if spread in OBJECT_SPREADS else None))
                     pbar.update_absolute(k + 1, 2)
         except CodeError as e:
             raise B.code_error(e) from None
@@ -385,12 +387,12 @@ def from_examples(model, latents_with, latents_without, steps, t_edit, condition
             # ||delta_h|| where the gate is about 1: delta on an example's region positions
             size = [0.0 if v is None else v.region_size for v in result["without"]]
             deltas = [direction.terms[0].delta[i] * size[i] ** 0.5 for i in range(n_edit)]
-        elif spread == "object":
+        elif spread in OBJECT_SPREADS:
             # each step's stats: the object contrast (C) and the object's position count (1)
             ca, cb = [d.cpu()[:-1] for d in result["with"]], [d.cpu()[:-1] for d in result["without"]]
             count = [0.5 * float(u[-1] + v[-1]) for u, v in zip(result["with"], result["without"])]
-            meta.update(spread="object")
-            direction = AS.object_direction(ca, cb, levels, meta)
+            meta.update(spread=spread)
+            direction = AS.object_direction(ca, cb, levels, meta, centred=spread == "object, centred")
             # ||delta_h|| where the gate is about 1: delta on the examples' object positions
             deltas = [direction.terms[0].delta[i] * count[i] ** 0.5 for i in range(n_edit)]
         else:

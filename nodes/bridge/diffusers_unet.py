@@ -89,9 +89,13 @@ class DiffusersUNet(torch.nn.Module):
         self.out_channels = out_channels
         self._options = None
         self.up_block_index = len(unet.up_blocks[0].resnets) if len(unet.up_blocks) else 0
+        self.up_block2_index = self.up_block_index + (len(unet.up_blocks[1].resnets) if len(unet.up_blocks) > 1
+                                                      else 0)
         unet.mid_block.register_forward_hook(self._mid_block_hook)
         if len(unet.up_blocks) > 1:
             unet.up_blocks[0].register_forward_hook(self._up_block_hook)
+        if len(unet.up_blocks) > 2:
+            unet.up_blocks[1].register_forward_hook(self._up_block2_hook)
 
     @property
     def dtype(self):
@@ -110,12 +114,18 @@ class DiffusersUNet(torch.nn.Module):
     def _mid_block_hook(self, _module, args, output):
         return self._patched(output, args[0], ("output", 0))
 
-    def _up_block_hook(self, _module, args, output):
+    def _up_hook(self, output, hsp, index):
         # UpBlock2D / AttnUpBlock2D return the hidden states; the skip variants (hidden, skip_sample)
         if isinstance(output, tuple):
-            h = self._patched(output[0], args[0], ("output", self.up_block_index))
+            h = self._patched(output[0], hsp, ("output", index))
             return None if h is None else (h, *output[1:])
-        return self._patched(output, args[0], ("output", self.up_block_index))
+        return self._patched(output, hsp, ("output", index))
+
+    def _up_block_hook(self, _module, args, output):
+        return self._up_hook(output, args[0], self.up_block_index)
+
+    def _up_block2_hook(self, _module, args, output):
+        return self._up_hook(output, args[0], self.up_block2_index)
 
     def forward(self, x, timesteps, context=None, y=None, control=None, transformer_options={}, **kwargs):
         self._options = transformer_options

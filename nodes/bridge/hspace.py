@@ -5,7 +5,8 @@ h is the U-Net bottleneck: the middle-block output, which ComfyUI's U-Net hands 
 ``output_block_patch`` at block ("output", 0) before concatenating the first skip.  Beyond the
 paper, ``h_site`` "after first up block" takes h where the first up level ends (its last skip joined,
 upsampled), handed to the patch at block ("output", k), k = that level's block count: on the demo
-pixel DDPM the bottleneck carries layout but not colour, which the skips bring back.  For SD3 / Flux
+pixel DDPM the bottleneck carries layout but not colour, which the skips bring back; "after second up
+block" likewise takes it where the second up level ends (U-Nets with three or more levels).  For SD3 / Flux
 transformers, h is the image-token output of the middle joint block, and for Wan 2.1 / 2.2 video DiTs
 the video-token output of the middle block, reached through
 ``patches_replace["dit"]``.  The patch is installed on a private ``model.clone()``, so the
@@ -25,11 +26,14 @@ from . import sampling as B
 
 UNET_SITE = "unet middle block"     # ComfyUI's output_block_patch at ("output", 0): the bottleneck h
 UNET_UP_SITE = "unet after first up block"  # output_block_patch at ("output", k): the first up level's output
+UNET_UP2_SITE = "unet after second up block"  # ("output", k2): the second up level's output
 DIT_SITE = "dit middle joint block"  # patches_replace["dit"][("double_block", i)], image tokens of block i
 
-# the h_site input's options: the paper's bottleneck, and (U-Nets only) the end of the first up level
-H_SITES = ("middle", "after first up block")
-SITE_OPTION = {UNET_SITE: "middle", DIT_SITE: "middle", UNET_UP_SITE: "after first up block"}
+# the h_site input's options: the paper's bottleneck, and (U-Nets only) the end of the first or second up level
+H_SITES = ("middle", "after first up block", "after second up block")
+SITE_OPTION = {UNET_SITE: "middle", DIT_SITE: "middle", UNET_UP_SITE: "after first up block",
+               UNET_UP2_SITE: "after second up block"}
+UP_SITES = (UNET_UP_SITE, UNET_UP2_SITE)
 
 
 def site_of(direction) -> str:
@@ -37,9 +41,9 @@ def site_of(direction) -> str:
     return str(direction.meta.get("h_site") or UNET_SITE)
 
 
-def _up_site_refused(net_name: str, what: str):
+def _up_site_refused(net_name: str, what: str, site: str = "after first up block"):
     return B.NodeInputError(
-        f"{what}: h site 'after first up block' exists on U-Nets only (SD1.x, SD2, SDXL, diffusers UNet2DModel); "
+        f"{what}: h site {site!r} exists on U-Nets only (SD1.x, SD2, SDXL, diffusers UNet2DModel); "
         f"this model's network is a {net_name}, a transformer without up blocks, whose h is its middle joint "
         "block: use h_site 'middle'")
 
@@ -63,7 +67,8 @@ def h_site(base, site: str = "middle", what: str = "h_site") -> tuple[str, int |
 
     if site not in H_SITES:
         raise B.NodeInputError(f"{what}: {site!r} is not one of {list(H_SITES)}")
-    up = site == "after first up block"
+    up = site != "middle"
+    second = site == "after second up block"
     net = getattr(base, "diffusion_model", None)
     if isinstance(net, UNetModel):
         # the same layout record as directions saved before DiT support, so they still match
@@ -73,11 +78,18 @@ def h_site(base, site: str = "middle", what: str = "h_site") -> tuple[str, int |
         channels = int(cfg.get("model_channels", 0)) * int((cfg.get("channel_mult") or [1])[-1])
         if not up:
             return UNET_SITE, None, layout, channels
-        k = int(list(net.num_res_blocks)[-1]) + 1   # blocks of the first (deepest) up level
+        nrb = [int(v) for v in net.num_res_blocks]
+        k = nrb[-1] + 1   # blocks of the first (deepest) up level
         if len(net.output_blocks) <= k:
             raise B.NodeInputError(f"{what}: this U-Net has a single up level, so nothing follows its first up "
                                    "block; use h_site 'middle'")
-        return UNET_UP_SITE, k, layout, channels
+        if not second:
+            return UNET_UP_SITE, k, layout, channels
+        k2 = k + nrb[-2] + 1  # ... and of the second
+        if len(net.output_blocks) <= k2:
+            raise B.NodeInputError(f"{what}: this U-Net has two up levels, so nothing follows its second up "
+                                   "block; use h_site 'after first up block' or 'middle'")
+        return UNET_UP2_SITE, k2, layout, int(cfg.get("model_channels", 0)) * int(cfg["channel_mult"][-2])
     if isinstance(net, DiffusersUNet):
         c = net.unet.config
         layout = {"diffusers": "UNet2DModel", **{k: c.get(k) for k in (
@@ -89,7 +101,12 @@ def h_site(base, site: str = "middle", what: str = "h_site") -> tuple[str, int |
         if len(net.unet.up_blocks) < 2:
             raise B.NodeInputError(f"{what}: this U-Net has a single up block, so nothing follows it; use "
                                    "h_site 'middle'")
-        return UNET_UP_SITE, net.up_block_index, layout, channels
+        if not second:
+            return UNET_UP_SITE, net.up_block_index, layout, channels
+        if len(net.unet.up_blocks) < 3:
+            raise B.NodeInputError(f"{what}: this U-Net has two up blocks, so nothing follows its second; use "
+                                   "h_site 'after first up block' or 'middle'")
+        return UNET_UP2_SITE, net.up_block2_index, layout, int(c.get("block_out_channels")[-2])
     if type(net) is OpenAISignatureMMDITWrapper:
         n = len(net.joint_blocks)
         # enough to tell SD3 medium, SD3.5 medium (MMDiT-X: self-attention x blocks) and SD3.5 large apart
@@ -98,7 +115,7 @@ def h_site(base, site: str = "middle", what: str = "h_site") -> tuple[str, int |
                   "pos_embed_max_size": net.pos_embed_max_size, "in_channels": int(net.in_channels),
                   "context_processor": net.context_processor is not None}
         if up:
-            raise _up_site_refused("SD3 MMDiT", what)
+            raise _up_site_refused("SD3 MMDiT", what, site)
         return DIT_SITE, n // 2, layout, int(net.hidden_size)
     if type(net) is Flux:
         n, p = len(net.double_blocks), net.params
@@ -106,11 +123,11 @@ def h_site(base, site: str = "middle", what: str = "h_site") -> tuple[str, int |
                   "hidden_size": int(net.hidden_size), "in_channels": int(p.in_channels),
                   "context_in_dim": int(p.context_in_dim), "vec_in_dim": int(p.vec_in_dim)}
         if up:
-            raise _up_site_refused("Flux", what)
+            raise _up_site_refused("Flux", what, site)
         return DIT_SITE, n // 2, layout, int(net.hidden_size)
     if type(net) is WanModel:
         if up:
-            raise _up_site_refused("Wan", what)
+            raise _up_site_refused("Wan", what, site)
         # Wan 2.1 / 2.2 text-to-video DiT: its block loop honours patches_replace["dit"][("double_block", i)]
         # (read in the host's wan/model.py), so h = the video-token output (B, frames*h*w/4, dim) of the
         # middle block, num_layers // 2. Not VACE/camera/S2V/Animate variants (other classes, other loops).
@@ -260,7 +277,7 @@ def patched(model, rec: dict | None = None):
     rec = rec or model_record(model)
     shift = HShift()
     m = model.clone()
-    if rec["h_site"] in (UNET_SITE, UNET_UP_SITE):
+    if rec["h_site"] in (UNET_SITE, *UP_SITES):
         shift.block = ("output", int(rec["h_block"] or 0))
         m.set_model_output_block_patch(shift)
     else:

@@ -60,6 +60,8 @@ def h_site():
     return io.Combo.Input(
         "h_site", options=list(H_SITES), default="middle", optional=True,
         tooltip="Where h is read and shifted. 'middle': the paper's h-space, the U-Net bottleneck (the middle joint "
-                "block of SD3 / Flux). 'after first up block' (U-Nets only, beyond the paper): the output of the "
-                "first up level, past its skip joins; use it when the bottleneck does not carry the attribute "
-                "(on the demo pixel DDPM it carries layout, not colour). Edit uses the site the direction records.")
+                "block of SD3 / Flux). 'after first up block' / 'after second up block' (U-Nets only, beyond the "
+                "paper): the output of the first / second up level, past its skip joins; use them when the "
+                "bottleneck does not carry the attribute (on the demo pixel DDPM it carries layout, not colour; "
+                "its colour edit from examples works after the second up block, with spread 'object, centred'). "
+                "Edit uses the site the direction records.")

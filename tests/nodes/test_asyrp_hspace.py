@@ -421,6 +421,70 @@ def test_after_first_up_block_on_comfys_unet(AN):
         AN.h_site(one_level, "after first up block")
 
 
+def test_after_second_up_block_on_comfys_unet_and_a_diffusers_unet(AN, models):
+    """h_site 'after second up block': on ComfyUI's UNetModel (three levels, tiny random weights) the patch
+    shifts h at ("output", k2), k2 = the blocks of the first two up levels, the second level's upsampled
+    output; a diffusers UNet2DModel of three levels calls the same patch from a hook on up_blocks[1], at
+    ("output", the resnets of up_blocks[0] and [1]). Zero strength changes no bit, strength 1 moves the
+    output, and a two-level U-Net is refused naming the site to use."""
+    from types import SimpleNamespace
+
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from diffusers import UNet2DModel
+
+    AS = importlib.import_module("dpm_latent.samplers.asyrp")
+    DU = importlib.import_module("dpm_latent.nodes.bridge.diffusers_unet")
+    cfg = dict(model_channels=32, channel_mult=[1, 2, 2], num_res_blocks=[1, 1, 1], context_dim=8,
+               transformer_depth_middle=1, adm_in_channels=None)
+    torch.manual_seed(0)
+    net = UNetModel(image_size=8, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=[1, 1, 1],
+                    channel_mult=[1, 2, 2], num_head_channels=16, use_spatial_transformer=True,
+                    transformer_depth=[1, 1, 1], transformer_depth_output=[1] * 6, transformer_depth_middle=1,
+                    context_dim=8, legacy=False, operations=comfy.ops.disable_weight_init)
+    torch.manual_seed(1)
+    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+                       block_out_channels=(8, 16, 16), norm_num_groups=4, down_block_types=("DownBlock2D",) * 3,
+                       up_block_types=("UpBlock2D",) * 3)
+    wrapped = DU.DiffusersUNet(unet, 3)
+    with torch.no_grad():
+        for p in list(net.parameters()) + list(unet.parameters()):
+            p.normal_(0, 0.05)
+    comfy_base = SimpleNamespace(diffusion_model=net, model_config=SimpleNamespace(unet_config=cfg))
+    site, k2, _layout, c_comfy = AN.h_site(comfy_base, "after second up block")
+    assert (site, k2, c_comfy) == (AN.UNET_UP2_SITE, 4, 64)
+    assert AN.h_site(comfy_base, "after first up block")[1] == 2
+    site, kd, _layout, c_diff = AN.h_site(SimpleNamespace(diffusion_model=wrapped), "after second up block")
+    assert (site, kd, c_diff) == (AN.UNET_UP2_SITE, 4, 16)   # two resnets in each of the first two up blocks
+    g = torch.Generator().manual_seed(2)
+    cases = [(lambda opts, x=torch.randn(2, 4, 8, 8, generator=g), c=torch.randn(2, 3, 8, generator=g):
+              net(x, torch.tensor([500.0, 500.0]), c, transformer_options=opts), k2, (c_comfy, 8, 8)),
+             (lambda opts, x=torch.randn(2, 3, 16, 16, generator=g):
+              wrapped(x, torch.tensor([500.0, 500.0]), transformer_options=opts), kd, (c_diff, 16, 16))]
+    for call, k, h_shape in cases:
+        blk = AS.DeltaBlock(h_shape[0])
+        torch.nn.init.normal_(blk.conv_out.weight, std=0.5)
+
+        def run(shift):
+            with torch.no_grad():
+                return call({"patches": {"output_block_patch": [shift]}} if shift is not None else {})
+        plain = run(None)
+        shift = AN.HShift()
+        shift.block = ("output", k)
+        assert torch.equal(run(shift), plain) and shift.h_shape == h_shape
+        shift.direction = AS.Direction([blk], [1.0], {})
+        shift.active, shift.level = True, 0.0
+        shift.strengths = torch.zeros(2)
+        assert torch.equal(run(shift), plain)
+        shift.strengths = torch.ones(2)
+        assert (run(shift) - plain).abs().max() > 1e-4
+    with pytest.raises(Exception, match="h_site: this U-Net has two up blocks, so nothing follows its second; use "
+                                        "h_site 'after first up block' or 'middle'"):
+        AN.model_record(models["tiny_ddpm_eps"], "after second up block")
+    with pytest.raises(Exception, match="h_site: h site 'after second up block' exists on U-Nets only"):
+        AN.model_record(models["tiny_sd3"], "after second up block")
+
+
 def test_after_first_up_block_on_the_pixel_ddpm_edits_and_is_checked(AN, nodes, models):
     """The diffusers UNet2DModel at h_site 'after first up block': the direction records the site,
     Edit at strength 0 is the replay bit for bit and strength 1 moves it, the caller's model carries no

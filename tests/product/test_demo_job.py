@@ -215,18 +215,21 @@ def test_asyrp_row(demo, measured):
         assert e[0] < e[1] + 0.02 and e[1] < e[2] + 0.02, (which, e)
         assert images[f"asyrp_{which}_examples_1"].shape[0] == a["n_images"]
     # the directions move colour beyond their network's Gaussian control of the trained norm (measured n = 24: DDPM
-    # from examples at 3 0.79 blue, CLIP-trained at 1 0.54; flow from examples at 1 0.96)
+    # from examples at 1 1.00 blue, CLIP-trained at 1 0.54; flow from examples at 1 0.96)
     u, f = a["ddpm"]["rows"], a["flow"]["rows"]
-    for rows, key in ((u, "examples 3"), (u, "trained 1"), (f, "examples 1")):
+    for rows, key in ((u, "examples 1"), (u, "trained 1"), (f, "examples 1")):
         r = rows[key]
         assert r["colour_shift"] >= rows["gauss_norm 1"]["colour_shift"] + 0.15 and r["target_rate"] >= 0.15, (key, r)
         assert r["shape_kept"] >= 0.9 and r["outside_change"] <= 0.03, (key, r)
+    # issue 17's four criteria at strength 1, met by both networks' directions from examples: the flow model's
+    # from paired examples (spread 'where pairs differ'; measured n = 24 on four image sets: blue 0.88-0.96, kept
+    # 0.96-1.00, 1.0-1.6 px, outside 0.001-0.004) and the pixel DDPM's after its second up block (spread 'object,
+    # centred'; four image sets: blue 1.00, kept 1.00, 0.85-0.96 px, outside 0.021-0.028 against the 8-bit input;
+    # docs/asyrp.md)
+    for ex in (f["examples 1"], u["examples 1"]):
+        assert ex["target_rate"] >= 0.75 and ex["shape_kept"] >= 0.9, ex
+        assert ex["centroid_error_px"] <= 3.0 and ex["outside_change"] <= 0.03, ex
     ex = f["examples 1"]
-    # issue 17's four criteria at strength 1, met by the flow model's direction from paired examples (spread
-    # 'where pairs differ'; measured n = 24 on four image sets: blue 0.88-0.96, kept 0.96-1.00, 1.0-1.6 px,
-    # outside 0.001-0.004, docs/asyrp.md)
-    assert ex["target_rate"] >= 0.75 and ex["shape_kept"] >= 0.9, ex
-    assert ex["centroid_error_px"] <= 3.0 and ex["outside_change"] <= 0.03, ex
     # the flow model's CLIP-trained direction does not recolour (docs/asyrp.md: its P_t is a yellow blob)
     assert f["trained 1"]["colour_shift"] < 0.15, f["trained 1"]
     # composition: colour + size does both, beyond what either direction does alone (published: size x1.64 vs

@@ -386,10 +386,9 @@ def _scene(g, channels=6, size=8, at=(2, 3), obj=None, bg=None):
     return h
 
 
-def test_object_direction_shifts_the_object_wherever_it_is_and_leaves_the_background(A):
-    """spread 'object': delta is the examples' object contrast with minus without (made orthogonal to the
-    probe, so the object's strength stays), applied through a gate that is 1 on a held-out object at a
-    new position and 0 on the background."""
+def _red_blue_examples():
+    """Three blue-object scenes and three red-object scenes on one background, objects at other places:
+    (generator, C, levels, bg, red, blue, with_, without)."""
     g = torch.Generator().manual_seed(0)
     C, levels = 6, [math.log(14.6), math.log(3.0)]
     bg, red = torch.randn(C, generator=g), torch.zeros(C)
@@ -397,6 +396,14 @@ def test_object_direction_shifts_the_object_wherever_it_is_and_leaves_the_backgr
     blue[0], blue[1] = 3.0, 2.0
     with_ = torch.stack([_scene(g, C, at=(k, 5 - k), obj=blue, bg=bg) for k in range(3)])
     without = torch.stack([_scene(g, C, at=(5 - k, k), obj=red, bg=bg) for k in range(3)])
+    return g, C, levels, bg, red, blue, with_, without
+
+
+def test_object_direction_shifts_the_object_wherever_it_is_and_leaves_the_background(A):
+    """spread 'object': delta is the examples' object contrast with minus without (made orthogonal to the
+    probe, so the object's strength stays), applied through a gate that is 1 on a held-out object at a
+    new position and 0 on the background."""
+    g, C, levels, bg, red, blue, with_, without = _red_blue_examples()
     ca, cb = A.object_contrast(with_).mean(0), A.object_contrast(without).mean(0)
     assert torch.allclose(cb, red, atol=0.05) and torch.allclose(ca, blue, atol=0.05)
     stats = A.object_stats(without)
@@ -416,6 +423,33 @@ def test_object_direction_shifts_the_object_wherever_it_is_and_leaves_the_backgr
     assert torch.equal(back(held, levels[0]), term(held, levels[0]))
     with pytest.raises(A.CodeError, match="channels"):
         d.delta(torch.zeros(1, C + 1, 4, 4), levels[0])
+
+
+def test_centred_object_direction_keeps_the_pictures_mean_h(A):
+    """spread 'object, centred': the gated shift minus its mean over each image's positions, per channel, so
+    the mean h of every picture is unchanged while the object still moves against the background by the
+    full delta; the record says so and survives a save, and a record without the key (files from before it
+    existed) is not centred."""
+    g, C, levels, bg, red, blue, with_, without = _red_blue_examples()
+    ca, cb = A.object_contrast(with_).mean(0), A.object_contrast(without).mean(0)
+    plain = A.object_direction([ca], [cb], levels, {"h_shape": [C, 8, 8]})
+    centred = A.object_direction([ca], [cb], levels, {"h_shape": [C, 8, 8]}, centred=True)
+    held = torch.stack([_scene(g, C, at=(6, 1), obj=red, bg=bg), _scene(g, C, at=(2, 3), obj=red, bg=bg)])
+    p, c = plain.delta(held, levels[0]), centred.delta(held, levels[0])
+    assert float(p.mean(dim=(2, 3)).abs().max()) > 0.05                  # the plain shift moves the mean h
+    assert float(c.mean(dim=(2, 3)).abs().max()) < 1e-6                  # the centred one does not
+    assert torch.allclose(c, p - p.mean(dim=(2, 3), keepdim=True), atol=1e-6)
+    # the object against the background: the full delta either way
+    obj_minus_bg = c[0, :, 6, 1] - c[0, :, 0, 7]
+    assert torch.allclose(obj_minus_bg, centred.terms[0].delta[0], atol=0.05)
+    assert centred.terms[0].config()["centred"] is True and "centred" not in plain.terms[0].config()
+    back = A.make_term(centred.terms[0].config())
+    back.load_state_dict(centred.terms[0].state_dict())
+    assert torch.equal(back(held, levels[0]), c)
+    old = dict(centred.terms[0].config())
+    del old["centred"]
+    assert A.make_term(old).centred is False
+    assert torch.equal(centred.delta(held, levels[1]), torch.zeros_like(held))   # past the examples' steps
 
 
 def test_pair_regions_map_where_a_pair_differs_onto_h_positions(A):
