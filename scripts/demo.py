@@ -663,14 +663,18 @@ def measure_video(server, n: int = VIDEO["n"], seed: int = 0) -> tuple[dict, dic
 # ----------------------------------------------------------------------------- Asyrp (h-space)
 ASYRP = {  # per h-space: the CLIP-trained direction demo/train.py --parts asyrp ships (demo/models/asyrp/), its
     # Gaussian controls, and the settings of the direction made from examples inside the graph (chosen on other
-    # held-out images, docs/asyrp.md; grid_strength: the grid's second example column, the DDPM's 3 where it
-    # meets three of the issue's criteria, the flow model's 2 to show strength past 1)
-    "ddpm": {"title": "pixel DDPM A (U-Net; h = after the first up block, h_site 'after first up block')",
+    # held-out images, docs/asyrp.md; grid_strength: the grid's second example column, 2 to show strength past 1).
+    # The DDPM's CLIP-trained direction (and its controls) shifts h after the first up block, its direction from
+    # examples after the second, with spread 'object, centred' (docs/asyrp.md, 'The pixel DDPM after its second
+    # up block': there the CLIP-trained one and random delta_h destroy the picture)
+    "ddpm": {"title": "pixel DDPM A (U-Net; CLIP-trained and controls: h after the first up block; from examples: "
+                      "h after the second up block)",
              "loader": "diffusers",
              "model": PIXEL_DDPM_A, "domain": "A", "shape": "circle", "scheduler": "normal",
              "direction": "dpm_world_ddpm_red_to_blue.asyrp.safetensors",
-             "examples": {"t_edit": 0.1, "t_start": 0.6, "h_site": "after first up block", "spread": "object"},
-             "example_strengths": [0.5, 1.0, 2.0, 3.0], "grid_strength": 3.0},
+             "examples": {"t_edit": 0.2, "t_start": 0.6, "h_site": "after second up block",
+                          "spread": "object, centred"},
+             "example_strengths": [0.5, 1.0, 2.0], "grid_strength": 2.0},
     "flow": {"title": "flow model B (SD3 MMDiT; h = image tokens of the middle joint block)", "loader": "checkpoint",
              "model": CKPT_B, "domain": "B", "shape": "square", "scheduler": "simple",
              "direction": "dpm_world_flow_red_to_blue.asyrp.safetensors",
