@@ -50,6 +50,17 @@ def _random_direction(AN, rec, h_shape, std=0.5, seed=0):
     return AS.Direction([blk], [1.0], meta)
 
 
+def _zero_is_exact_and_one_moves(AS, shift, blk, run, plain):
+    """With ``blk`` as the direction on an active ``shift``: strength 0 gives ``plain`` bit for bit, strength 1
+    moves the output. ``run()`` evaluates the network with the patch."""
+    shift.direction = AS.Direction([blk], [1.0], {})
+    shift.active, shift.level = True, 0.0
+    shift.strengths = torch.zeros(2)
+    assert torch.equal(run(), plain)
+    shift.strengths = torch.ones(2)
+    assert (run() - plain).abs().max() > 1e-4
+
+
 def test_model_records_name_the_h_site(AN, models):
     sd3 = AN.model_record(models["tiny_sd3"])
     net = models["tiny_sd3"].model.diffusion_model
@@ -168,12 +179,7 @@ def test_flux_double_block_patch(AN):
     AS = importlib.import_module("dpm_latent.samplers.asyrp")
     blk = AS.DeltaBlock(32)
     torch.nn.init.normal_(blk.conv_out.weight, std=0.5)
-    shift.direction = AS.Direction([blk], [1.0], {})
-    shift.active, shift.level = True, 0.0
-    shift.strengths = torch.zeros(2)
-    assert torch.equal(run(True), plain)
-    shift.strengths = torch.ones(2)
-    assert (run(True) - plain).abs().max() > 1e-4
+    _zero_is_exact_and_one_moves(AS, shift, blk, lambda: run(True), plain)
 
 
 def test_dit_patch_keeps_a_patch_already_on_its_block(AN, nodes, models):
@@ -406,12 +412,7 @@ def test_after_first_up_block_on_comfys_unet(AN):
         shift = AN.HShift()
         shift.block = block
         assert torch.equal(run(shift), plain) and shift.h_shape == (channels, hw, hw)
-        shift.direction = AS.Direction([blk], [1.0], {})
-        shift.active, shift.level = True, 0.0
-        shift.strengths = torch.zeros(2)
-        assert torch.equal(run(shift), plain)
-        shift.strengths = torch.ones(2)
-        assert (run(shift) - plain).abs().max() > 1e-4
+        _zero_is_exact_and_one_moves(AS, shift, blk, lambda shift=shift: run(shift), plain)
     one_level = SimpleNamespace(diffusion_model=UNetModel(
         image_size=8, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=[1], channel_mult=[1],
         num_head_channels=16, use_spatial_transformer=True, transformer_depth=[1], transformer_depth_output=[1, 1],
@@ -472,12 +473,7 @@ def test_after_second_up_block_on_comfys_unet_and_a_diffusers_unet(AN, models):
         shift = AN.HShift()
         shift.block = ("output", k)
         assert torch.equal(run(shift), plain) and shift.h_shape == h_shape
-        shift.direction = AS.Direction([blk], [1.0], {})
-        shift.active, shift.level = True, 0.0
-        shift.strengths = torch.zeros(2)
-        assert torch.equal(run(shift), plain)
-        shift.strengths = torch.ones(2)
-        assert (run(shift) - plain).abs().max() > 1e-4
+        _zero_is_exact_and_one_moves(AS, shift, blk, lambda shift=shift: run(shift), plain)
     with pytest.raises(Exception, match="h_site: this U-Net has two up blocks, so nothing follows its second; use "
                                         "h_site 'after first up block' or 'middle'"):
         AN.model_record(models["tiny_ddpm_eps"], "after second up block")
