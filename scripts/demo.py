@@ -666,7 +666,7 @@ ASYRP = {  # per h-space: the CLIP-trained direction demo/train.py --parts asyrp
     # held-out images, docs/asyrp.md; grid_strength: the grid's second example column, 2 to show strength past 1).
     # The DDPM's CLIP-trained direction (and its controls) shifts h after the first up block, its direction from
     # examples after the second, with spread 'object, centred' (docs/asyrp.md, 'The pixel DDPM after its second
-    # up block': there the CLIP-trained one and random delta_h destroy the picture)
+    # up block': there a CLIP-trained direction destroys the picture and random delta_h tints the background)
     "ddpm": {"title": "pixel DDPM A (U-Net; CLIP-trained and controls: h after the first up block; from examples: "
                       "h after the second up block)",
              "loader": "diffusers",
