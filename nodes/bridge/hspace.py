@@ -89,7 +89,7 @@ def h_site(base, site: str = "middle", what: str = "h_site") -> tuple[str, int |
         if len(net.output_blocks) <= k2:
             raise B.NodeInputError(f"{what}: this U-Net has two up levels, so nothing follows its second up "
                                    "block; use h_site 'after first up block' or 'middle'")
-        return UNET_UP2_SITE, k2, layout, int(cfg.get("model_channels", 0)) * int(cfg["channel_mult"][-2])
+        return UNET_UP2_SITE, k2, layout, int(cfg.get("model_channels", 0)) * int((cfg.get("channel_mult") or [1, 1])[-2])
     if isinstance(net, DiffusersUNet):
         c = net.unet.config
         layout = {"diffusers": "UNet2DModel", **{k: c.get(k) for k in (
