@@ -55,7 +55,9 @@ def h_site(base, site: str = "middle", what: str = "h_site") -> tuple[str, int |
     U-Nets (the paper's h-space): ComfyUI's ``UNetModel`` and the pack's diffusers ``UNet2DModel``
     wrapper, h = the middle-block output; at "after first up block", the output of the first up
     level (``output_blocks[k - 1]``, k = num_res_blocks + 1, seen by the patch at ("output", k);
-    diffusers: ``up_blocks[0]``, k = its resnet count).  Beyond the paper, the joint-attention transformers whose
+    diffusers: ``up_blocks[0]``, k = its resnet count); at "after second up block", the output of the
+    second (k2 = the blocks of the first two up levels; diffusers: ``up_blocks[1]``, k2 = the resnets of
+    both).  Beyond the paper, the joint-attention transformers whose
     block loop honours ``patches_replace["dit"]`` (read in the host's ``mmdit.py`` and
     ``flux/model.py``): h = the image-token output of the middle joint block, ``depth // 2``, as a
     ``(B, hidden, tokens, 1)`` map so the same direction modules apply."""
@@ -172,9 +174,17 @@ def check_direction_for_model(model, direction: AS.Direction, what: str = "direc
         rec = model_record(model, SITE_OPTION[meta["h_site"]], what)
     except B.NodeInputError:
         plain = model_record(model)
+        have = []
+        for option in H_SITES:
+            try:
+                h_site(model.model, option)
+                have.append(option)
+            except B.NodeInputError:
+                pass
         raise B.NodeInputError(
             f"{what}: it shifts h at site {meta['h_site']!r}, which this model lacks (its h is at "
-            f"{plain['h_site']!r}); make a direction for this model with h_site 'middle'") from None
+            f"{plain['h_site']!r}); make a direction for this model with h_site "
+            f"{' or '.join(repr(o) for o in have)}") from None
     for key, label in (("architecture", "model type"), ("unet", "network layout"), ("latent_format", "latent format"),
                        ("h_site", "h site"), ("h_block", "h block")):
         if meta.get(key) != rec[key]:
@@ -190,7 +200,7 @@ def check_direction_for_model(model, direction: AS.Direction, what: str = "direc
 
 class HShift:
     """Adds ``strength * delta_h`` to h while active; installed as ComfyUI's output_block_patch (U-Net,
-    block ("output", 0)) or as a ``patches_replace["dit"]`` double-block wrapper (SD3 / Flux).
+    acting only at block ``self.block``) or as a ``patches_replace["dit"]`` double-block wrapper (SD3 / Flux).
 
     Stateful and shared on purpose: ComfyUI deep-copies model_options when it clones a patcher,
     and the sampling loop must still reach this one object."""

@@ -50,6 +50,12 @@ def _random_direction(AN, rec, h_shape, std=0.5, seed=0):
     return AS.Direction([blk], [1.0], meta)
 
 
+def _with_site(direction, site):
+    """A copy of ``direction`` whose record names another h site."""
+    AS = importlib.import_module("dpm_latent.samplers.asyrp")
+    return AS.Direction(list(direction.terms), list(direction.coefs), {**direction.meta, "h_site": site})
+
+
 def _zero_is_exact_and_one_moves(AS, shift, blk, run, plain):
     """With ``blk`` as the direction on an active ``shift``: strength 0 gives ``plain`` bit for bit, strength 1
     moves the output. ``run()`` evaluates the network with the patch."""
@@ -523,6 +529,11 @@ def test_after_first_up_block_on_the_pixel_ddpm_edits_and_is_checked(AN, nodes, 
         AN.check_direction_for_model(models["tiny_sd3"], d)
     with pytest.raises(Exception, match="h_site: h site 'after first up block' exists on U-Nets only"):
         asy.AsyrpDirectionFromExamples.execute(models["tiny_sd3"], ex, ex, 6, 0.5, None, "after first up block")
+    # a direction of a site this two-level U-Net lacks: the error names the sites it has
+    second = _with_site(d, AN.UNET_UP2_SITE)
+    with pytest.raises(Exception, match="direction: it shifts h at site 'unet after second up block', which this "
+                                        "model lacks .* with h_site 'middle' or 'after first up block'$"):
+        AN.check_direction_for_model(model, second)
     with pytest.raises(Exception, match="t_start: 0.5 leaves no step"):
         asy.AsyrpDirectionFromExamples.execute(model, ex, ex, 6, 0.5, None, "middle", "everywhere", 0.5)
     with pytest.raises(Exception, match="spread: 'nowhere'"):
