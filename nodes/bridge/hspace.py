@@ -77,7 +77,8 @@ def h_site(base, site: str = "middle", what: str = "h_site") -> tuple[str, int |
         cfg = getattr(base.model_config, "unet_config", {}) or {}
         layout = {k: cfg.get(k) for k in ("model_channels", "channel_mult", "context_dim", "num_res_blocks",
                                             "transformer_depth_middle", "adm_in_channels")}
-        channels = int(cfg.get("model_channels", 0)) * int((cfg.get("channel_mult") or [1])[-1])
+        width, mult = int(cfg.get("model_channels", 0)), [int(m) for m in (cfg.get("channel_mult") or [1, 1])]
+        channels = width * mult[-1]
         if not up:
             return UNET_SITE, None, layout, channels
         nrb = [int(v) for v in net.num_res_blocks]
@@ -91,7 +92,7 @@ def h_site(base, site: str = "middle", what: str = "h_site") -> tuple[str, int |
         if len(net.output_blocks) <= k2:
             raise B.NodeInputError(f"{what}: this U-Net has two up levels, so nothing follows its second up "
                                    "block; use h_site 'after first up block' or 'middle'")
-        return UNET_UP2_SITE, k2, layout, int(cfg.get("model_channels", 0)) * int((cfg.get("channel_mult") or [1, 1])[-2])
+        return UNET_UP2_SITE, k2, layout, width * mult[-2]
     if isinstance(net, DiffusersUNet):
         c = net.unet.config
         layout = {"diffusers": "UNet2DModel", **{k: c.get(k) for k in (
