@@ -688,6 +688,15 @@ def object_direction(c_with: Sequence[torch.Tensor], c_without: Sequence[torch.T
     return Direction([term], [1.0], dict(meta or {}))
 
 
+def object_shift_scale(count: float, positions: int, centred: bool = False) -> float:
+    """||shift|| / ||delta|| of an object direction on a picture whose gate is 1 on ``count`` of its
+    ``positions`` and 0 elsewhere: sqrt(count). Centred, the object's positions move by delta (1 - k/P) and
+    the other P - k by -delta k/P, so ||shift||^2 = ||delta||^2 (k (1 - k/P)^2 + (P - k)(k/P)^2)
+    = ||delta||^2 k (1 - k/P)."""
+    k, n = max(float(count), 0.0), max(int(positions), 1)
+    return math.sqrt(k * max(1.0 - k / n, 0.0)) if centred else math.sqrt(k)
+
+
 def relative_norms(deltas: Sequence[torch.Tensor], h_norms: Sequence[float]) -> list:
     """Per step ||delta_h|| / ||h|| (``h_norms``: the mean ||h|| of single images at that step), the
     size of an edit relative to the activation it shifts."""

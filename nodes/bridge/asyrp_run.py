@@ -393,8 +393,11 @@ def from_examples(model, latents_with, latents_without, steps, t_edit, condition
             count = [0.5 * float(u[-1] + v[-1]) for u, v in zip(result["with"], result["without"])]
             meta.update(spread=spread)
             direction = AS.object_direction(ca, cb, levels, meta, centred=spread == "object, centred")
-            # ||delta_h|| where the gate is about 1: delta on the examples' object positions
-            deltas = [direction.terms[0].delta[i] * count[i] ** 0.5 for i in range(n_edit)]
+            # ||delta_h|| of the shift on a picture whose gate is 1 on the examples' object positions (centred:
+            # what is left after the shift's mean over the picture is taken off)
+            positions = math.prod(int(v) for v in h_shape[1:])
+            deltas = [direction.terms[0].delta[i] * AS.object_shift_scale(count[i], positions, spread != "object")
+                      for i in range(n_edit)]
         else:
             direction = AS.example_direction([d.cpu() for d in result["with"]], [d.cpu() for d in result["without"]],
                                              levels, meta)

@@ -450,6 +450,13 @@ def test_centred_object_direction_keeps_the_pictures_mean_h(A):
     del old["centred"]
     assert A.make_term(old).centred is False
     assert torch.equal(centred.delta(held, levels[1]), torch.zeros_like(held))   # past the examples' steps
+    # the size the node records (||delta_h|| / ||h||): the shift's norm on a picture with the examples' object
+    k = float(A.object_stats(without)[:, -1].mean())
+    for d, is_centred in ((plain, False), (centred, True)):
+        size = float(d.terms[0].delta[0].norm()) * A.object_shift_scale(k, 8 * 8, is_centred)
+        for i in range(2):
+            assert abs(float(d.delta(held, levels[0])[i].norm()) - size) < 0.01 * size   # uncentred sqrt(k): 3 % off
+    assert A.object_shift_scale(4, 64, True) < A.object_shift_scale(4, 64, False) == 2.0
 
 
 def test_pair_regions_map_where_a_pair_differs_onto_h_positions(A):
