@@ -392,11 +392,12 @@ def from_examples(model, latents_with, latents_without, steps, t_edit, condition
             ca, cb = [d.cpu()[:-1] for d in result["with"]], [d.cpu()[:-1] for d in result["without"]]
             count = [0.5 * float(u[-1] + v[-1]) for u, v in zip(result["with"], result["without"])]
             meta.update(spread=spread)
-            direction = AS.object_direction(ca, cb, levels, meta, centred=spread == "object, centred")
+            centred = spread == "object, centred"
+            direction = AS.object_direction(ca, cb, levels, meta, centred=centred)
             # ||delta_h|| of the shift on a picture whose gate is 1 on the examples' object positions (centred:
             # what is left after the shift's mean over the picture is taken off)
             positions = math.prod(int(v) for v in h_shape[1:])
-            deltas = [direction.terms[0].delta[i] * AS.object_shift_scale(count[i], positions, spread != "object")
+            deltas = [direction.terms[0].delta[i] * AS.object_shift_scale(count[i], positions, centred)
                       for i in range(n_edit)]
         else:
             direction = AS.example_direction([d.cpu() for d in result["with"]], [d.cpu() for d in result["without"]],

@@ -507,6 +507,8 @@ def test_after_first_up_block_on_the_pixel_ddpm_edits_and_is_checked(AN, nodes, 
                                                      "middle").result[0]
         late = asy.AsyrpDirectionFromExamples.execute(model, ex, {"samples": ex["samples"] * 0.5}, 6, 0.5, cond,
                                                       "after first up block", "object", 0.7).result[0]
+        centred = asy.AsyrpDirectionFromExamples.execute(model, ex, {"samples": ex["samples"] * 0.5}, 6, 0.5, cond,
+                                                         "after first up block", "object, centred").result[0]
         code = cyc.DPMEncode.execute(model, cond, cond, lat, 0, 6, "normal", 1.0, 0.1, 1.0).result[0]
         replay = cyc.ReplayLatentWithPrompt.execute(model, cond, cond, code, 1.0).result[0]["samples"]
         zero = asy.AsyrpEdit.execute(model, cond, cond, 1.0, code, d, "0", 0.5, 0.0, 0).result[0]["samples"]
@@ -518,6 +520,9 @@ def test_after_first_up_block_on_the_pixel_ddpm_edits_and_is_checked(AN, nodes, 
     # t_start 0.7 of 6 steps: the steps starting at 1 and 0.83 get no shift, the third (0.67) keeps d's
     assert float(late.terms[0].delta[:2].abs().max()) == 0.0 and late.meta["delta_over_h"][:2] == [0.0, 0.0]
     assert torch.equal(late.terms[0].delta[2], d.terms[0].delta[2]) and late.meta["t_start"] == 0.7
+    # centred: the same delta, but the recorded size is the smaller shift left after the picture's mean is taken off
+    assert torch.equal(centred.terms[0].delta, d.terms[0].delta) and centred.terms[0].centred
+    assert all(0 < c < u for c, u in zip(centred.meta["delta_over_h"], d.meta["delta_over_h"]))
     assert torch.equal(zero, replay) and (one - replay).abs().max() > 1e-4
     assert (one - out_mid).abs().max() > 1e-4                      # another site, another edit
     assert not (model.model_options.get("transformer_options", {}).get("patches", {}) or {}).get("output_block_patch")
